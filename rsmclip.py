@@ -1,0 +1,943 @@
+"""rsmclip: RS-M-CLIP (multilingual CLIP for remote sensing) in plain PyTorch.
+
+The model is open_clip's `xlm-roberta-base-ViT-B-32` (a ViT-B/32 image tower and an XLM-RoBERTa base
+text tower), re-implemented so that it gives the same numbers as open_clip on the same weights, loads
+and exports open_clip checkpoints, and reads its own safetensors files that carry their config.
+
+    model, preprocess, tokenizer = rsmclip.load("weights/rs-m-clip.safetensors")
+    image = model.encode_image(preprocess("scene.tif")[None], normalize=True)
+    text = model.encode_text(tokenizer(["many planes parked at an airport"]), normalize=True)
+
+Also a command line: `python rsmclip.py --help` (info, download, convert, embed, classify, search).
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import http.client
+import json
+import math
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import ftfy
+import numpy as np
+import sentencepiece
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+LANGS = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+
+class RsmclipError(Exception):
+    """An error the user can fix (bad file, wrong checkpoint, ...): the CLIs print it and exit 1."""
+
+
+class ImageError(RsmclipError):
+    pass
+
+
+class WeightsError(RsmclipError):
+    pass
+
+
+# ----------------------------------------------------------------------------- configs and presets
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    head_width: int = 64  # open_clip's default: heads = width // 64
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 250002
+    width: int = 768
+    layers: int = 12
+    head_width: int = 64
+    intermediate: int = 3072
+    max_positions: int = 514
+    pad_id: int = 1
+    dropout: float = 0.1  # XLM-R's hidden and attention dropout, active in train() as in open_clip
+    proj_hidden: int = 640  # open_clip's "mlp" projection: (width + embed_dim) // 2
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    context_length: int = 77  # open_clip's tokenizer length (the text tower itself could take 512)
+    tokenizer: str = "sentencepiece.bpe.model"  # file name, looked up next to the weights
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPConfig":
+        return cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+
+
+PRESETS = {
+    "xlmr-b32": CLIPConfig(),
+    # Same structure at toy size: unit tests and the built-in demo (64-px images, demo SentencePiece model).
+    "tiny": CLIPConfig(
+        embed_dim=64,
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=2, head_width=32),
+        text=TextConfig(vocab_size=4002, width=128, layers=2, head_width=32, intermediate=512,
+                        proj_hidden=96),
+        tokenizer="spm.model",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- model
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one packed q/k/v projection, through SDPA."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """A transformer layer: pre-LN for the ViT (open_clip), post-LN for XLM-R (BERT)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, pre_norm: bool, dropout: float = 0.0):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(width, mlp_width))
+        self.mlp.add_module("gelu", nn.GELU())  # exact erf GELU in both towers (no QuickGELU)
+        self.mlp.add_module("fc2", nn.Linear(mlp_width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), mask)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.drop(self.attn(x, mask)))
+        return self.ln_2(x + self.drop(self.mlp(x)))
+
+
+def _run_blocks(blocks: nn.ModuleList, x, mask, use_checkpoint: bool):
+    for block in blocks:
+        if use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(block, x, mask, use_reentrant=False)
+        else:
+            x = block(x, mask)
+    return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        w, grid = cfg.width, cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(w))
+        self.pos_embed = nn.Parameter(torch.zeros(grid * grid + 1, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(
+            Block(w, w // cfg.head_width, int(w * cfg.mlp_ratio), pre_norm=True) for _ in range(cfg.layers))
+        self.ln_post = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, embed_dim, bias=False)
+        self.grad_checkpointing = False
+
+    def pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+        """The positional table for a gh x gw patch grid: bicubic resize of the trained grid (as DINO does)
+        so local crops (96 px -> 3x3 for ViT-B/32) run through the same tower. The class entry is kept."""
+        g = math.isqrt(self.pos_embed.shape[0] - 1)
+        if (gh, gw) == (g, g):
+            return self.pos_embed
+        grid = self.pos_embed[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The class token after ln_post, before the projection (the self-distillation head's input)."""
+        x = self.patch_embed(pixels)
+        B, _, gh, gw = x.shape
+        x = torch.cat([self.cls_token.expand(B, 1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        x = self.ln_pre(x + self.pos_embed_for(gh, gw))
+        x = _run_blocks(self.blocks, x, None, self.grad_checkpointing)
+        return self.ln_post(x[:, 0])  # open_clip normalises every token, then takes token 0: the same
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.forward_features(pixels))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        w, self.pad_id = cfg.width, cfg.pad_id
+        self.tok_embed = nn.Embedding(cfg.vocab_size, w, padding_idx=cfg.pad_id)
+        self.pos_embed = nn.Embedding(cfg.max_positions, w, padding_idx=cfg.pad_id)
+        self.type_embed = nn.Parameter(torch.zeros(1, w))  # one token type: its row is added everywhere
+        self.ln_embed = nn.LayerNorm(w)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(w, w // cfg.head_width, cfg.intermediate, pre_norm=False, dropout=cfg.dropout)
+            for _ in range(cfg.layers))
+        self.proj = nn.Sequential(nn.Linear(w, cfg.proj_hidden, bias=False), nn.GELU(),
+                                  nn.Linear(cfg.proj_hidden, embed_dim, bias=False))
+        self.grad_checkpointing = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = ids != self.pad_id
+        # Cut the columns after the last real token: captions need ~25 of the 77 positions, and pads
+        # change nothing (their keys are masked and the mean skips them).
+        last = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
+        ids, keep = ids[:, :last], keep[:, :last]
+        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id  # XLM-R: 2, 3, ... for tokens, pad id for pads
+        x = self.tok_embed(ids) + self.pos_embed(positions) + self.type_embed
+        x = self.drop(self.ln_embed(x))
+        mask = None if bool(keep.all()) else keep[:, None, None, :]  # no mask lets SDPA pick its fastest kernel
+        x = _run_blocks(self.blocks, x, mask, self.grad_checkpointing)
+        weights = keep.unsqueeze(-1).to(x.dtype)
+        return self.proj((x * weights).sum(1) / weights.sum(1))
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if not self.logit_scale.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialisation for training from scratch (the demo); loading weights overwrites all of it."""
+        for name, p in self.named_parameters():
+            if name == "logit_scale":
+                continue
+            if ".ln" in name:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.trunc_normal_(p, std=0.02)
+        with torch.no_grad():
+            self.text.tok_embed.weight[self.config.text.pad_id].zero_()
+            self.text.pos_embed.weight[self.config.text.pad_id].zero_()
+
+    def set_grad_checkpointing(self, enabled: bool = True):
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = enabled
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(pixels)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.text(ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor):
+        return (self.encode_image(pixels, normalize=True), self.encode_text(ids, normalize=True),
+                self.logit_scale.exp())
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
+    """Symmetric InfoNCE over a batch of matching pairs (open_clip's ClipLoss, one process)."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def count_parameters(model: CLIP) -> dict:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"visual": count(model.visual), "text": count(model.text), "total": count(model)}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3  # XLM-R (fairseq) special ids
+
+
+def clean_text(text: str) -> str:
+    """open_clip's 'whitespace' cleaning: ftfy, HTML unescaped twice, whitespace runs -> one space.
+    No lower-casing: XLM-R is cased."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
+class Tokenizer:
+    """XLM-R ids from a SentencePiece model: <s> pieces </s> then pads, as open_clip's HF tokenizer.
+
+    fairseq reserved ids 0-3 for <s>, <pad>, </s>, <unk>, so SentencePiece piece p becomes p + 1 and
+    SentencePiece's own unknown (0) becomes 3."""
+
+    def __init__(self, path: str | Path, context_length: int = 77):
+        path = Path(path)
+        if not path.is_file():
+            raise RsmclipError(f"tokenizer {path}: no such file (the XLM-R vocabulary is fetched by "
+                               "`python rsmclip.py download tokenizer`)")
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise RsmclipError(f"tokenizer {path}: not a SentencePiece model ({e})") from None
+        self.path, self.context_length = path, context_length
+        self.vocab_size = self.sp.get_piece_size() + 2  # + <pad> before the pieces and <mask> after them
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.full((len(texts), self.context_length), PAD, dtype=torch.long)
+        for row, pieces in enumerate(self.sp.encode([clean_text(t) for t in texts])):
+            ids = [BOS] + [p + 1 if p else UNK for p in pieces[: self.context_length - 2]] + [EOS]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+# ----------------------------------------------------------------------------- images
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB, or raise ImageError naming the file and the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+    return to_rgb(image, name=str(path))
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any single-image PIL mode to 8-bit RGB.
+
+    16-bit and float images (common in remote sensing) are stretched linearly from their minimum to
+    their maximum: PIL's own conversion would clip them to 255 and return a white image."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        image = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"{name}: cannot convert image mode {image.mode} to RGB ({e})") from None
+
+
+class Preprocess:
+    """open_clip's eval transform: resize the shorter side (bicubic, antialiased), centre crop, CLIP
+    mean/std. Equal to open_clip on RGB images; other modes are converted to RGB first (PIL would
+    resize a palette image with nearest neighbour)."""
+
+    def __init__(self, image_size: int = 224):
+        self.size = image_size
+        self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
+        image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        s, (w, h) = self.size, image.size
+        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # (width, height), torchvision's rule
+        image = image.resize(size, Image.BICUBIC)
+        left, top = int(round((size[0] - s) / 2)), int(round((size[1] - s) / 2))
+        image = image.crop((left, top, left + s, top + s))
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        return (x - self.mean) / self.std
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """Image files among the given files and (recursively) folders, sorted within each folder."""
+    found = []
+    for p in paths:
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.exists():
+            found.append(p)
+        else:
+            raise RsmclipError(f"{p}: no such file or folder")
+    return found
+
+
+# ----------------------------------------------------------------------------- weights: open_clip <-> ours
+
+OPENCLIP_DROPPED = ("text.transformer.embeddings.position_ids", "text.transformer.embeddings.token_type_ids")
+
+
+def _renames(cfg: CLIPConfig) -> list[tuple[str, str]]:
+    """(our name, open_clip name) for every tensor that only changes name."""
+    wb = ("weight", "bias")
+    pairs = [("logit_scale", "logit_scale"), ("visual.patch_embed.weight", "visual.conv1.weight"),
+             ("visual.cls_token", "visual.class_embedding"),
+             ("visual.pos_embed", "visual.positional_embedding")]
+    pairs += [(f"visual.{ln}.{p}",) * 2 for ln in ("ln_pre", "ln_post") for p in wb]
+    vis = [("ln_1", "ln_1"), ("ln_2", "ln_2"), ("attn.qkv", "attn.in_proj"), ("attn.out", "attn.out_proj"),
+           ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    for i in range(cfg.vision.layers):
+        for ours, theirs in vis:
+            for p in wb:
+                theirs_p = f"{theirs}_{p}" if theirs == "attn.in_proj" else f"{theirs}.{p}"
+                pairs.append((f"visual.blocks.{i}.{ours}.{p}", f"visual.transformer.resblocks.{i}.{theirs_p}"))
+    emb = "text.transformer.embeddings."
+    pairs += [("text.tok_embed.weight", emb + "word_embeddings.weight"),
+              ("text.pos_embed.weight", emb + "position_embeddings.weight"),
+              ("text.type_embed", emb + "token_type_embeddings.weight"),
+              ("text.ln_embed.weight", emb + "LayerNorm.weight"), ("text.ln_embed.bias", emb + "LayerNorm.bias")]
+    txt = [("attn.out", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
+           ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"), ("ln_2", "output.LayerNorm")]
+    for i in range(cfg.text.layers):
+        pairs += [(f"text.blocks.{i}.{ours}.{p}", f"text.transformer.encoder.layer.{i}.{theirs}.{p}")
+                  for ours, theirs in txt for p in wb]
+    pairs += [("text.proj.0.weight",) * 2, ("text.proj.2.weight",) * 2]
+    return pairs
+
+
+def to_openclip_state_dict(sd: dict, cfg: CLIPConfig) -> dict:
+    out = {theirs: sd[ours] for ours, theirs in _renames(cfg)}
+    out["visual.proj"] = sd["visual.proj.weight"].T.contiguous()  # open_clip keeps x @ proj, not a Linear
+    for i in range(cfg.text.layers):  # open_clip (HF) has separate q, k, v projections
+        for p in ("weight", "bias"):
+            for name, t in zip(("query", "key", "value"), sd[f"text.blocks.{i}.attn.qkv.{p}"].chunk(3)):
+                out[f"text.transformer.encoder.layer.{i}.attention.self.{name}.{p}"] = t.contiguous()
+    return out
+
+
+def from_openclip_state_dict(sd: dict, cfg: CLIPConfig) -> dict:
+    out = {ours: sd[theirs] for ours, theirs in _renames(cfg)}
+    out["visual.proj.weight"] = sd["visual.proj"].T.contiguous()
+    for i in range(cfg.text.layers):
+        for p in ("weight", "bias"):
+            out[f"text.blocks.{i}.attn.qkv.{p}"] = torch.cat(
+                [sd[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"] for n in ("query", "key", "value")])
+    return out
+
+
+def clean_openclip_state_dict(sd: dict) -> dict:
+    """Undo the variations of real open_clip checkpoints: a {"state_dict": ...} wrapper, DDP's `module.`
+    prefix, the stale `position_ids` buffer of old transformers, logit_scale saved as [1]."""
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if k.removeprefix("module.") not in OPENCLIP_DROPPED}
+    if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
+        sd["logit_scale"] = sd["logit_scale"].reshape(())
+    return sd
+
+
+def infer_config(shapes: dict) -> CLIPConfig:
+    """The architecture of an open_clip-named checkpoint, read from its tensor shapes (heads assume
+    open_clip's head width 64, as every released checkpoint of this family has)."""
+    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+            "text.transformer.embeddings.word_embeddings.weight",
+            "text.transformer.embeddings.position_embeddings.weight", "text.proj.0.weight"]
+    if missing := [k for k in need if k not in shapes]:
+        raise WeightsError(f"not an xlm-roberta ViT CLIP checkpoint: no {', '.join(missing)}")
+    width, _, patch, _ = shapes["visual.conv1.weight"]
+    count = lambda prefix: len({m[1] for k in shapes if (m := re.match(prefix + r"\.(\d+)\.", k))})  # noqa: E731
+    text_width = shapes["text.transformer.embeddings.word_embeddings.weight"][1]
+    vision = VisionConfig(
+        image_size=math.isqrt(shapes["visual.positional_embedding"][0] - 1) * patch, patch_size=patch,
+        width=width, layers=count(r"visual\.transformer\.resblocks"),
+        mlp_ratio=shapes.get("visual.transformer.resblocks.0.mlp.c_fc.weight", (4 * width,))[0] / width)
+    text = TextConfig(
+        vocab_size=shapes["text.transformer.embeddings.word_embeddings.weight"][0], width=text_width,
+        layers=count(r"text\.transformer\.encoder\.layer"),
+        intermediate=shapes.get("text.transformer.encoder.layer.0.intermediate.dense.weight", (0,))[0],
+        max_positions=shapes["text.transformer.embeddings.position_embeddings.weight"][0],
+        proj_hidden=shapes["text.proj.0.weight"][0])
+    return CLIPConfig(embed_dim=shapes["visual.proj"][1], vision=vision, text=text)
+
+
+def _expected_shapes(cfg: CLIPConfig, openclip_names: bool) -> dict:
+    with torch.device("meta"):
+        sd = CLIP(cfg).state_dict()
+    sd = to_openclip_state_dict(sd, cfg) if openclip_names else sd
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_keys(got: dict, cfg: CLIPConfig, openclip_names: bool, source: str):
+    """Raise one WeightsError naming missing, unexpected and mis-shaped tensors: never a partial load."""
+    want = _expected_shapes(cfg, openclip_names)
+    got = {k: tuple(v) for k, v in got.items()}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    shaped = [f"{k} {list(got[k])} (model {list(want[k])})" for k in sorted(want.keys() & got.keys())
+              if got[k] != want[k]]
+    problems = [f"{len(names)} {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped))
+                if names]
+    if problems:
+        raise WeightsError(f"{source} does not fit the model ({'; '.join(problems)})")
+
+
+def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
+    """Config and state dict (our names, float32) from our safetensors or an open_clip safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        found = ", ".join(p.name for p in sorted(path.glob("*.safetensors"))) or "none"
+        raise WeightsError(f"{path}: is a directory; pass a weights file (safetensors files there: {found})")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise WeightsError(f"{path}: a pickled checkpoint; convert it once with "
+                           f"`python rsmclip.py convert {path} {path.with_suffix('.safetensors')}`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt? ({e})") from None
+    if meta.get("format") == "rsmclip":
+        cfg = CLIPConfig.from_dict(json.loads(meta["config"]))
+        check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=False, source=str(path))
+    else:
+        sd = clean_openclip_state_dict(sd)
+        cfg = (CLIPConfig.from_dict(json.loads(meta["rsmclip_config"])) if "rsmclip_config" in meta
+               else infer_config({k: tuple(v.shape) for k, v in sd.items()}))
+        check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=True, source=str(path))
+        sd = from_openclip_state_dict(sd, cfg)
+    return cfg, {k: v.float() for k, v in sd.items()}
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict):
+    """Write to a temporary file and rename: a crash never leaves a half-written weights file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save(model: CLIP, path: str | Path, openclip_names: bool = False):
+    """Our format (config in the metadata) or, with openclip_names, tensors named as open_clip's
+    state_dict (loadable there with strict=True; our config rides along in the metadata)."""
+    cfg_json = json.dumps(asdict(model.config))
+    sd = model.state_dict()
+    if openclip_names:
+        _atomic_save(to_openclip_state_dict(sd, model.config), Path(path),
+                     {"format": "open_clip", "rsmclip_config": cfg_json})
+    else:
+        _atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json})
+
+
+def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIPConfig:
+    """Any supported checkpoint -> our safetensors (or open_clip naming). Pickled .bin/.pt files are
+    read here and only here, with torch.load(weights_only=True), which refuses arbitrary objects."""
+    src = Path(src)
+    if src.suffix in (".bin", ".pt", ".pth", ".ckpt") and src.is_file():
+        try:
+            sd = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad pickles; all mean "unreadable"
+            raise WeightsError(f"{src}: not a loadable weights-only torch checkpoint ({e})") from None
+        if not isinstance(sd, dict):
+            raise WeightsError(f"{src}: holds a {type(sd).__name__}, not a state dict")
+        sd = clean_openclip_state_dict(sd)
+        cfg = infer_config({k: tuple(v.shape) for k, v in sd.items()})
+        check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=True, source=str(src))
+        sd = {k: v.float() for k, v in from_openclip_state_dict(sd, cfg).items()}
+    else:
+        cfg, sd = read_weights(src)
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    save(model, dst, openclip_names=to_openclip)
+    return cfg
+
+
+def load(weights: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"):
+    """-> (model in eval mode, preprocess, tokenizer). The tokenizer file defaults to the one the config
+    names, next to the weights."""
+    cfg, sd = read_weights(weights)
+    with torch.device("meta"):  # no random init of 366M parameters that are overwritten at once
+        model = CLIP(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    tok = Tokenizer(tokenizer or Path(weights).parent / cfg.tokenizer, cfg.context_length)
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only "
+                           f"{cfg.text.vocab_size}: it belongs to other weights")
+    return model.to(device).eval(), Preprocess(cfg.vision.image_size), tok
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- download
+
+HUB_FILES = {  # name -> (Hugging Face repo, candidate files in order of preference, saved as)
+    "rs-m-clip": ("joaodaniel/RS-M-CLIP", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
+                  "rs-m-clip.safetensors"),
+    "laion": ("laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k",
+              ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], "xlmr-b32-laion5b.safetensors"),
+    "tokenizer": ("FacebookAI/xlm-roberta-base", ["sentencepiece.bpe.model"], "sentencepiece.bpe.model"),
+}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the hub's first answer carries the LFS size and sha256; keep it, do not follow
+
+
+def _request(url: str, method: str = "GET", headers: Optional[dict] = None) -> urllib.request.Request:
+    req = urllib.request.Request(url, method=method, headers={"User-Agent": "rsmclip", **(headers or {})})
+    if token := os.environ.get("HF_TOKEN"):
+        req.add_unredirected_header("Authorization", f"Bearer {token}")  # never forwarded to the CDN
+    return req
+
+
+def remote_info(url: str) -> Optional[dict]:
+    """Size and sha256 the server announces for a file (None if it has no such file). The hub sends an
+    LFS file's sha256 in X-Linked-Etag (ETag on direct answers); a git blob ETag is no sha256."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        resp = opener.open(_request(url, "HEAD"), timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        if e.code not in (301, 302, 303, 307, 308):
+            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}"
+                               + (" (gated or private: set HF_TOKEN)" if e.code in (401, 403) else "")) from None
+        resp = e
+    except (urllib.error.URLError, OSError) as e:
+        raise RsmclipError(f"{url}: cannot connect ({e})") from None
+    h = resp.headers
+    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
+    size = h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None)
+    return {"size": int(size) if size else None,
+            "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None}
+
+
+def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
+    """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
+    checks, and an atomic rename. A dropped connection is resumed up to `retries` times; after that
+    the .part file stays and the same command continues from it."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if info["size"] is not None and have > info["size"]:
+            part.unlink()
+            have = 0
+        try:
+            resp = urllib.request.urlopen(_request(url, headers={"Range": f"bytes={have}-"} if have else {}),
+                                          timeout=60)
+            if have and resp.status != 206:  # the server ignored the range: start over
+                have = 0
+            with open(part, "ab" if have else "wb") as f, Progress(
+                    "[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
+                task = bar.add_task(dest.name, total=info["size"], completed=have)
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.advance(task, len(chunk))
+            if info["size"] is not None and part.stat().st_size < info["size"]:
+                raise ConnectionError("the server closed the connection early")  # http.client just stops
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # already complete
+                break
+            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # a dropped connection
+            if attempt == retries:
+                raise RsmclipError(f"{url}: download interrupted ({e}); {part.stat().st_size} bytes are "
+                                   f"kept in {part}: run the same command again to resume") from None
+            print(f"connection lost ({e}), resuming", file=sys.stderr)
+    size = part.stat().st_size
+    if info["size"] is not None and size != info["size"]:
+        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; run again to resume")
+    if info["sha256"]:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != info["sha256"]:
+            part.unlink()
+            raise RsmclipError(f"{url}: sha256 {digest.hexdigest()} differs from the announced "
+                               f"{info['sha256']}; the file was deleted")
+    os.replace(part, dest)
+    return dest
+
+
+def download(name: str, out_dir: Path, endpoint: str) -> Path:
+    repo, candidates, saved_as = HUB_FILES[name]
+    final = out_dir / saved_as
+    if final.exists():
+        print(f"{final}: already present")
+        return final
+    for filename in candidates:
+        url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
+        if (info := remote_info(url)) is None:
+            continue
+        checks = " and ".join(c for c, v in (("size", info["size"]), ("sha256", info["sha256"])) if v) or "no"
+        print(f"{repo}/{filename} -> {final} ({checks} check)")
+        if name == "tokenizer":
+            return fetch(url, final, info)
+        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info)
+        convert(raw, final)  # open_clip names (and maybe a pickle) -> our safetensors with its config
+        raw.unlink()
+        print(f"converted to {final}")
+        return final
+    raise RsmclipError(f"{repo}: none of {', '.join(candidates)} found at {endpoint}")
+
+
+# ----------------------------------------------------------------------------- inference helpers
+
+# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template sets in data/.
+PROMPTS = {
+    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.", "es": "una imagen satelital de {}.",
+    "fr": "une image satellite de {}.", "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
+    "it": "un'immagine satellitare di {}.", "zh": "{}的卫星图像。", "ko": "{}의 위성 이미지.",
+    "ru": "спутниковый снимок: {}.",
+}
+
+
+@torch.inference_mode()
+def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_size: int = 64,
+                 device: str = "cpu") -> tuple[torch.Tensor, list[Path], list[str]]:
+    """Normalised embeddings of the readable images; unreadable ones are skipped and reported."""
+    from rich.progress import track
+
+    feats, ok, failed, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            feats.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
+            batch.clear()
+
+    for p in track(paths, description="embedding images", transient=True, disable=len(paths) < 2 * batch_size):
+        try:
+            batch.append(preprocess(p))
+            ok.append(p)
+        except ImageError as e:
+            failed.append(str(e))
+            continue
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    for message in failed:
+        print(f"skipped: {message}", file=sys.stderr)
+    dim = model.config.embed_dim
+    return (torch.cat(feats) if feats else torch.zeros(0, dim)), ok, failed
+
+
+@torch.inference_mode()
+def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
+                device: str = "cpu") -> torch.Tensor:
+    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A cheap identity of a weights file (size + 16 sampled 64 KiB blocks): any fine-tuning changes it."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        for i in range(16):
+            f.seek(size * i // 16)
+            digest.update(f.read(1 << 16))
+    return f"{size}:{digest.hexdigest()[:32]}"
+
+
+def update_index(model, preprocess, weights: Path, folder: Path, index: Path, batch_size: int, device: str):
+    """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
+    The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
+    fingerprint = weights_fingerprint(weights)
+    entries, feats = [], torch.zeros(0, model.config.embed_dim)
+    if index.exists():
+        with safe_open(str(index), "pt") as f:
+            meta = f.metadata()
+            if meta.get("model") == fingerprint:
+                entries, feats = json.loads(meta["entries"]), f.get_tensor("embeddings")
+            else:
+                print(f"{index}: built with other weights, rebuilding")
+    known = {e["path"]: (e, row) for row, e in enumerate(entries)}
+    keep_rows, kept, todo = [], [], []
+    for p in list_images([folder]):
+        rel = p.relative_to(folder).as_posix()
+        stat = p.stat()
+        old = known.get(rel)
+        if old and old[0]["size"] == stat.st_size and old[0]["mtime"] == stat.st_mtime_ns:
+            keep_rows.append(old[1])
+            kept.append(old[0])
+        else:
+            todo.append(p)
+    new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
+    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns}
+             for p in done]
+    entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
+    removed = len(known) - len(kept)
+    if added or removed or not index.exists():
+        _atomic_save({"embeddings": feats}, index, {"model": fingerprint, "entries": json.dumps(entries)})
+    print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
+          f"{len(failed)} unreadable skipped)")
+    return entries, feats
+
+
+# ----------------------------------------------------------------------------- command line
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="RS-M-CLIP: multilingual CLIP for remote-sensing images.")
+
+
+@app.command()
+def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors)"),
+         preset: str = typer.Option("xlmr-b32", help=f"architecture to describe when no weights are given: "
+                                                     f"{', '.join(PRESETS)}")):
+    """Print the architecture config and parameter counts."""
+    if weights:
+        cfg, _ = read_weights(weights)
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise RsmclipError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    with torch.device("meta"):
+        counts = count_parameters(CLIP(cfg))
+    print(json.dumps(asdict(cfg), indent=2))
+    print(f"parameters: visual {counts['visual']:,}  text {counts['text']:,}  total {counts['total']:,}")
+
+
+@app.command("download")
+def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.join(HUB_FILES)} "
+                                                              "(default: rs-m-clip tokenizer)"),
+                 out: Path = typer.Option(Path("weights"), help="folder for the files"),
+                 endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                              help="hub base URL (env HF_ENDPOINT)")):
+    """Fetch public weights and the XLM-R vocabulary from the Hugging Face hub (resumable, checked)."""
+    names = names or ["rs-m-clip", "tokenizer"]
+    if unknown := [n for n in names if n not in HUB_FILES]:
+        raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
+    for name in names:
+        download(name, out, endpoint)
+
+
+@app.command("convert")
+def convert_cmd(src: Path, dst: Path,
+                to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
+    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or back."""
+    if dst.suffix != ".safetensors":
+        raise RsmclipError(f"{dst}: the output must be a .safetensors file")
+    cfg = convert(src, dst, to_openclip)
+    print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
+          f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
+
+
+@app.command()
+def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
+          images: list[Path] = typer.Option(None, help="image files or folders"),
+          texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
+          out: Path = typer.Option(..., help="output .safetensors"),
+          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+          batch_size: int = 64, device: str = typer.Option(default_device())):
+    """Write L2-normalised embeddings of images and/or texts to a safetensors file."""
+    if not images and not texts:
+        raise RsmclipError("nothing to embed: give --images and/or --texts")
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    tensors, meta = {}, {}
+    if images:
+        feats, ok, failed = embed_images(model, preprocess, list_images(images), batch_size, device)
+        tensors["image_embeddings"], meta["images"] = feats, json.dumps([str(p) for p in ok])
+    if texts:
+        if not texts.is_file():
+            raise RsmclipError(f"{texts}: no such text file")
+        lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        tensors["text_embeddings"], meta["texts"] = embed_texts(model, tok, lines, device=device), json.dumps(lines)
+    _atomic_save(tensors, out, meta)
+    print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
+
+
+@app.command()
+def classify(images: list[Path] = typer.Argument(..., help="image files or folders"),
+             labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
+             model_path: Path = typer.Option(..., "--model", help="weights file"),
+             lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
+             template: Optional[str] = typer.Option(None, help="prompt with {} for the label (default per language)"),
+             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+             device: str = typer.Option(default_device())):
+    """Zero-shot classification: a table of class probabilities per image."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if lang not in PROMPTS and template is None:
+        raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
+    names = [n.strip() for n in labels.split(",") if n.strip()]
+    if len(names) < 2:
+        raise RsmclipError("give at least two comma-separated --labels")
+    prompt = template or PROMPTS[lang]
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    feats, ok, _ = embed_images(model, preprocess, list_images(images), device=device)
+    classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
+    probs = (100 * feats @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
+    table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
+    for path, row in zip(ok, probs):
+        table.add_row(str(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
+    Console().print(table)
+
+
+@app.command()
+def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
+           queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
+           model_path: Path = typer.Option(..., "--model", help="weights file"),
+           index: Optional[Path] = typer.Option(None, help="index file (default: FOLDER/.rsmclip-index.safetensors)"),
+           top_k: int = typer.Option(5, min=1), batch_size: int = 64,
+           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+           out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
+           device: str = typer.Option(default_device())):
+    """Text-to-image search over a folder; the index is built once and updated when images change."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not folder.is_dir():
+        raise RsmclipError(f"{folder}: not a folder")
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    entries, feats = update_index(model, preprocess, model_path, folder,
+                                  index or folder / ".rsmclip-index.safetensors", batch_size, device)
+    if not entries:
+        raise RsmclipError(f"{folder}: no readable images to search")
+    scores = embed_texts(model, tok, queries, device=device) @ feats.T
+    results = {}
+    for query, row in zip(queries, scores):
+        top = row.topk(min(top_k, len(entries)))
+        results[query] = [{"path": entries[i]["path"], "score": round(s, 4)}
+                          for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        table = Table("rank", "score", "image", title=query)
+        for rank, hit in enumerate(results[query], 1):
+            table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
+        Console().print(table)
+    if out:
+        out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main():
+    try:
+        app()
+    except RsmclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

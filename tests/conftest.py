@@ -1,0 +1,43 @@
+"""Shared fixtures: a multilingual test corpus and a SentencePiece model trained on it."""
+from pathlib import Path
+
+import pytest
+import sentencepiece
+
+CORPUS = [  # all ten languages, plus the text that breaks tokenizers
+    "Many planes are parked next to a long runway at the airport.",
+    "Muitos aviões estão estacionados ao lado de uma pista longa no aeroporto.",
+    "Hay muchos edificios residenciales densos cerca de un río verde.",
+    "Plusieurs bâtiments industriels entourent un parking à côté d’une autoroute.",
+    "Mehrere grüne Bäume stehen um einen großen Sportplatz mit Laufbahn.",
+    "Een brede rivier stroomt langs akkers en een kleine haven met boten.",
+    "Alcune navi sono ormeggiate in un porto vicino a un ponte.",
+    "机场跑道旁停着许多飞机，附近有几栋白色建筑。",
+    "공항 활주로 옆에 비행기 여러 대가 주차되어 있습니다.",
+    "Несколько самолётов стоят рядом с длинной взлётной полосой.",
+    "“Curly quotes” and ‘single ones’ — dashes… ellipses",
+    "emoji 🛰️🌍✈️🏙️ and a 🦩 flamingo lake 👩‍👩‍👧",
+    "unknown chars: ꙮ 𓀀 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⁂ ꧁꧂ 𐍈 \ue000",
+    "HTML: &amp;amp; &lt;b&gt;bold&lt;/b&gt; &quot;q&quot; &#39;x&#39; caf&eacute;",
+    "  odd\twhitespace\n\nand\u00a0nbsp\u3000ideographic\u2003em  \r\n  ",
+    "fullwidth ＡＢＣ１２３ and ligatures ﬁ ﬂ, combining e\u0301 vs é, zero\u200bwidth",
+    "mojibake: cafÃ© naÃ¯ve â€œquotedâ€\x9d",
+    "",
+    "a",
+    " ".join(["sparse residential area with many trees and several roads"] * 12),  # > 75 pieces
+    "长" * 200,
+]
+
+
+def train_spm(path: Path, sentences, vocab_size=400):
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, num_threads=1, hard_vocab_limit=False, minloglevel=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+    """A small SentencePiece (unigram, NMT-NFKC, like XLM-R's) trained on the test corpus."""
+    return train_spm(tmp_path_factory.mktemp("spm") / "spm.model", CORPUS[:17] * 20)
+

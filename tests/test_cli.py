@@ -1,0 +1,240 @@
+"""`python rsmclip.py ...` end to end on the tiny preset, and `download` against a local hub on 127.0.0.1."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import rsmclip
+from openclip_oracle import fill_with_noise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "rsmclip.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, spm_model):
+    """A noise-filled tiny model saved in our format with its tokenizer beside it."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=1), folder / "tiny.safetensors")
+    shutil.copy(spm_model, folder / "spm.model")
+    return folder / "tiny.safetensors"
+
+
+def write_images(folder: Path, n: int, start: int = 0):
+    folder.mkdir(exist_ok=True)
+    for i in range(start, start + n):
+        a = np.random.default_rng(i).integers(0, 256, (70 + i, 90, 3), dtype=np.uint8)
+        Image.fromarray(a).save(folder / (f"img{i:02d}.tif" if i % 2 else f"img{i:02d}.png"))
+
+
+def test_info():
+    result = run("info", "--preset", "xlmr-b32")
+    assert result.returncode == 0, result.stderr
+    assert "total 366,121,473" in result.stdout and '"vocab_size": 250002' in result.stdout
+
+
+def test_convert_round_trip(tiny_weights, tmp_path):
+    assert run("convert", tiny_weights, tmp_path / "oc.safetensors", "--to-openclip").returncode == 0
+    with safe_open(str(tmp_path / "oc.safetensors"), "pt") as f:
+        assert "visual.conv1.weight" in f.keys() and f.metadata()["format"] == "open_clip"
+    result = run("convert", tmp_path / "oc.safetensors", tmp_path / "back.safetensors")
+    assert result.returncode == 0, result.stderr
+    _, a = rsmclip.read_weights(tiny_weights)
+    _, b = rsmclip.read_weights(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 4)
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
+    (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n", encoding="utf-8")
+    result = run("embed", "--model", tiny_weights, "--images", images, "--texts", tmp_path / "texts.txt",
+                 "--out", tmp_path / "emb.safetensors")
+    assert result.returncode == 0, result.stderr
+    assert "skipped:" in result.stderr and "corrupt.jpg" in result.stderr
+    with safe_open(str(tmp_path / "emb.safetensors"), "pt") as f:
+        image_emb, text_emb = f.get_tensor("image_embeddings"), f.get_tensor("text_embeddings")
+        assert len(json.loads(f.metadata()["images"])) == 4 and len(json.loads(f.metadata()["texts"])) == 3
+    assert image_emb.shape == (4, 64) and text_emb.shape == (3, 64)
+    assert torch.allclose(image_emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    model, pp, tok = rsmclip.load(tiny_weights)
+    with torch.no_grad():
+        direct = model.encode_image(pp(images / "img00.png")[None], normalize=True)
+    assert torch.allclose(image_emb[0], direct[0], atol=1e-6)
+
+    result = run("classify", images / "img00.png", images / "img01.tif", "--model", tiny_weights,
+                 "--labels", "floresta, rio, aeroporto", "--lang", "pt")
+    assert result.returncode == 0, result.stderr
+    assert "floresta" in result.stdout and "img01.tif" in result.stdout and "prediction" in result.stdout
+
+    for args, message in [
+        (("classify", images, "--model", tmp_path / "nope.safetensors", "--labels", "a,b"), "no such weights file"),
+        (("classify", images, "--model", tiny_weights, "--labels", "a,b", "--lang", "xx"), "unknown language 'xx'"),
+        (("embed", "--model", tiny_weights, "--out", tmp_path / "e.safetensors"), "nothing to embed"),
+        (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"), "is a directory"),
+        (("search", tmp_path / "nowhere", "x", "--model", tiny_weights), "not a folder"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 5)
+    result = run("search", images, "aviões no aeroporto", "--model", tiny_weights, "--top-k", "3",
+                 "--out", tmp_path / "hits.json")
+    assert result.returncode == 0, result.stderr
+    assert "5 images (5 added, 0 removed" in result.stdout
+    hits = json.loads((tmp_path / "hits.json").read_text())["aviões no aeroporto"]
+    assert len(hits) == 3 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    model, pp, tok = rsmclip.load(tiny_weights)
+    with torch.no_grad():
+        q = model.encode_text(tok(["aviões no aeroporto"]), normalize=True)[0]
+        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q) for p in images.iterdir()
+                  if not p.name.startswith(".")}
+    assert hits[0]["path"] == max(scores, key=scores.get) and abs(hits[0]["score"] - max(scores.values())) < 1e-4
+
+    write_images(images, 1, start=5)
+    (images / "img00.png").unlink()
+    result = run("search", images, "forest", "campo verde", "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert "5 images (1 added, 1 removed or changed, 0 unreadable skipped)" in result.stdout
+    assert "campo verde" in result.stdout
+    result = run("search", images, "forest", "--model", tiny_weights)
+    assert "5 images (0 added, 0 removed" in result.stdout
+    # other weights invalidate the index
+    other = tiny_weights.with_name("other.safetensors")
+    rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=2), other)
+    result = run("search", images, "forest", "--model", other)
+    assert "built with other weights, rebuilding" in result.stdout and "5 added" in result.stdout
+
+
+# ----------------------------------------------------------------------------- download from a local hub
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The hub's protocol: HEAD/GET on /<repo>/resolve/main/<file>; an LFS file answers 302 to a CDN with
+    its sha256 in X-Linked-Etag and its size in X-Linked-Size; a small git file answers 200 with a
+    git-blob ETag. The CDN honours Range. Knobs: drop the connection once mid-file, lie about sha256."""
+    files: dict = {}
+    lfs: set = set()
+    announced_sha: dict = {}
+    drop_once_after: dict = {}
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _route(self):
+        self.requests.append((self.command, self.path, self.headers.get("Range")))
+        if self.path.startswith("/cdn/"):
+            return "cdn", self.path[len("/cdn/"):]
+        repo_file = self.path.lstrip("/").replace("/resolve/main/", "/", 1)
+        return ("file", repo_file) if repo_file in self.files else ("missing", repo_file)
+
+    def do_HEAD(self):
+        self._answer(head=True)
+
+    def do_GET(self):
+        self._answer(head=False)
+
+    def _answer(self, head):
+        kind, name = self._route()
+        if kind == "missing":
+            self.send_response(404)
+            self.end_headers()
+            return
+        data = self.files[name]
+        if kind == "file" and name in self.lfs:
+            self.send_response(302)
+            self.send_header("Location", f"/cdn/{name}")
+            self.send_header("X-Linked-Etag", f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')  # a git blob id, not a sha256
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if head:
+            return
+        cut = self.drop_once_after.pop(name, None)
+        self.wfile.write(data[start:cut] if cut else data[start:])
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+
+
+@pytest.fixture
+def hub(tmp_path, spm_model):
+    model = fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=3)
+    sd = rsmclip.to_openclip_state_dict(model.state_dict(), model.config)
+    sd["text.transformer.embeddings.position_ids"] = torch.arange(514)[None]  # as in the public file
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin": (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
+                     "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model": Path(spm_model).read_bytes()}
+    FakeHub.lfs = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"}
+    FakeHub.announced_sha, FakeHub.drop_once_after, FakeHub.requests = {}, {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", model
+    server.shutdown()
+
+
+def test_download_converts_checks_and_resumes(hub, tmp_path):
+    endpoint, model = hub
+    name = "joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"
+    FakeHub.drop_once_after[name] = len(FakeHub.files[name]) // 3  # the connection dies a third of the way
+    result = run("download", "rs-m-clip", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "connection lost" in result.stderr and "size and sha256 check" in result.stdout
+    ranges = [r for method, path, r in FakeHub.requests if method == "GET" and path == f"/cdn/{name}"]
+    assert ranges == [None, f"bytes={len(FakeHub.files[name]) // 3}-"]
+    # safetensors was tried first (404), the pickle was converted, and no raw or partial file is left
+    assert ("HEAD", "/joaodaniel/RS-M-CLIP/resolve/main/open_clip_model.safetensors", None) in FakeHub.requests
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["rs-m-clip.safetensors", "sentencepiece.bpe.model"]
+    loaded, _, tok = rsmclip.load(tmp_path / "w/rs-m-clip.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint).stdout.endswith(
+        "already present\n")
+
+
+def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
+    endpoint, _ = hub
+    name = "joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"
+    data = FakeHub.files[name]
+    out = tmp_path / "w"
+    out.mkdir()
+    # what a killed process leaves: a partial file
+    (out / "rs-m-clip.open_clip_pytorch_model.bin.part").write_bytes(data[:1000])
+    assert rsmclip.download("rs-m-clip", out, endpoint) == out / "rs-m-clip.safetensors"
+    assert [r for m, p, r in FakeHub.requests if m == "GET" and p.startswith("/cdn/")] == ["bytes=1000-"]
+
+    FakeHub.announced_sha[name] = "0" * 64
+    result = run("download", "rs-m-clip", "--out", tmp_path / "w2", "--endpoint", endpoint)
+    assert result.returncode == 1 and "differs from the announced" in result.stderr
+    assert "Traceback" not in result.stderr and list((tmp_path / "w2").iterdir()) == []
+    result = run("download", "laion", "--out", tmp_path / "w3", "--endpoint", endpoint)
+    assert result.returncode == 1 and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr
