@@ -41,3 +41,11 @@ def spm_model(tmp_path_factory):
     """A small SentencePiece (unigram, NMT-NFKC, like XLM-R's) trained on the test corpus."""
     return train_spm(tmp_path_factory.mktemp("spm") / "spm.model", CORPUS[:17] * 20)
 
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory):
+    """The built-in demo dataset, generated for this test session (never the working tree's copy)."""
+    from data.demo import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("demo") / "demo")

@@ -1,0 +1,35 @@
+"""One training forward/backward on the demo, for tests/test_train.py: run once as a single process with
+the global batch, and under `torchrun --nproc_per_node 2` with half of it on each process (gloo). Rank 0
+writes the loss (averaged over processes), the DDP-averaged gradients and the updated DINO centre."""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+
+GLOBAL_BATCH = 8
+
+rank, world, device = train.setup_distributed()
+manifest = Path(sys.argv[1])  # a demo dataset
+cfg = train.TrainConfig(data=[str(manifest)], tokenizer=str(manifest.parent / "spm.model"), batch_size=GLOBAL_BATCH // world,
+                        local_crops=2, head_dim=64, text_dropout=0.0, workers=0)  # no dropout: same function
+model, tokenizer = train.build_model(cfg, Path(cfg.tokenizer))
+run = train.build_run(cfg, model, tokenizer, device)
+items = train.read_manifests(cfg.data, "train")
+dataset = train.MultiCropDataset(items, cfg, model.config.vision.image_size)
+keys = next(iter(train.StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, 0, 1)))
+loss, parts = train.compute_loss(run, train.collate([dataset[k] for k in keys]), step=0)
+loss.backward()
+loss = loss.detach()
+if world > 1:
+    torch.distributed.all_reduce(loss)
+    loss /= world
+if rank == 0:
+    out = {f"grad.{n}": p.grad.contiguous() for n, p in run.core.named_parameters() if p.grad is not None}
+    save_file(out | {"loss": loss.reshape(1), "center": run.dino.center}, sys.argv[2])
+if world > 1:
+    torch.distributed.barrier()  # every rank is done with gloo before any tears it down
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,303 @@
+"""train.py and the training parts of rsmclip.py against independent references: open_clip's ClipLoss,
+scheduler and weight-decay rule, DINO's head/loss/centre/EMA re-derived by hand, exact resume, DDP."""
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+import rsmclip
+import train
+from openclip_oracle import make_openclip_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- parts against references
+
+
+def test_clip_loss_equals_openclip():
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    scale = torch.tensor(23.7)
+    assert torch.allclose(rsmclip.clip_loss(images, texts, scale), open_clip.ClipLoss()(images, texts, scale), atol=1e-6)
+
+
+def test_lr_schedule_equals_openclip():
+    from open_clip_train.scheduler import cosine_lr
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = cosine_lr(optimizer, 3e-4, 25, 200)
+    assert all(math.isclose(train.lr_at(s, 3e-4, 25, 200), reference(s), rel_tol=1e-12) for s in range(200))
+
+
+def test_dino_schedules_equal_their_definitions():
+    # DINO main_dino.py: teacher temperature = linspace(warmup, final, warmup_epochs) then constant
+    ramp = np.concatenate([np.linspace(0.04, 0.07, 30), np.full(70, 0.07)])
+    assert np.allclose([train.teacher_temp_at(s, 0.04, 0.07, 30) for s in range(100)], ramp)
+    # DINO utils.cosine_scheduler(momentum, 1, epochs, niter): final + 0.5 (base - final)(1 + cos(pi i / n))
+    i = np.arange(500)
+    momentum = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * i / 500))
+    assert np.allclose([train.ema_momentum_at(s, 0.996, 500, "cosine") for s in range(500)], momentum)
+    assert train.ema_momentum_at(123, 0.999, 500, "fixed") == 0.999
+
+
+def test_dino_head_equals_weight_normed_reference():
+    torch.manual_seed(0)
+    head = rsmclip.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
+    last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 40, bias=False))
+    with torch.no_grad():
+        last.parametrizations.weight.original1.copy_(head.prototypes)  # v
+        last.parametrizations.weight.original0.fill_(1)  # g, frozen at 1 (norm_last_layer)
+    x = torch.randn(7, 48)
+    expected = last(F.normalize(head.mlp(x), dim=-1, p=2))
+    assert torch.allclose(head(x), expected, atol=1e-6)
+    assert not head.prototype_norm.requires_grad
+    assert rsmclip.DINOHead(48, 40, 64, 16, norm_last_layer=False).prototype_norm.requires_grad
+
+
+def test_dino_loss_and_center_equal_a_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    B, K, local = 5, 12, 3
+    student = [torch.randn(B, K, generator=g) for _ in range(2 + local)]
+    teacher = [torch.randn(B, K, generator=g) for _ in range(2)]
+    loss_fn = rsmclip.DINOLoss(K, student_temp=0.1, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, K, generator=g))
+    center = loss_fn.center.clone()
+    got = loss_fn(student, teacher, teacher_temp=0.05)
+    total, terms = 0.0, 0
+    for iq in range(2):
+        for v in range(2 + local):
+            if v == iq:
+                continue
+            for b in range(B):
+                q = np.exp((teacher[iq][b] - center[0]).numpy() / 0.05)
+                q /= q.sum()
+                s = student[v][b].numpy() / 0.1
+                log_p = s - np.log(np.exp(s).sum())
+                total += -(q * log_p).sum() / B
+            terms += 1
+    assert terms == 2 * (2 + local) - 2 and math.isclose(float(got), total / terms, rel_tol=1e-5)
+    expected_center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+    assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
+
+
+def test_ema_update():
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.99 * t + 0.01 * s for t, s in zip(teacher.parameters(), student.parameters())]
+    rsmclip.ema_update(teacher, student, 0.99)
+    assert all(torch.allclose(t, e) for t, e in zip(teacher.parameters(), expected))
+
+
+def test_weight_decay_groups_equal_openclip():
+    cfg = rsmclip.PRESETS["tiny"]
+    ours, theirs = rsmclip.CLIP(cfg), make_openclip_model(cfg)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # open_clip_train
+    their_no_decay = {n for n, p in theirs.named_parameters() if exclude(n, p)}
+    groups = train.param_groups(ours, 0.2)
+    name_of = {id(p): n for n, p in ours.named_parameters()}
+    no_decay = {name_of[id(p)] for p in groups[0]["params"]}
+    source = {theirs_name: ours_name for ours_name, theirs_name in rsmclip._renames(cfg)}  # open_clip -> ours
+    source["visual.proj"] = "visual.proj.weight"
+    for i in range(cfg.text.layers):
+        for p in ("weight", "bias"):
+            for n in ("query", "key", "value"):  # our packed q/k/v stands for open_clip's three tensors
+                source[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"] = f"text.blocks.{i}.attn.qkv.{p}"
+    assert source.keys() == {n for n, _ in theirs.named_parameters()}
+    assert {n for n, o in source.items() if o in no_decay} == their_no_decay
+    assert groups[0]["weight_decay"] == 0 and groups[1]["weight_decay"] == 0.2
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(ours.parameters()))
+
+
+def test_step_sampler_is_a_function_of_the_step():
+    full = list(train.StepSampler(100, 8, 0, 1, seed=3, start=0, steps=30))
+    assert list(train.StepSampler(100, 8, 0, 1, seed=3, start=17, steps=30)) == full[17:]
+    epoch0 = [i for batch in full[:12] for i, _ in batch]
+    assert len(set(epoch0)) == 96  # 12 full batches per epoch, no image twice, drop_last
+    halves = [list(train.StepSampler(100, 4, r, 2, seed=3, start=0, steps=30)) for r in range(2)]
+    assert all(a + b == f for a, b, f in zip(halves[0], halves[1], full))  # DDP slices of the same global batch
+
+
+def test_multicrop_views(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    items = [{"path": tmp_path / "a.png", "captions": {"en": ["one"], "pt": ["um", "uma"]}},
+             {"path": tmp_path / "missing.png", "captions": {"en": ["two"]}}]
+    cfg = train.TrainConfig(local_crops=3, local_size=24, langs="en,pt")
+    ds = train.MultiCropDataset(items, cfg, 64)
+    a, b = ds[(0, 7)], ds[(0, 7)]
+    assert a["globals"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24)
+    assert torch.equal(a["globals"], b["globals"]) and a["captions"] == b["captions"]  # seeded
+    assert not torch.equal(a["globals"][0], ds[(0, 8)]["globals"][0])
+    substitute = ds[(1, 7)]  # an unreadable image is replaced by the next one and reported
+    assert substitute["failures"] and "missing.png" in substitute["failures"][0]
+    batch = train.collate([a, substitute])
+    assert batch["globals"].shape == (4, 3, 64, 64) and batch["locals"].shape == (6, 3, 24, 24)
+    assert torch.equal(batch["globals"][1], substitute["globals"][0])  # view-major order
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def run_train(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--head-dim", "64", "--log-every", "2", "--workers", "0"]
+SMALL = [*FAST, "--steps", "6", "--ckpt-every", "2", "--deterministic"]
+
+
+def read_model(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def demo_args(manifest):
+    return ["--data", manifest, "--tokenizer", manifest.parent / "spm.model"]
+
+
+def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
+    result = run_train("--out", tmp_path / "run", *demo_args(demo_manifest), *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "retrieval before training" in result.stdout and "retrieval mR before" in result.stdout
+    model, _, tokenizer = rsmclip.load(tmp_path / "run/model.safetensors")
+    assert model.config == rsmclip.PRESETS["tiny"] and tokenizer.path.name == "spm.model"
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert {"loss", "clip", "distill", "lr", "logit_scale", "teacher_temp", "images_per_s", "memory_mb"} <= set(metrics[0])
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert saved["config"]["steps"] == 6 and saved["argv"][0].endswith("train.py") and "git_commit" in saved
+    again = run_train("--config", tmp_path / "run/config.json", "--out", tmp_path / "rerun")
+    assert again.returncode == 0, again.stderr
+    a, b = read_model(tmp_path / "run/model.safetensors"), read_model(tmp_path / "rerun/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a saved config re-runs the same training
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest):
+    args = [*demo_args(demo_manifest), *SMALL]
+    reference = run_train("--out", tmp_path / "ref", *args)
+    assert reference.returncode == 0, reference.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    checkpoint = tmp_path / "cut/checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with safe_open(str(checkpoint), "pt") as f:
+        killed_at = json.loads(f.metadata()["state"])["step"]
+    assert killed_at < 6 and not (tmp_path / "cut/model.safetensors").exists()
+    resumed = run_train("--out", tmp_path / "cut", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {killed_at}" in resumed.stdout
+    a, b = read_model(tmp_path / "ref/model.safetensors"), read_model(tmp_path / "cut/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    with safe_open(str(tmp_path / "ref/checkpoint.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "cut/checkpoint.safetensors"), "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())  # teacher, centre, moments too
+
+
+def test_kill_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path, demo_manifest):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    checkpoint, rng = tmp_path / "run/checkpoint.safetensors", random.Random(1)
+    args = [*demo_args(demo_manifest), *FAST, "--steps", "40", "--ckpt-every", "1"]
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "run"), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.0))  # checkpoints are written every step: kills land mid-write too
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with safe_open(str(checkpoint), "pt") as f:  # always the last complete checkpoint
+            assert json.loads(f.metadata()["state"])["step"] >= 1
+            assert all(f.get_tensor(k) is not None for k in f.keys())
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path, demo_manifest):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "run"),
+                             *demo_args(demo_manifest), *FAST, "--steps", "400", "--ckpt-every", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "stopped by signal" in err and "Traceback" not in err
+    with safe_open(str(tmp_path / "run/checkpoint.safetensors"), "pt") as f:
+        assert 2 <= json.loads(f.metadata()["state"])["step"] < 400
+
+
+def test_bad_input_gives_clear_errors(tmp_path, demo_manifest):
+    empty = tmp_path / "empty/captions.jsonl"
+    empty.parent.mkdir()
+    empty.write_text("")
+    manifest = tmp_path / "d/captions.jsonl"
+    manifest.parent.mkdir()
+    Image.new("RGB", (70, 70), (10, 120, 30)).save(tmp_path / "d/a.png")
+    lines = [{"id": f"x{i}", "image": "a.png" if i % 5 else "gone.png", "split": "train", "dataset": "x",
+              "captions": {"en": [f"green field {i}"]}} for i in range(20)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    tok = demo_manifest.parent / "spm.model"
+    big_cfg = rsmclip.CLIPConfig.from_dict({**rsmclip.asdict(rsmclip.PRESETS["tiny"]), "embed_dim": 32})
+    rsmclip.save(rsmclip.CLIP(big_cfg), tmp_path / "other.safetensors")
+    common = ["--tokenizer", tok, *FAST, "--steps", "2"]
+    cases = [
+        (["--data", empty, "--out", tmp_path / "r1", *common], "no training images"),
+        (["--data", manifest, "--out", tmp_path / "r2", *common, "--langs", "en,pt"], "no pt captions"),
+        (["--data", manifest, "--out", tmp_path / "r3", *common, "--langs", "xx"], "unknown language xx"),
+        (["--data", manifest, "--out", tmp_path / "r4", "--init", tmp_path / "other.safetensors", *common],
+         "is not the tiny architecture"),
+        (["--data", manifest, "--out", tmp_path / "r5", "--strict-images", *common], "unreadable training image"),
+        (["--preset", "nope"], "unknown preset"),
+    ]
+    for args, message in cases:
+        result = run_train(*args)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    skipping = run_train("--data", manifest, "--out", tmp_path / "r6", *common)  # default: skip and count
+    assert skipping.returncode == 0, skipping.stderr
+    assert "warning: skipped" in skipping.stdout + skipping.stderr and "gone.png" in skipping.stdout + skipping.stderr
+    assert json.loads((tmp_path / "r6/summary.json").read_text())["skipped_images"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, demo_manifest):
+    """torchrun --nproc_per_node 2 (gloo): same loss and gradients as one process on the global batch."""
+    script = ROOT / "tests/ddp_step.py"
+    single = subprocess.run([sys.executable, str(script), str(demo_manifest), str(tmp_path / "single.safetensors")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(script), str(demo_manifest),
+                             str(tmp_path / "ddp.safetensors")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert double.returncode == 0, double.stderr
+    a, b = read_model(tmp_path / "single.safetensors"), read_model(tmp_path / "ddp.safetensors")
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k

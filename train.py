@@ -1,0 +1,679 @@
+"""RS-M-CLIP training: the CLIP loss plus multi-crop local-to-global self-distillation.
+
+    python train.py                                   # the built-in demo: tiny model, a few CPU minutes
+    python train.py --preset rs-m-clip --data rsicd/captions.jsonl --data rsitmd/captions.jsonl \
+        --init weights/xlmr-b32-laion5b.safetensors --out runs/rs-m-clip
+    torchrun --nproc_per_node 4 train.py --preset rs-m-clip ...    # DDP: same script, no flags
+
+Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
+ViT class token) sees every crop; an EMA teacher (image tower + head) sees the global crops. Loss =
+CLIP(global crop v, a caption of the image in a random enabled language) averaged over the 2 global
+views + distill_weight * DINO cross-entropy (every teacher global view -> every other student view).
+A run directory holds config.json, metrics.jsonl, checkpoint.safetensors (everything needed to resume
+exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from PIL import Image, ImageFilter, ImageOps
+from safetensors import safe_open
+from torchvision.transforms import functional as TF
+
+import rsmclip
+
+ROOT = Path(__file__).resolve().parent
+DEMO_DIR = ROOT / "demo_data"
+
+
+class TrainError(rsmclip.RsmclipError):
+    pass
+
+
+# ===================================================================== config
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list, metadata={"help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
+    out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
+    init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
+    model: str = field(default="tiny", metadata={"help": "architecture when starting from random init"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece model; empty: next to --init, or the demo's"})
+    langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
+    val_data: str = field(default="", metadata={"help": "manifest for validation; empty: the first --data"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "images per step and process"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (linear warm-up, then cosine to 0)"})
+    warmup: int = field(default=60, metadata={"help": "warm-up steps"})
+    weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay for tensors of 2+ dims"})
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0: off"})
+    text_dropout: float = field(default=0.1, metadata={"help": "XLM-R dropout (0.1 as in open_clip)"})
+    distill_weight: float = field(default=1.0, metadata={"help": "lambda of the self-distillation loss; 0: CLIP only"})
+    local_crops: int = field(default=8, metadata={"help": "local crops per image"})
+    local_size: int = field(default=24, metadata={"help": "local crop pixels (96 for ViT-B/32: a 3x3 grid)"})
+    global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "global crop area range"})
+    local_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata={"help": "local crop area range"})
+    head_dim: int = field(default=1024, metadata={"help": "DINO head prototypes"})
+    norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
+    student_temp: float = 0.1
+    teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after warm-up"})
+    warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at step 0"})
+    teacher_temp_steps: int = field(default=180, metadata={"help": "teacher temperature warm-up steps"})
+    center_momentum: float = 0.9
+    ema_momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum"})
+    ema_schedule: str = field(default="fixed", metadata={"help": "fixed (SILC) or cosine (DINO: ramp to 1)"})
+    freeze_last_layer: int = field(default=0, metadata={"help": "steps with frozen head prototypes"})
+    jitter_prob: float = field(default=0.8, metadata={"help": "colour jitter probability"})
+    hue: float = field(default=0.1, metadata={"help": "colour jitter hue range"})
+    grayscale: float = field(default=0.2, metadata={"help": "greyscale probability"})
+    solarize: float = field(default=0.2, metadata={"help": "solarisation probability, second global crop"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    workers: int = field(default=1, metadata={"help": "data loader processes"})
+    seed: int = 0
+    log_every: int = 20
+    val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
+    ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
+    strict_images: bool = field(default=False, metadata={"help": "stop on an unreadable image instead of skipping it"})
+    deterministic: bool = field(default=False, metadata={"help": "torch deterministic algorithms (exact resume on CPU)"})
+
+
+PRESETS = {
+    # Built-in demo: the tiny model from scratch on the demo dataset, a few minutes on a 2-core CPU.
+    # No hue jitter, greyscale or solarisation: demo captions name colours.
+    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0),
+    # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
+    # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see README).
+    "rs-m-clip": TrainConfig(
+        out="runs/rs-m-clip", model="xlmr-b32", steps=5000, batch_size=256, lr=1e-5, warmup=500,
+        local_size=96, head_dim=65536, teacher_temp_steps=1500, ema_momentum=0.999, freeze_last_layer=300,
+        ckpt_every=500, val_every=1000, workers=8),
+}
+
+
+# ===================================================================== schedules (pure functions)
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """open_clip's cosine_lr: linear warm-up from base/warmup, then cosine to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    e, es = step - warmup, max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * base
+
+
+def teacher_temp_at(step: int, start: float, end: float, warmup: int) -> float:
+    """DINO's teacher temperature: linspace(start, end, warmup) (end reached at warmup - 1), then end."""
+    return end if step >= warmup - 1 else start + (end - start) * step / (warmup - 1)
+
+
+def ema_momentum_at(step: int, base: float, total: int, schedule: str) -> float:
+    """Fixed (SILC: the teacher keeps following the image-text objective) or DINO's cosine ramp to 1."""
+    return base if schedule == "fixed" else 1 + 0.5 * (base - 1) * (1 + math.cos(math.pi * step / total))
+
+
+# ===================================================================== data
+
+def read_manifests(paths: list[str], split: str) -> list[dict]:
+    """Records of one split, image paths resolved inside their manifest's folder."""
+    from data.prepare import DataError, load_manifest
+
+    items = []
+    for path in map(Path, paths):
+        try:
+            records = load_manifest(path)
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        items += [{**r, "path": path.parent / r["image"]} for r in records if r["split"] == split]
+    return items
+
+
+def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random.Random) -> Image.Image:
+    """torchvision's RandomResizedCrop (area in `scale`, aspect 3/4-4/3, 10 tries, then a centre crop),
+    drawn from `rng` so that every sample's crops are a function of its seed."""
+    W, H = image.size
+    for _ in range(10):
+        area = W * H * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+            return image.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
+    side = min(W, H)
+    box = ((W - side) // 2, (H - side) // 2, (W - side) // 2 + side, (H - side) // 2 + side)
+    return image.resize((size, size), Image.BICUBIC, box=box)
+
+
+def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random) -> torch.Tensor:
+    """One DINO view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, CLIP mean/std."""
+    x = random_resized_crop(image, size, scale, rng)
+    if rng.random() < 0.5:
+        x = ImageOps.mirror(x)
+    if rng.random() < cfg.jitter_prob:
+        ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
+               (TF.adjust_saturation, rng.uniform(0.8, 1.2)), (TF.adjust_hue, rng.uniform(-cfg.hue, cfg.hue))]
+        rng.shuffle(ops)  # ColorJitter applies its four changes in random order
+        for op, factor in ops:
+            x = op(x, factor)
+    if rng.random() < cfg.grayscale:
+        x = x.convert("L").convert("RGB")
+    if rng.random() < blur:
+        x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < solarize:
+        x = ImageOps.solarize(x, 128)
+    t = TF.pil_to_tensor(x).float().div(255)
+    return TF.normalize(t, rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Sample (index, seed) -> 2 global crops, N local crops and 2 captions. An unreadable image is
+    replaced by the next readable one (batches keep their size, which DDP needs) and reported."""
+
+    def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int):
+        self.items, self.cfg, self.image_size = items, cfg, image_size
+        self.langs = cfg.langs.split(",")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        rng, cfg, failures = random.Random(seed), self.cfg, []
+        for attempt in range(len(self.items)):
+            item = self.items[(index + attempt) % len(self.items)]
+            try:
+                image = rsmclip.open_image(item["path"])
+                break
+            except rsmclip.ImageError as e:
+                failures.append(str(e))
+        else:
+            raise TrainError("no training image can be read")
+        views = [augment(image, self.image_size, cfg.global_scale, 1.0, 0.0, cfg, rng),
+                 augment(image, self.image_size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng)]
+        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng) for _ in range(cfg.local_crops)]
+        langs = [lang for lang in self.langs if item["captions"].get(lang)]
+        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(2)]
+        return {"globals": torch.stack(views), "locals": torch.stack(local) if local else None,
+                "captions": captions, "failures": failures}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect."""
+    out = {"globals": torch.stack([s["globals"] for s in samples], 1).flatten(0, 1),
+           "captions": [s["captions"][v] for v in range(2) for s in samples],
+           "failures": [f for s in samples for f in s["failures"]]}
+    out["locals"] = (torch.stack([s["locals"] for s in samples], 1).flatten(0, 1)
+                     if samples[0]["locals"] is not None else None)
+    return out
+
+
+class StepSampler:
+    """Batches of (index, seed) for steps start..steps-1. The order of epoch e is a permutation seeded by
+    (seed, e); each process takes its slice of the global batch; each sample's augmentation seed is
+    derived from (seed, step, position). So data are a pure function of the step: resume is exact."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int, steps: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.start, self.steps = start, steps
+        self.per_epoch = n // (batch * world)
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def __iter__(self):
+        order, epoch = None, -1
+        for step in range(self.start, self.steps):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            pos = (step % self.per_epoch) * self.batch * self.world + self.rank * self.batch
+            yield [(int(i), (self.seed * 1_000_003 + step) * 4096 + self.rank * self.batch + j)
+                   for j, i in enumerate(order[pos:pos + self.batch])]
+
+
+# ===================================================================== model parts
+
+class Student(nn.Module):
+    """What the optimizer trains (and DDP wraps): the CLIP model and the self-distillation head.
+    Backbone passes are grouped by crop size (DINO's multi-crop wrapper), the head runs once."""
+
+    def __init__(self, clip: rsmclip.CLIP, head: Optional[rsmclip.DINOHead]):
+        super().__init__()
+        self.clip, self.head = clip, head
+
+    def forward(self, globals_: torch.Tensor, locals_: Optional[torch.Tensor], ids: torch.Tensor):
+        tokens = self.clip.visual.forward_features(globals_)
+        images = F.normalize(self.clip.visual.proj(tokens), dim=-1)
+        texts = self.clip.encode_text(ids, normalize=True)
+        head = None
+        if self.head is not None:
+            if locals_ is not None:
+                tokens = torch.cat([tokens, self.clip.visual.forward_features(locals_)])
+            head = self.head(tokens)
+        return images, texts, self.clip.logit_scale.exp(), head
+
+
+class Teacher(nn.Module):
+    def __init__(self, student: Student):
+        super().__init__()
+        self.visual, self.head = copy.deepcopy(student.clip.visual), copy.deepcopy(student.head)
+        self.requires_grad_(False)
+
+    def forward(self, globals_: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual.forward_features(globals_))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's AdamW groups: no decay for gains, biases, the class token and logit_scale (every
+    tensor under 2 dims); decay for the rest, embeddings and positional tables included."""
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for n, p in params if p.ndim >= 2], "weight_decay": weight_decay}]
+
+
+# ===================================================================== one training step
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    student: nn.Module  # Student, maybe DDP-wrapped or compiled
+    core: Student  # the plain module (checkpoints, EMA)
+    teacher: Optional[Teacher]
+    dino: Optional[rsmclip.DINOLoss]
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    tokenizer: rsmclip.Tokenizer
+    device: torch.device
+    dtype: Optional[torch.dtype]  # autocast dtype, None for fp32
+
+
+def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+    """Forward every crop once per resolution; CLIP loss on both global views, DINO loss from the teacher."""
+    cfg, dev = run.cfg, run.device
+    globals_ = batch["globals"].to(dev, non_blocking=True)
+    locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
+    ids = run.tokenizer(batch["captions"]).to(dev, non_blocking=True)
+    with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+        images, texts, scale, head = run.student(globals_, locals_ if run.teacher else None, ids)
+        clip = sum(rsmclip.clip_loss(i, t, scale) for i, t in zip(images.chunk(2), texts.chunk(2))) / 2
+        if run.teacher is None:
+            return clip, {"clip": clip}
+        temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
+        with torch.no_grad():
+            teacher = run.teacher(globals_).chunk(2)
+        distill = run.dino(head.chunk(2 + (cfg.local_crops if locals_ is not None else 0)), teacher, temp)
+    return clip + cfg.distill_weight * distill, {"clip": clip, "distill": distill, "teacher_temp": temp}
+
+
+def train_step(run: Run, batch: dict, step: int) -> dict:
+    """Schedule, forward, losses, backward, clip, AdamW, logit_scale clamp, EMA: one open_clip/DINO step."""
+    cfg = run.cfg
+    lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, parts = compute_loss(run, batch, step)
+    if not torch.isfinite(loss):
+        raise TrainError(f"non-finite loss ({float(loss)}) at step {step}; the last checkpoint is kept")
+
+    (run.scaler.scale(loss) if run.scaler else loss).backward()
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients
+    if run.core.head is not None and step < cfg.freeze_last_layer:
+        run.core.head.prototypes.grad = None  # DINO: the prototypes stay put while the head settles
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.core.parameters(), cfg.grad_clip) if cfg.grad_clip
+                 else torch.tensor(float("nan")))
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    with torch.no_grad():
+        run.core.clip.logit_scale.clamp_(0, math.log(100))
+    momentum = ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
+    if run.teacher is not None:
+        rsmclip.ema_update(run.teacher, nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head}),
+                           momentum)
+    return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}, "lr": lr,
+            "logit_scale": float(run.core.clip.logit_scale.exp()), "ema_momentum": momentum,
+            "grad_norm": float(grad_norm)}
+
+
+# ===================================================================== checkpoints (no pickle)
+
+def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
+    """Everything a resume needs in one safetensors file (tensors + JSON metadata), written to a
+    temporary file and renamed: a kill at any moment leaves the previous checkpoint intact."""
+    tensors = {f"student.{k}": v for k, v in run.core.state_dict().items()}
+    if run.teacher is not None:
+        tensors |= {f"teacher.{k}": v for k, v in run.teacher.state_dict().items()}
+        tensors["dino.center"] = run.dino.center
+    optim = run.optimizer.state_dict()
+    for index, state in optim["state"].items():
+        tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
+    meta = {"step": step, "skipped": skipped, "param_groups": optim["param_groups"],
+            "scaler": run.scaler.state_dict() if run.scaler else None}
+    rsmclip._atomic_save({k: v.detach().clone() for k, v in tensors.items()}, path, {"state": json.dumps(meta)})
+
+
+def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:
+    try:
+        with safe_open(str(path), "pt", device=str(run.device)) as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # any failure here means the file is not a checkpoint of ours
+        raise TrainError(f"{path}: unreadable checkpoint ({e})") from None
+    section = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    run.core.load_state_dict(section("student."), strict=True)
+    if run.teacher is not None:
+        run.teacher.load_state_dict(section("teacher."), strict=True)
+        run.dino.center.copy_(tensors["dino.center"])
+    state = {}
+    for key, value in section("optim.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value if name != "step" else value.cpu()
+    run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if run.scaler and meta["scaler"]:
+        run.scaler.load_state_dict(meta["scaler"])
+    return meta["step"], meta["skipped"]
+
+
+# ===================================================================== distributed
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Only under torchrun (WORLD_SIZE > 1) is a process group created."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.distributed.get_rank(), world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def barrier():
+    if rsmclip.world()[1] > 1:
+        torch.distributed.barrier()
+
+
+# ===================================================================== the run
+
+def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmclip.CLIP, rsmclip.Tokenizer]:
+    if cfg.init:
+        model_cfg, sd = rsmclip.read_weights(cfg.init)
+        expected = rsmclip.PRESETS[cfg.model]
+        if (model_cfg.vision, model_cfg.embed_dim) != (expected.vision, expected.embed_dim) or \
+                replace(model_cfg.text, dropout=0) != replace(expected.text, dropout=0):
+            raise TrainError(f"{cfg.init} is not the {cfg.model} architecture (vision width "
+                             f"{model_cfg.vision.width} x {model_cfg.vision.layers}, text vocabulary "
+                             f"{model_cfg.text.vocab_size}); pass --model to match it")
+        model_cfg = replace(model_cfg, text=replace(model_cfg.text, dropout=cfg.text_dropout))
+        model = rsmclip.CLIP(model_cfg)
+        model.load_state_dict(sd, strict=True)
+        tokenizer_path = tokenizer_path or Path(cfg.init).parent / model_cfg.tokenizer
+    else:
+        if cfg.model not in rsmclip.PRESETS:
+            raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(rsmclip.PRESETS)}")
+        base = rsmclip.PRESETS[cfg.model]
+        torch.manual_seed(cfg.seed)
+        model = rsmclip.CLIP(replace(base, text=replace(base.text, dropout=cfg.text_dropout)))
+    tokenizer = rsmclip.Tokenizer(tokenizer_path, model.config.context_length)
+    if tokenizer.vocab_size > model.config.text.vocab_size:
+        raise TrainError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, the model "
+                         f"{model.config.text.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer, device: torch.device) -> Run:
+    head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, norm_last_layer=cfg.norm_last_layer)
+            if cfg.distill_weight > 0 else None)
+    core = Student(model, head).to(device)
+    core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
+    teacher = Teacher(core).to(device) if head is not None else None
+    dino = rsmclip.DINOLoss(cfg.head_dim, cfg.student_temp, cfg.center_momentum).to(device) if head else None
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    student = core
+    if rsmclip.world()[1] > 1:
+        student = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        student = torch.compile(student)
+    return Run(cfg, student, core, teacher, dino, optimizer, scaler, tokenizer, device, dtype)
+
+
+def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
+    """Retrieval with eval.py's protocol on a manifest split, in the run's languages that the split has
+    (None if it has no such images)."""
+    import eval as evaluation
+
+    chosen = [r for r in evaluation.load_manifest(Path(manifest)) if r["split"] == split]
+    langs = [lang for lang in run.cfg.langs.split(",") if all(r["captions"].get(lang) for r in chosen)]
+    if not chosen or not langs:
+        return None
+    model = run.core.clip.eval()
+    try:
+        return evaluation.evaluate_retrieval(model, run.tokenizer, rsmclip.Preprocess(model.config.vision.image_size),
+                                             Path(manifest), split, langs, 128, str(run.device), workers=0)
+    finally:
+        model.train()
+
+
+def mean_recall(result: Optional[dict]) -> str:
+    """mR over languages (or of the only one)."""
+    return "n/a" if result is None else f"{result.get('mean', next(iter(result.values())))['mR']:.2f}"
+
+
+def check_languages(items: list[dict], langs: list[str]):
+    if unknown := [lang for lang in langs if lang not in rsmclip.LANGS]:
+        raise TrainError(f"unknown language {', '.join(unknown)}; choose from {', '.join(rsmclip.LANGS)}")
+    present = {lang for item in items for lang, caps in item["captions"].items() if caps}
+    if missing := [lang for lang in langs if lang not in present]:
+        raise TrainError(f"no {', '.join(missing)} captions in the training manifests (they have "
+                         f"{', '.join(sorted(present)) or 'none'}); translate them or pass --langs")
+    if unusable := sum(1 for item in items if not any(item["captions"].get(lang) for lang in langs)):
+        raise TrainError(f"{unusable} training images have no caption in {','.join(langs)}")
+
+
+def train(cfg: TrainConfig, argv: list[str]) -> Path:
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    out = Path(cfg.out)
+    checkpoint = out / "checkpoint.safetensors"
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # ----- data -----
+    if not cfg.data:
+        from data.demo import make_demo
+
+        if is_main:
+            make_demo(DEMO_DIR)
+        barrier()
+        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")], tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
+    items = read_manifests(cfg.data, "train")
+    if not items:
+        raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
+    check_languages(items, cfg.langs.split(","))
+    if len(items) < cfg.batch_size * world:
+        raise TrainError(f"{len(items)} training images: fewer than one batch of {cfg.batch_size * world}")
+
+    # ----- model, optimizer, resume -----
+    model, tokenizer = build_model(cfg, Path(cfg.tokenizer) if cfg.tokenizer else None)
+    run = build_run(cfg, model, tokenizer, device)
+    start, skipped = (load_checkpoint(run, checkpoint) if checkpoint.exists() else (0, 0))
+    val_manifest = cfg.val_data or cfg.data[0]
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        (out / "config.json").write_text(json.dumps({"config": asdict(cfg), "argv": argv, "git_commit": commit,
+                                                     "world_size": world}, indent=2) + "\n")
+        print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
+              f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
+              f"parameters, device {device}, precision {cfg.precision}")
+    before = validate(run, val_manifest, "test") if is_main and start == 0 else None
+    if is_main and start == 0:
+        print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
+
+    # ----- loop -----
+    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size)
+    sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    stop = {"signal": None}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: stop.update(signal=s))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not is_main)
+    step, tick = start, time.perf_counter()
+    with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
+        task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+        for batch in loader:
+            if batch["failures"]:
+                if cfg.strict_images:
+                    raise TrainError(f"unreadable training image: {batch['failures'][0]} (drop --strict-images to skip)")
+                skipped += len(batch["failures"])
+                for failure in batch["failures"]:
+                    bar.console.print(f"warning: skipped {failure} ({skipped} so far)")
+            logs = train_step(run, batch, step)
+            step += 1
+            if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+                now = time.perf_counter()
+                logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
+                         "skipped_images": skipped, "memory_mb": memory_mb(device)}
+                tick = now
+                metrics.write(json.dumps(logs) + "\n")
+                metrics.flush()
+                bar.update(task, completed=step, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
+                                                      f"{logs['images_per_s']:.0f} img/s")
+            if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
+                result = validate(run, val_manifest, "val")
+                metrics.write(json.dumps({"step": step, "val": result}) + "\n")
+                bar.console.print(f"step {step}: validation mR {mean_recall(result)}")
+            if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if is_main:
+                    save_checkpoint(run, checkpoint, step, skipped)
+                barrier()
+            if stop["signal"]:
+                raise TrainError(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
+                                 f"the same command resumes")
+
+    # ----- final weights -----
+    if is_main:
+        final = out / "model.safetensors"
+        rsmclip.save(run.core.clip, final)
+        tokenizer_copy = out / model.config.tokenizer
+        if tokenizer.path.resolve() != tokenizer_copy.resolve():
+            tokenizer_copy.write_bytes(tokenizer.path.read_bytes())
+        after = validate(run, val_manifest, "test")
+        summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {final}; retrieval mR before {mean_recall(before)} -> after {mean_recall(after)}")
+        return final
+    return out / "model.safetensors"
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+# ===================================================================== command line: the config is the CLI
+
+def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> TrainConfig:
+    """Preset defaults, then a saved config.json, then the flags given on the command line."""
+    if preset not in PRESETS:
+        raise TrainError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    if config_file:
+        if not config_file.is_file():
+            raise TrainError(f"{config_file}: no such config file")
+        saved = json.loads(config_file.read_text())
+        saved = saved.get("config", saved)
+        if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
+            raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v for k, v in saved.items()})
+    given = {k: v for k, v in given.items() if v is not None and v != []}
+    if "data" in given:
+        given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
+    return replace(cfg, **given)
+
+
+def check_resume(cfg: TrainConfig):
+    """An existing run directory is resumed with its own config: other settings would not be a resume."""
+    saved = Path(cfg.out) / "config.json"
+    if not (Path(cfg.out) / "checkpoint.safetensors").exists() or not saved.exists():
+        return
+    old = json.loads(saved.read_text())["config"]
+    now = json.loads(json.dumps(asdict(cfg)))
+    demo_defaults = {"data", "tokenizer"}  # filled in for the demo after this check
+    if differ := [k for k in old if k not in demo_defaults | {"steps"} and old[k] != now[k]]:
+        raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
+                         "use another --out, or the same settings to resume")
+
+
+def _cli_signature():
+    """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
+    demo, paper = asdict(PRESETS["demo"]), asdict(PRESETS["rs-m-clip"])
+    params = [inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                default=typer.Option("demo", help=f"defaults to start from: {', '.join(PRESETS)}")),
+              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, help="re-run a saved run's config.json"))]
+    for f in fields(TrainConfig):
+        hint = f.metadata.get("help", f.name.replace("_", " "))
+        default = demo[f.name] if demo[f.name] == paper[f.name] else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}"
+        annotation = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}.get(
+            type(demo[f.name]), Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(None, help=f"{hint} [default: {default}]",
+                                                             show_default=False)))
+    return inspect.Signature(params)
+
+
+def main(**options):
+    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo."""
+    preset, config_file = options.pop("preset"), options.pop("config")
+    cfg = resolve_config(preset, config_file, options)
+    check_resume(cfg)
+    train(cfg, sys.argv)
+
+
+main.__signature__ = _cli_signature()
+main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
+
+if __name__ == "__main__":
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(main)
+    try:
+        app()
+    except rsmclip.RsmclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
