@@ -1,0 +1,468 @@
+"""Public remote-sensing datasets -> rsmclip manifests, checked, and merged without test leakage.
+
+    python data/prepare.py captions ANNOTATIONS --images DIR --out MANIFEST [--dataset NAME] [--drop-missing]
+    python data/prepare.py classes ROOT --out LABELS
+    python data/prepare.py merge MANIFEST... --exclude MANIFEST --out MANIFEST
+
+Every image path in a manifest is relative to the manifest's own folder (POSIX, never absolute, never
+`..`), so a manifest must be written in a folder that holds its images: usually the dataset folder.
+Where each dataset comes from, its layout, counts and exact commands: data/README.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.progress import track
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
+import rsmclip  # noqa: E402  (its image reader defines "readable": what training can open, prepare accepts)
+
+SPLITS = ("train", "val", "test")
+# Published sizes: (images, test images); None where the dataset publishes no standard split.
+EXPECTED = {"rsicd": (10921, 1093), "rsitmd": (4743, 452), "ucm": (2100, 210), "sydney": (613, 58),
+            "nwpu": (31500, None)}
+SHOW = 5  # how many offending entries an error message lists
+
+
+class DataError(Exception):
+    """A problem in the user's data: printed as one message, exit status 1."""
+
+
+def listing(items: list) -> str:
+    head = ", ".join(str(i) for i in items[:SHOW])
+    return head + (f", ... ({len(items)} in all)" if len(items) > SHOW else "")
+
+
+# ----------------------------------------------------------------------------- reading and writing
+
+
+def read_json(path: Path):
+    """Strict UTF-8 JSON: a bad byte or syntax error names the file and the place."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def bad_relative(path: str) -> Optional[str]:
+    """Why a stored relative path is unsafe (absolute, leaves its folder, not POSIX), or None."""
+    if not isinstance(path, str) or not path.strip():
+        return "empty"
+    if "\\" in path or path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        return "absolute or not POSIX"
+    if ".." in PurePosixPath(path).parts:
+        return "leaves the dataset folder"
+    return None
+
+
+def inside(path: Path, folder: Path) -> Optional[str]:
+    """`path` relative to `folder` (POSIX), or None if it is not inside. Lexical, so a symlinked
+    image folder placed inside the dataset folder is accepted."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return None
+    return PurePosixPath(*Path(rel).parts).as_posix()
+
+
+def read_jsonl(path: Path, required: dict) -> list[dict]:
+    """One JSON object per line with the `required` keys and types; image paths checked."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records, problems = [], []
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (offset {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        r = r if isinstance(r, dict) else {}
+        missing = [k for k, t in required.items() if not isinstance(r.get(k), t)]
+        if missing:
+            raise DataError(f"{path}, line {n}: missing or mistyped {', '.join(missing)}")
+        if bad_relative(r["image"]):
+            problems.append(f"line {n} {r['image']!r} ({bad_relative(r['image'])})")
+        records.append(r)
+    if problems:
+        raise DataError(f"{path}: {len(problems)} unsafe image paths: {listing(problems)}")
+    return records
+
+
+def load_manifest(path: Path) -> list[dict]:
+    """Read and check a captions.jsonl (format: DESIGN.md); image paths are relative to its folder."""
+    records = read_jsonl(Path(path), {"id": str, "image": str, "split": str, "captions": dict})
+    errors = []
+    for r in records:
+        if r["split"] not in SPLITS:
+            errors.append(f"{r['id']}: split {r['split']!r}")
+        caps = r["captions"]
+        if not all(isinstance(c, list) and c and all(isinstance(s, str) and s.strip() for s in c)
+                   for c in caps.values()):
+            errors.append(f"{r['id']}: empty or non-text captions")
+    dup = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
+    if dup:
+        errors.append(f"duplicated ids {listing(dup)}")
+    if errors:
+        raise DataError(f"{path}: {len(errors)} problems: {listing(errors)}")
+    return records
+
+
+def load_labels(path: Path) -> list[dict]:
+    records = read_jsonl(Path(path), {"image": str, "label": str, "split": str})
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def write_jsonl(records: list[dict], path: Path):
+    """Write to a temporary file, then rename: a crash never leaves half a manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def unreadable_images(paths: list[Path], what: str) -> dict[Path, str]:
+    """Decode every image fully (a truncated file fails only there) -> {path: why} for the bad ones."""
+    bad = {}
+    for p in track(paths, description=f"checking {what}", transient=True, disable=len(paths) < 200):
+        try:
+            rsmclip.open_image(p)
+        except rsmclip.ImageError as e:
+            bad[p] = "missing" if not p.exists() else str(e).removeprefix(f"{p}: ")
+    return bad
+
+
+# ----------------------------------------------------------------------------- caption datasets
+
+
+def parse_annotations(doc, source: Path) -> tuple[str, list[tuple[str, str, str, list[str]]]]:
+    """-> (format, [(id suffix, relative image path, split, raw captions)]) for the two public layouts.
+
+    Karpathy style (RSICD, RSITMD, UCM, Sydney): {"images": [{"filename", "split", "sentences": [{"raw"}]}]},
+    other fields ignored. NWPU-Captions: {category: [{"filename", "split", "raw", "raw_1" ... "raw_4"}]},
+    images under <category>/<filename>."""
+    if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+        items = []
+        for n, im in enumerate(doc["images"]):
+            im = im if isinstance(im, dict) else {}
+            sentences = im.get("sentences")
+            if not isinstance(im.get("filename"), str) or not isinstance(sentences, list) \
+                    or not all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
+                raise DataError(f"{source}: images[{n}] lacks filename/split/sentences[].raw (Karpathy)")
+            stem = str(PurePosixPath(im["filename"]).with_suffix(""))
+            items.append((stem, im["filename"], im.get("split"), [s["raw"] for s in im["sentences"]]))
+        return "karpathy", items
+    if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+        items = []
+        for category, records in doc.items():
+            for n, r in enumerate(records):
+                if not isinstance(r, dict) or not isinstance(r.get("filename"), str) or "raw" not in r:
+                    raise DataError(f"{source}: {category}[{n}] lacks filename/raw (NWPU-Captions format)")
+                raws = [r[k] for k in ["raw"] + [f"raw_{i}" for i in range(1, 10)] if k in r]
+                if not all(isinstance(c, str) for c in raws):
+                    raise DataError(f"{source}: {category}[{n}]: captions must be strings")
+                rel = f"{category}/{r['filename']}"
+                items.append((str(PurePosixPath(rel).with_suffix("")), rel, r.get("split"), raws))
+        return "nwpu", items
+    raise DataError(f"{source}: unrecognised annotation format; expected Karpathy-style JSON "
+                    "({\"images\": [...]}) or NWPU-Captions ({category: [records]})")
+
+
+def count_report(name: str, items: list) -> list[str]:
+    """Differences between an annotation file and the published dataset, as report lines."""
+    if name not in EXPECTED:
+        return [f"no published counts known for {name!r} (known: {', '.join(EXPECTED)}): not checked"]
+    images, test = EXPECTED[name]
+    got_test = sum(1 for it in items if it[2] == "test")
+    diffs = [f"images {len(items):,} (published {images:,})"] if len(items) != images else []
+    if test is not None and got_test != test:
+        diffs.append(f"test images {got_test:,} (published {test:,})")
+    if not diffs:
+        return [f"counts match the published {name}: {images:,} images"
+                + (f", {test:,} test" if test else "")]
+    return [f"WARNING: this {name} annotation file differs from the published dataset: " + "; ".join(diffs)
+            + ". Results on it are not comparable with published numbers."]
+
+
+def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional[str] = None,
+                   drop_missing: bool = False, drop_empty: bool = False) -> list[str]:
+    """Convert one annotation file; -> the report lines. DataError on anything not explicitly allowed."""
+    doc = read_json(annotations)
+    fmt, items = parse_annotations(doc, annotations)
+    name = (dataset or (doc.get("dataset") if fmt == "karpathy" else "nwpu") or annotations.stem).lower()
+    prefix = inside(images, out.parent)
+    if prefix is None:
+        raise DataError(f"--images {images} is not inside {out.parent}, the folder of --out: image paths are "
+                        "stored relative to the manifest. Write the manifest into the dataset folder (e.g. "
+                        f"--out {images.parent / 'captions.jsonl'}) or link the images folder next to it.")
+    if not images.is_dir():
+        raise DataError(f"--images {images}: no such folder")
+    report = [f"{annotations.name}: {fmt} format, dataset {name!r}"] + count_report(name, items)
+
+    unsafe = [f"{rel!r} ({bad_relative(rel)})" for _, rel, _, _ in items if bad_relative(rel)]
+    if unsafe:
+        raise DataError(f"{annotations}: {len(unsafe)} image paths are unsafe: {listing(unsafe)}")
+    dup = [i for i, n in Counter(i for i, _, _, _ in items).items() if n > 1]
+    if dup:
+        raise DataError(f"{annotations}: {len(dup)} images are listed more than once: {listing(dup)}")
+    bad_split = [f"{rel} ({split!r})" for _, rel, split, _ in items if split not in SPLITS]
+    if bad_split:
+        raise DataError(f"{annotations}: {len(bad_split)} images have a split other than "
+                        f"{'/'.join(SPLITS)}: {listing(bad_split)}")
+    empty = [f"{rel} #{k}" for _, rel, _, caps in items for k, c in enumerate(caps) if not c.strip()]
+    if empty and not drop_empty:
+        raise DataError(f"{annotations}: {len(empty)} captions are empty: {listing(empty)}. "
+                        "Pass --drop-empty to leave them out.")
+    if empty:
+        report.append(f"dropped {len(empty)} empty captions: {listing(empty)}")
+    items = [(i, rel, split, [c.strip() for c in caps if c.strip()]) for i, rel, split, caps in items]
+    captionless = [rel for _, rel, _, caps in items if not caps]
+    if captionless and not drop_empty:
+        raise DataError(f"{annotations}: {len(captionless)} images have no caption: {listing(captionless)}. "
+                        "Pass --drop-empty to leave them out.")
+    if captionless:
+        report.append(f"dropped {len(captionless)} images left without captions: {listing(captionless)}")
+        items = [it for it in items if it[3]]
+
+    bad = unreadable_images([images / rel for _, rel, _, _ in items], f"{name} images")
+    if bad:
+        shown = listing([f"{p.relative_to(images).as_posix()} ({why})" for p, why in bad.items()])
+        if not drop_missing:
+            raise DataError(f"{len(bad)} of {len(items)} images are missing or unreadable under {images}: "
+                            f"{shown}. Fix the paths, or pass --drop-missing to write a manifest without "
+                            "them.")
+        report.append(f"dropped {len(bad)} of {len(items)} images that are missing or unreadable: {shown}")
+        items = [it for it in items if images / it[1] not in bad]
+        if not items:
+            raise DataError(f"no readable images left under {images}: nothing to write")
+
+    records = [{"id": f"{name}/{i}", "image": f"{prefix}/{rel}" if prefix != "." else rel, "split": split,
+                "dataset": name, "captions": {"en": caps}} for i, rel, split, caps in items]
+    write_jsonl(records, out)
+    splits = Counter(r["split"] for r in records)
+    report.append(f"wrote {out}: {len(records):,} images, {sum(len(r['captions']['en']) for r in records):,} "
+                  f"captions (" + ", ".join(f"{s} {splits[s]:,}" for s in SPLITS) + ")")
+    return report
+
+
+# ----------------------------------------------------------------------------- classification trees
+
+
+def scan_image_folder(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """An ImageFolder tree -> ([(image path relative to root, label)], ignored files), sorted by label.
+
+    The label is the folder that holds the image, so a two-level tree such as RSI-CB256's
+    <category>/<class>/<image> works as well as <class>/<image>; all images must sit at one depth."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    found, ignored = [], []
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            continue
+        rel = p.relative_to(root)
+        if p.suffix.lower() not in rsmclip.IMAGE_SUFFIXES or any(part.startswith(".") for part in rel.parts):
+            ignored.append(rel.as_posix())
+        else:
+            found.append(rel)
+    if not found:
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(rsmclip.IMAGE_SUFFIXES))})")
+    depths = Counter(len(r.parts) for r in found)
+    if len(depths) > 1 or 1 in depths:
+        usual = max(depths, key=depths.get)
+        odd = [r.as_posix() for r in found if len(r.parts) != usual or len(r.parts) == 1]
+        raise DataError(f"{root}: images must all sit in class folders at one depth (<class>/<image>): "
+                        f"{len(odd)} do not: {listing(odd)}")
+    parents = defaultdict(set)
+    for r in found:
+        parents[r.parent.name].add(r.parent.as_posix())
+    clashes = [f"{label} ({' and '.join(sorted(ps))})" for label, ps in parents.items() if len(ps) > 1]
+    if clashes:
+        raise DataError(f"{root}: class folder names must be unique: {listing(clashes)}")
+    return sorted(((r.as_posix(), r.parent.name) for r in found), key=lambda x: (x[1], x[0])), ignored
+
+
+def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bool = False) -> list[str]:
+    """ImageFolder tree -> labels.jsonl ({"image", "label", "split"}); -> the report lines."""
+    prefix = inside(root, out.parent)
+    if prefix is None:
+        raise DataError(f"{root} is not inside {out.parent}, the folder of --out: image paths are stored "
+                        f"relative to it. Write them into the dataset folder (--out {root}/labels.jsonl).")
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    items, ignored = scan_image_folder(root)
+    report = [f"{root}: {len(items):,} images in {len({lab for _, lab in items})} classes"]
+    if ignored:
+        report.append(f"ignored {len(ignored)} files that are not images: {listing(ignored)}")
+    bad = unreadable_images([root / rel for rel, _ in items], "images")
+    if bad:
+        shown = listing([f"{p.relative_to(root).as_posix()} ({why})" for p, why in bad.items()])
+        if not drop_unreadable:
+            raise DataError(f"{len(bad)} of {len(items)} images are unreadable: {shown}. "
+                            "Pass --drop-unreadable to leave them out.")
+        report.append(f"dropped {len(bad)} unreadable images: {shown}")
+        items = [(rel, lab) for rel, lab in items if root / rel not in bad]
+    records = [{"image": rel if prefix == "." else f"{prefix}/{rel}", "label": lab, "split": split}
+               for rel, lab in items]
+    write_jsonl(records, out)
+    per_class = Counter(r["label"] for r in records)
+    report.append(f"wrote {out}: " + ", ".join(f"{lab} {n}" for lab, n in sorted(per_class.items())))
+    return report
+
+
+# ----------------------------------------------------------------------------- leakage: copies of test images
+
+# A re-encoded or resized copy of an image keeps its low DCT frequencies. Measured on the UCM and RSSCN7
+# samples: JPEG quality >= 50 and resizing to 0.5-2.3x changed at most 8 of the 64 hash bits and kept the
+# 32x32 thumbnails' correlation >= 0.94, while different images differed in >= 14 bits and, among those
+# within 16 bits, correlated <= 0.19. Both tests must pass, so a near-uniform tile (whose hash is noise)
+# is never matched by chance; exact copies are caught by their bytes.
+NEAR_BITS = 10
+NEAR_CORR = 0.9
+_k = np.arange(32)
+DCT = np.cos(np.pi * (2 * _k[None, :] + 1) * _k[:, None] / 64)  # DCT-II basis, rows = frequencies
+
+
+def fingerprint(path: Path) -> tuple[str, np.uint64, np.ndarray]:
+    """-> (sha256 of the bytes, 64-bit perceptual hash, zero-mean unit-norm 32x32 grey thumbnail)."""
+    try:
+        image = rsmclip.open_image(path)
+    except rsmclip.ImageError as e:
+        raise DataError(f"{e} (re-run prepare on that dataset)") from None
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    low = (DCT @ grey @ DCT.T)[:8, :8].ravel()
+    bits = np.packbits(low > np.median(low)).view(np.uint64)[0]
+    thumb = grey.ravel() - grey.mean()
+    norm = np.linalg.norm(thumb)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), bits, thumb / norm if norm > 1e-6 else thumb * 0
+
+
+def merge(inputs: list[Path], excludes: list[Path], out: Path,
+          exclude_splits: tuple = ("test",)) -> list[str]:
+    """Train and val records of `inputs` -> one manifest at `out`, without any image that duplicates an
+    image of the `exclude_splits` of `excludes`. Test records are never carried over: each dataset's test
+    split is evaluated from its own manifest. -> the report lines."""
+    report = []
+    test_ids, test_sha, hashes, thumbs = [], {}, [], []
+    for m in excludes:
+        recs = [r for r in load_manifest(m) if r["split"] in exclude_splits]
+        for r in track(recs, description=f"hashing {m}", transient=True, disable=len(recs) < 200):
+            sha, h, t = fingerprint(m.parent / r["image"])
+            test_sha.setdefault(sha, r["id"])
+            test_ids.append(r["id"])
+            hashes.append(h)
+            thumbs.append(t)
+    if excludes and not test_ids:
+        raise DataError(f"the --exclude manifests hold no {'/'.join(exclude_splits)} images: "
+                        "nothing to check against")
+    if not excludes:
+        report.append("WARNING: no --exclude manifest given: no leakage check was made")
+    hashes, thumbs = np.array(hashes, dtype=np.uint64), np.array(thumbs).reshape(len(test_ids), 32 * 32)
+
+    merged, stats, pairs = [], defaultdict(Counter), []
+    for m in inputs:
+        prefix = inside(m.parent, out.parent)
+        if prefix is None:
+            raise DataError(f"{m} is not inside {out.parent}, the folder of --out: image paths are stored "
+                            "relative to it. Write the merged manifest into a folder holding every dataset.")
+        recs = load_manifest(m)
+        for r in track(recs, description=f"checking {m}", transient=True, disable=len(recs) < 200):
+            name = r.get("dataset") or m.parent.name
+            if r["split"] == "test":
+                stats[name]["test (left out)"] += 1
+                continue
+            sha, h, t = fingerprint(m.parent / r["image"])
+            if sha in test_sha:
+                stats[name]["exact duplicates removed"] += 1
+                pairs.append(f"{r['id']} = {test_sha[sha]}")
+                continue
+            near = np.flatnonzero(np.bitwise_count(hashes ^ h) <= NEAR_BITS)
+            corr = thumbs[near] @ t
+            if len(near) and corr.max() >= NEAR_CORR:
+                stats[name]["near duplicates removed"] += 1
+                pairs.append(f"{r['id']} ~ {test_ids[near[corr.argmax()]]} (correlation {corr.max():.3f})")
+                continue
+            stats[name][r["split"]] += 1
+            merged.append({**r, "image": r["image"] if prefix == "." else f"{prefix}/{r['image']}"})
+    dup = [i for i, n in Counter(r["id"] for r in merged).items() if n > 1]
+    if dup:
+        raise DataError(f"{len(dup)} ids occur in more than one input: {listing(dup)} (each dataset needs "
+                        "its own --dataset name)")
+    if not merged:
+        raise DataError("no train or val records left to write")
+    write_jsonl(merged, out)
+    keys = ("train", "val", "exact duplicates removed", "near duplicates removed", "test (left out)")
+    for name, c in stats.items():
+        report.append(f"{name}: " + ", ".join(f"{k} {c[k]:,}" for k in keys))
+    if pairs:
+        report.append(f"removed as duplicates of test images: {listing(pairs)}")
+    report.append(f"wrote {out}: {len(merged):,} records; checked against {len(test_ids):,} test images")
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert public remote-sensing datasets into rsmclip manifests (see data/README.md).")
+
+
+@app.command()
+def captions(annotations: Path = typer.Argument(..., help="dataset_*.json (Karpathy style or NWPU-Captions)"),
+             images: Path = typer.Option(..., help="folder holding the images the annotations name"),
+             out: Path = typer.Option(..., help="captions.jsonl to write, in a folder that holds --images"),
+             dataset: Optional[str] = typer.Option(None, help="name for ids and count checks (default: the "
+                                                   "file's 'dataset' field, 'nwpu', or the file name)"),
+             drop_missing: bool = typer.Option(False, help="leave out missing/unreadable images, reported"),
+             drop_empty: bool = typer.Option(False, help="leave out empty captions, with a report")):
+    """Caption annotations -> captions.jsonl (English captions, text kept exactly)."""
+    print("\n".join(build_captions(annotations, images, out, dataset, drop_missing, drop_empty)))
+
+
+@app.command()
+def classes(root: Path = typer.Argument(..., help="ImageFolder tree: ROOT/<class>/<image>"),
+            out: Path = typer.Option(..., help="labels.jsonl to write, in a folder that holds ROOT"),
+            split: str = typer.Option("test", help="split written for every image (zero-shot uses all)"),
+            drop_unreadable: bool = typer.Option(False, help="leave out unreadable images, with a report")):
+    """Classification tree -> labels.jsonl, labels = class folder names."""
+    print("\n".join(build_labels(root, out, split, drop_unreadable)))
+
+
+@app.command("merge")
+def merge_cmd(manifests: list[Path] = typer.Argument(..., help="captions.jsonl files to merge"),
+              exclude: list[Path] = typer.Option([], help="manifest whose test images must not appear "
+                                                 "(repeat the option for several)"),
+              out: Path = typer.Option(..., help="merged manifest, in a folder that holds every input"),
+              exclude_splits: str = typer.Option("test", help="comma-separated splits of --exclude")):
+    """Merge train/val records, removing exact and near duplicates of the excluded test images."""
+    print("\n".join(merge(manifests, exclude, out, tuple(exclude_splits.split(",")))))
+
+
+def main():
+    try:
+        app()
+    except (DataError, rsmclip.RsmclipError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
