@@ -165,5 +165,114 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
         del ours, theirs
 
 
+# ----------------------------------------------------------------------------- training-step benchmark
+
+@app.command("train")
+def train_bench(preset: str = typer.Option("tiny", help="model preset"),
+                batch_size: int = typer.Option(32, help="images per step"),
+                steps: int = typer.Option(6, help="timed steps per side (median reported)"),
+                device: str = typer.Option(rsmclip.default_device(), help="cpu or cuda"),
+                precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
+                local_crops: int = typer.Option(8, help="local crops for the multi-crop measurement"),
+                threads: int = typer.Option(0, help="CPU threads (0: torch's default)")):
+    """Training steps of our loop and of open_clip's (model + ClipLoss + the same AdamW, clipping and
+    logit_scale clamp) on the same data, CLIP loss only so both do the same work; then the cost of
+    our multi-crop self-distillation on top, reported separately."""
+    import math
+
+    import open_clip
+    from openclip_oracle import paired_models
+
+    import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    precision = precision if precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    cfg = rsmclip.PRESETS[preset]
+    size = cfg.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    batches = [{"globals": torch.randn(batch_size, 3, size, size, generator=g),
+                "ids": make_ids(caption_lengths(batch_size, seed=i), cfg.text.vocab_size, seed=i), "locals": None}
+               for i in range(steps + 2)]
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; precision {precision}; preset {preset}; batch {batch_size}; torch {torch.__version__}")
+
+    ours, theirs = paired_models(cfg)
+    ours.train(), theirs.train()
+    run_cfg = train.TrainConfig(distill_weight=0, batch_size=batch_size, steps=10_000, warmup=100, precision=precision)
+    run = train.build_run(run_cfg, ours, None, dev)
+
+    # open_clip_train's step: lr, zero_grad, autocast forward, ClipLoss, backward, (unscale), global-norm
+    # clip, AdamW with its weight-decay groups and betas, logit_scale clamp
+    theirs = theirs.to(dev)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(theirs.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": run_cfg.weight_decay}],
+        lr=run_cfg.lr, betas=(run_cfg.beta1, run_cfg.beta2), eps=run_cfg.eps, fused=dev.type == "cuda")
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+    loss_fn = open_clip.ClipLoss()
+
+    def openclip_step(batch, step):
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(step, run_cfg.lr, run_cfg.warmup, run_cfg.steps)
+        optimizer.zero_grad()
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(*theirs(batch["globals"].to(dev), batch["ids"].to(dev)))
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), run_cfg.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():
+            theirs.logit_scale.clamp_(0, math.log(100))
+
+    def timed_steps(step_fn, batches):
+        for i in range(2):
+            step_fn(batches[i], i)  # warm-up (optimizer state allocation)
+        with PeakMemory(dev.type) as mem:
+            step_fn(batches[2], 2)
+        times = []
+        for i in range(3, steps + 2):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step_fn(batches[i], i)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), mem.peak
+
+    t_ours, m_ours = timed_steps(lambda b, i: train.train_step(run, b, i), batches)
+    del run
+    t_theirs, m_theirs = timed_steps(openclip_step, batches)
+    print(f"{'loop':34} {'ms/step':>9} {'images/s':>9} {'peak MiB':>9}")
+    print(f"{'rsmclip train_step (CLIP only)':34} {t_ours * 1e3:9.1f} {batch_size / t_ours:9.1f} {m_ours / 2**20:9.0f}")
+    print(f"{'open_clip model + ClipLoss':34} {t_theirs * 1e3:9.1f} {batch_size / t_theirs:9.1f} {m_theirs / 2**20:9.0f}")
+    print(f"step-time ratio ours / open_clip: {t_ours / t_theirs:.2f}")
+    del theirs, optimizer
+
+    # the method's own cost: 2 global + N local crops, EMA teacher, DINO head and loss
+    ours = paired_models(cfg)[0].train()
+    crop_cfg = train.TrainConfig(batch_size=batch_size, steps=10_000, warmup=100, precision=precision,
+                                 local_crops=local_crops, local_size=size * 3 // 7, head_dim=65536 if preset != "tiny" else 1024)
+    run = train.build_run(crop_cfg, ours, None, dev)
+    local = crop_cfg.local_size
+    crop_batches = [{"globals": torch.randn(2 * batch_size, 3, size, size, generator=g),
+                     "locals": torch.randn(local_crops * batch_size, 3, local, local, generator=g),
+                     "ids": torch.cat([b["ids"], b["ids"]])} for b in batches]
+    t_crop, m_crop = timed_steps(lambda b, i: train.train_step(run, b, i), crop_batches)
+    print(f"{f'rsmclip multi-crop (2x{size} + {local_crops}x{local} px)':34} {t_crop * 1e3:9.1f} "
+          f"{batch_size / t_crop:9.1f} {m_crop / 2**20:9.0f}")
+    print(f"multi-crop cost: {t_crop / t_ours:.2f}x our CLIP-only step")
+
+
 if __name__ == "__main__":
     app()

@@ -73,6 +73,8 @@ class TrainConfig:
     global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "global crop area range"})
     local_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata={"help": "local crop area range"})
     head_dim: int = field(default=1024, metadata={"help": "DINO head prototypes"})
+    head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
+    head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
     student_temp: float = 0.1
     teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after warm-up"})
@@ -82,6 +84,7 @@ class TrainConfig:
     ema_momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum"})
     ema_schedule: str = field(default="fixed", metadata={"help": "fixed (SILC) or cosine (DINO: ramp to 1)"})
     freeze_last_layer: int = field(default=0, metadata={"help": "steps with frozen head prototypes"})
+    flip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
     jitter_prob: float = field(default=0.8, metadata={"help": "colour jitter probability"})
     hue: float = field(default=0.1, metadata={"help": "colour jitter hue range"})
     grayscale: float = field(default=0.2, metadata={"help": "greyscale probability"})
@@ -100,8 +103,9 @@ class TrainConfig:
 
 PRESETS = {
     # Built-in demo: the tiny model from scratch on the demo dataset, a few minutes on a 2-core CPU.
-    # No hue jitter, greyscale or solarisation: demo captions name colours.
-    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0),
+    # Demo captions name colours and corners: no hue jitter, greyscale, solarisation or flips, and
+    # global crops that keep most of the scene.
+    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0)),
     # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
     # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see README).
     "rs-m-clip": TrainConfig(
@@ -166,7 +170,7 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random
 def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random) -> torch.Tensor:
     """One DINO view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, CLIP mean/std."""
     x = random_resized_crop(image, size, scale, rng)
-    if rng.random() < 0.5:
+    if rng.random() < cfg.flip:
         x = ImageOps.mirror(x)
     if rng.random() < cfg.jitter_prob:
         ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
@@ -184,12 +188,18 @@ def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Ra
     return TF.normalize(t, rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
 
 
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Sample (index, seed) -> 2 global crops, N local crops and 2 captions. An unreadable image is
-    replaced by the next readable one (batches keep their size, which DDP needs) and reported."""
+def global_views(cfg: TrainConfig) -> int:
+    """Two global crops for self-distillation; CLIP-only training needs one (open_clip's recipe)."""
+    return 2 if cfg.distill_weight > 0 else 1
 
-    def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int):
-        self.items, self.cfg, self.image_size = items, cfg, image_size
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Sample (index, seed) -> global crops, local crops and one tokenised caption per global crop.
+    An unreadable image is replaced by the next readable one (batches keep their size, which DDP
+    needs) and reported."""
+
+    def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int, tokenizer: rsmclip.Tokenizer):
+        self.items, self.cfg, self.image_size, self.tokenizer = items, cfg, image_size, tokenizer
         self.langs = cfg.langs.split(",")
 
     def __len__(self):
@@ -208,18 +218,19 @@ class MultiCropDataset(torch.utils.data.Dataset):
         else:
             raise TrainError("no training image can be read")
         views = [augment(image, self.image_size, cfg.global_scale, 1.0, 0.0, cfg, rng),
-                 augment(image, self.image_size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng)]
-        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng) for _ in range(cfg.local_crops)]
+                 augment(image, self.image_size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng)][:global_views(cfg)]
+        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng)
+                 for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
-        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(2)]
+        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in views]
         return {"globals": torch.stack(views), "locals": torch.stack(local) if local else None,
-                "captions": captions, "failures": failures}
+                "ids": self.tokenizer(captions), "failures": failures}
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect."""
     out = {"globals": torch.stack([s["globals"] for s in samples], 1).flatten(0, 1),
-           "captions": [s["captions"][v] for v in range(2) for s in samples],
+           "ids": torch.stack([s["ids"] for s in samples], 1).flatten(0, 1),
            "failures": [f for s in samples for f in s["failures"]]}
     out["locals"] = (torch.stack([s["locals"] for s in samples], 1).flatten(0, 1)
                      if samples[0]["locals"] is not None else None)
@@ -311,10 +322,11 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     cfg, dev = run.cfg, run.device
     globals_ = batch["globals"].to(dev, non_blocking=True)
     locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
-    ids = run.tokenizer(batch["captions"]).to(dev, non_blocking=True)
+    ids = batch["ids"].to(dev, non_blocking=True)
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
         images, texts, scale, head = run.student(globals_, locals_ if run.teacher else None, ids)
-        clip = sum(rsmclip.clip_loss(i, t, scale) for i, t in zip(images.chunk(2), texts.chunk(2))) / 2
+        views = global_views(cfg)
+        clip = sum(rsmclip.clip_loss(i, t, scale) for i, t in zip(images.chunk(views), texts.chunk(views))) / views
         if run.teacher is None:
             return clip, {"clip": clip}
         temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
@@ -354,7 +366,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     if run.teacher is not None:
         rsmclip.ema_update(run.teacher, nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head}),
                            momentum)
-    return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}, "lr": lr,
+    return {"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}, "lr": lr,
             "logit_scale": float(run.core.clip.logit_scale.exp()), "ema_momentum": momentum,
             "grad_norm": float(grad_norm)}
 
@@ -447,8 +459,8 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
 
 
 def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer, device: torch.device) -> Run:
-    head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, norm_last_layer=cfg.norm_last_layer)
-            if cfg.distill_weight > 0 else None)
+    head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, cfg.head_hidden, cfg.head_bottleneck,
+                             cfg.norm_last_layer) if cfg.distill_weight > 0 else None)
     core = Student(model, head).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     teacher = Teacher(core).to(device) if head is not None else None
@@ -540,7 +552,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
 
     # ----- loop -----
-    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size)
+    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
     sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)

@@ -19,7 +19,7 @@ cfg = train.TrainConfig(data=[str(manifest)], tokenizer=str(manifest.parent / "s
 model, tokenizer = train.build_model(cfg, Path(cfg.tokenizer))
 run = train.build_run(cfg, model, tokenizer, device)
 items = train.read_manifests(cfg.data, "train")
-dataset = train.MultiCropDataset(items, cfg, model.config.vision.image_size)
+dataset = train.MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
 keys = next(iter(train.StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, 0, 1)))
 loss, parts = train.compute_loss(run, train.collate([dataset[k] for k in keys]), step=0)
 loss.backward()

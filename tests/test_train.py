@@ -132,21 +132,24 @@ def test_step_sampler_is_a_function_of_the_step():
     assert all(a + b == f for a, b, f in zip(halves[0], halves[1], full))  # DDP slices of the same global batch
 
 
-def test_multicrop_views(tmp_path):
+def test_multicrop_views(tmp_path, spm_model):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     items = [{"path": tmp_path / "a.png", "captions": {"en": ["one"], "pt": ["um", "uma"]}},
              {"path": tmp_path / "missing.png", "captions": {"en": ["two"]}}]
     cfg = train.TrainConfig(local_crops=3, local_size=24, langs="en,pt")
-    ds = train.MultiCropDataset(items, cfg, 64)
+    ds = train.MultiCropDataset(items, cfg, 64, rsmclip.Tokenizer(spm_model))
     a, b = ds[(0, 7)], ds[(0, 7)]
-    assert a["globals"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24)
-    assert torch.equal(a["globals"], b["globals"]) and a["captions"] == b["captions"]  # seeded
+    assert a["globals"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24) and a["ids"].shape == (2, 77)
+    assert torch.equal(a["globals"], b["globals"]) and torch.equal(a["ids"], b["ids"])  # seeded
     assert not torch.equal(a["globals"][0], ds[(0, 8)]["globals"][0])
     substitute = ds[(1, 7)]  # an unreadable image is replaced by the next one and reported
     assert substitute["failures"] and "missing.png" in substitute["failures"][0]
     batch = train.collate([a, substitute])
     assert batch["globals"].shape == (4, 3, 64, 64) and batch["locals"].shape == (6, 3, 24, 24)
     assert torch.equal(batch["globals"][1], substitute["globals"][0])  # view-major order
+    assert torch.equal(batch["ids"][2], a["ids"][1])
+    clip_only = train.MultiCropDataset(items, train.TrainConfig(distill_weight=0, langs="en"), 64, ds.tokenizer)[(0, 7)]
+    assert clip_only["globals"].shape == (1, 3, 64, 64) and clip_only["locals"] is None  # open_clip's recipe
 
 
 # ----------------------------------------------------------------------------- end to end
