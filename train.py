@@ -167,7 +167,7 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random
     return image.resize((size, size), Image.BICUBIC, box=box)
 
 
-def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random) -> torch.Tensor:
+def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random, model_size: int) -> torch.Tensor:
     """One DINO view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, CLIP mean/std."""
     x = random_resized_crop(image, size, scale, rng)
     if rng.random() < cfg.flip:
@@ -180,8 +180,8 @@ def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Ra
             x = op(x, factor)
     if rng.random() < cfg.grayscale:
         x = x.convert("L").convert("RGB")
-    if rng.random() < blur:
-        x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < blur:  # DINO's radius 0.1-2 px is for 224-px models: keep it relative to the model's size
+        x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * model_size / 224))
     if rng.random() < solarize:
         x = ImageOps.solarize(x, 128)
     t = TF.pil_to_tensor(x).float().div(255)
@@ -217,9 +217,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
                 failures.append(str(e))
         else:
             raise TrainError("no training image can be read")
-        views = [augment(image, self.image_size, cfg.global_scale, 1.0, 0.0, cfg, rng),
-                 augment(image, self.image_size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng)][:global_views(cfg)]
-        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng)
+        size = self.image_size
+        views = [augment(image, size, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
+                 augment(image, size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)][:global_views(cfg)]
+        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng, size)
                  for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
         captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in views]
@@ -665,7 +666,7 @@ def _cli_signature():
         annotation = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}.get(
             type(demo[f.name]), Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, help=f"{hint} [default: {default}]",
+                                        default=typer.Option(None, help=f"{hint} (default: {default})",
                                                              show_default=False)))
     return inspect.Signature(params)
 

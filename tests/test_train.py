@@ -304,3 +304,19 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, demo_manifest):
     assert a.keys() == b.keys() and len(a) > 50
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = rsmclip.PRESETS["tiny"]
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ids = torch.full((4, 77), rsmclip.PAD)
+    ids[:, :6] = torch.tensor([0, 40, 41, 42, 43, 2])
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = rsmclip.CLIP(cfg).train()
+        model.set_grad_checkpointing(enabled)
+        torch.manual_seed(1)  # the same dropout masks: checkpoint replays the RNG state on recomputation
+        rsmclip.clip_loss(*model(pixels, ids)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
