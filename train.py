@@ -105,7 +105,9 @@ PRESETS = {
     # Built-in demo: the tiny model from scratch on the demo dataset, a few minutes on a 2-core CPU.
     # Demo captions name colours and corners: no hue jitter, greyscale, solarisation or flips, and
     # global crops that keep most of the scene.
-    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0)),
+    # A head the size of the tiny model, not of ViT-B's.
+    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0), head_hidden=512,
+                        head_bottleneck=128),
     # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
     # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see README).
     "rs-m-clip": TrainConfig(
