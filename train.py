@@ -370,7 +370,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
         rsmclip.ema_update(run.teacher, nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head}),
                            momentum)
     return {"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}, "lr": lr,
-            "logit_scale": float(run.core.clip.logit_scale.exp()), "ema_momentum": momentum,
+            "logit_scale": float(run.core.clip.logit_scale.detach().exp()), "ema_momentum": momentum,
             "grad_norm": float(grad_norm)}
 
 
