@@ -600,8 +600,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                                  f"the same command resumes")
 
     # ----- final weights -----
+    final = out / "model.safetensors"
     if is_main:
-        final = out / "model.safetensors"
         rsmclip.save(run.core.clip, final)
         tokenizer_copy = out / model.config.tokenizer
         if tokenizer.path.resolve() != tokenizer_copy.resolve():
@@ -610,8 +610,10 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {final}; retrieval mR before {mean_recall(before)} -> after {mean_recall(after)}")
-        return final
-    return out / "model.safetensors"
+    if world > 1:
+        barrier()  # every rank is done with the process group before any tears it down
+        torch.distributed.destroy_process_group()
+    return final
 
 
 def memory_mb(device: torch.device) -> float:
