@@ -89,7 +89,7 @@ def main(images: int = typer.Option(10000, help="number of images (5 captions ea
         starts = range(0, len(texts), 256)
         _, rows["tokenize captions"] = timed(lambda: [tok(texts[i:i + 256]) for i in starts])
     text_feats, rows["tokenize + encode captions"] = timed(
-        lambda: ev.encode_texts(model, tok, texts, 256, device))
+        lambda: rsmclip.embed_texts(model, tok, texts, 256, device))
     image_feats = torch.nn.functional.normalize(torch.randn(len(paths), cfg.embed_dim, device=device), dim=-1)
     _, rows["scoring (R@K both ways)"] = timed(lambda: ev.retrieval_metrics(image_feats, text_feats, owner))
     # end to end, as `python eval.py retrieval` runs it

@@ -154,21 +154,6 @@ def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, de
     return torch.cat(feats)
 
 
-@torch.inference_mode()
-def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256,
-                 device: str = "cpu") -> torch.Tensor:
-    """[M, D] L2-normalised float32 text embeddings. Sorted by length first, so each batch is cut to a
-    similar length (the model drops trailing pads), then put back in order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.config.embed_dim, device=device)
-    for s in range(0, len(texts), batch_size):
-        idx = order[s:s + batch_size]
-        with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-            x = model.encode_text(tokenizer([texts[i] for i in idx]).to(device))
-        out[idx] = F.normalize(x.float(), dim=-1)
-    return out
-
-
 def in_eval_mode(evaluate):
     """Dropout off while evaluating; a model handed over by train.py goes back to training mode after."""
     @functools.wraps(evaluate)
@@ -218,7 +203,7 @@ def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str 
         texts = [c for r in chosen for c in r["captions"][lang]]
         owner = torch.tensor([i for i, r in enumerate(chosen) for _ in r["captions"][lang]])
         counts = [len(r["captions"][lang]) for r in chosen]
-        text_feats = encode_texts(model, tokenizer, texts, 4 * batch_size, device)
+        text_feats = rsmclip.embed_texts(model, tokenizer, texts, 4 * batch_size, device).to(device)
         results[lang] = retrieval_metrics(image_feats, text_feats, owner) | {
             "images": len(chosen), "captions": len(texts), "chance_mR": chance_mR(counts)}
     if len(langs) > 1:
@@ -281,7 +266,7 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list
     """[D, C]: per class, the mean of its normalised template embeddings, re-normalised (open_clip's
     build_zero_shot_classifier)."""
     texts = [t.format(c) for c in classnames for t in templates]
-    feats = encode_texts(model, tokenizer, texts, batch_size, device)
+    feats = rsmclip.embed_texts(model, tokenizer, texts, batch_size, device).to(device)
     return F.normalize(feats.view(len(classnames), len(templates), -1).mean(1), dim=-1).T
 
 

@@ -818,9 +818,16 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
 @torch.inference_mode()
 def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
                 device: str = "cpu") -> torch.Tensor:
-    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+    """[M, D] L2-normalised float32 embeddings on the CPU; bf16 autocast on CUDA. Sorted by length first,
+    so each batch is cut to a similar length (the model drops trailing pads), then put back in order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.embed_dim)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            x = model.encode_text(tokenizer([texts[i] for i in rows]).to(device))
+        out[rows] = F.normalize(x.float(), dim=-1).cpu()
+    return out
 
 
 def weights_fingerprint(path: Path) -> str:
