@@ -523,13 +523,12 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         torch.use_deterministic_algorithms(True)
 
     # ----- data -----
-    if not cfg.data:
+    if cfg.data == [str(DEMO_DIR / "captions.jsonl")]:
         from data.demo import make_demo
 
         if is_main:
-            make_demo(DEMO_DIR)
+            make_demo(DEMO_DIR)  # a few seconds, once
         barrier()
-        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")], tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
     items = read_manifests(cfg.data, "train")
     if not items:
         raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
@@ -641,7 +640,10 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     given = {k: v for k, v in given.items() if v is not None and v != []}
     if "data" in given:
         given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
-    return replace(cfg, **given)
+    cfg = replace(cfg, **given)
+    if not cfg.data:  # the built-in demo
+        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")], tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
+    return cfg
 
 
 def check_resume(cfg: TrainConfig):
@@ -651,8 +653,7 @@ def check_resume(cfg: TrainConfig):
         return
     old = json.loads(saved.read_text())["config"]
     now = json.loads(json.dumps(asdict(cfg)))
-    demo_defaults = {"data", "tokenizer"}  # filled in for the demo after this check
-    if differ := [k for k in old if k not in demo_defaults | {"steps"} and old[k] != now[k]]:
+    if differ := [k for k in old if k != "steps" and old[k] != now[k]]:
         raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
                          "use another --out, or the same settings to resume")
 
