@@ -15,6 +15,7 @@ exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import json
 import math
@@ -433,6 +434,15 @@ def barrier():
         torch.distributed.barrier()
 
 
+def teardown_distributed():
+    """Destroy the process group once every rank is done with it. Callers first drop what holds it (the DDP
+    wrapper, graphs with collectives): freed later, during interpreter shutdown, gloo's objects can abort the
+    process ("terminate called without an active exception"), so they are collected here while Python is alive."""
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 # ===================================================================== the run
 
 def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmclip.CLIP, rsmclip.Tokenizer]:
@@ -610,8 +620,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {final}; retrieval mR before {mean_recall(before)} -> after {mean_recall(after)}")
     if world > 1:
-        barrier()  # every rank is done with the process group before any tears it down
-        torch.distributed.destroy_process_group()
+        del run, model  # DDP's reducer holds the process group: see teardown_distributed
+        teardown_distributed()
     return final
 
 

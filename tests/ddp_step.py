@@ -31,5 +31,5 @@ if rank == 0:
     out = {f"grad.{n}": p.grad.contiguous() for n, p in run.core.named_parameters() if p.grad is not None}
     save_file(out | {"loss": loss.reshape(1), "center": run.dino.center}, sys.argv[2])
 if world > 1:
-    torch.distributed.barrier()  # every rank is done with gloo before any tears it down
-    torch.distributed.destroy_process_group()
+    del run, model, loss, parts
+    train.teardown_distributed()
