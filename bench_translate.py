@@ -50,6 +50,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
         for name, (dst, row, shape_) in T.hf_layout(c).items():
             params[dst][row:row + shape_[0]].copy_(state[name])
     ours.init_rope()
+    ours.pack_for_cpu()  # as translate.load_model does
     return hf, ours.eval(), sum(p.numel() for p in hf.parameters())
 
 

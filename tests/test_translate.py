@@ -128,10 +128,14 @@ PROMPTS = [[1, 5, 9, 30, 44, 12, 7], [1, 5, 9, 8], [1, 5, 9, 30, 250, 3, 4, 5, 6
 
 # ----- model: logits and greedy generation equal transformers' -----
 
+# packed: the CPU default, matrices in oneDNN's layout; not packed: plain F.linear, as on GPUs
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn", "dense"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_logits_match_transformers(kind, tmp_path):
+def test_logits_match_transformers(kind, packed, tmp_path):
     hf = hf_model(kind, tmp_path)
-    ours = T.load_model(tmp_path, torch.device("cpu"))
+    ours = T.load_model(tmp_path, torch.device("cpu"), pack=packed)
+    assert (ours.lm_head.packed is not None) == packed
+    assert (ours.layers[0].qkv.weight is None) == packed  # dense copies freed: one copy of the weights
     assert ours.c.n_kv_heads == (4 if kind == "llama" else 2) and ours.c.tie_embeddings == (kind == "mistral")
     ids, mask = left_pad(PROMPTS)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -149,10 +153,11 @@ def test_logits_match_transformers(kind, tmp_path):
             assert (alone[0] - got[b, L - len(p):]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn", "dense"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_greedy_generation_matches_transformers(kind, tmp_path):
+def test_greedy_generation_matches_transformers(kind, packed, tmp_path):
     hf = hf_model(kind, tmp_path)
-    ours = T.load_model(tmp_path, torch.device("cpu"))
+    ours = T.load_model(tmp_path, torch.device("cpu"), pack=packed)
     ids, mask = left_pad(PROMPTS)
     L = ids.shape[1]
     free = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
