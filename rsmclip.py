@@ -275,6 +275,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows, concatenated, with gradients: backward sums every rank's gradient and hands each
+    rank its own rows. (torch.distributed.nn's all_gather does the same and is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world()[1])]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        torch.distributed.all_reduce(grad)
+        rank, size = world()
+        return grad.chunk(size)[rank]
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
     """Symmetric InfoNCE over matching pairs: open_clip's ClipLoss. Under DDP the features of all ranks
     are gathered with gradients and each rank scores its own rows against all of them (open_clip's
@@ -284,9 +302,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         logits = logit_scale * image_features @ text_features.T
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    from torch.distributed.nn.functional import all_gather
-
-    all_images, all_texts = torch.cat(all_gather(image_features)), torch.cat(all_gather(text_features))
+    all_images, all_texts = GatherWithGrad.apply(image_features), GatherWithGrad.apply(text_features)
     labels = torch.arange(len(image_features), device=image_features.device) + rank * len(image_features)
     return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
             + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
