@@ -602,12 +602,25 @@ def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
         cfg = CLIPConfig.from_dict(json.loads(meta["config"]))
         check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=False, source=str(path))
     else:
-        sd = clean_openclip_state_dict(sd)
-        cfg = (CLIPConfig.from_dict(json.loads(meta["rsmclip_config"])) if "rsmclip_config" in meta
-               else infer_config({k: tuple(v.shape) for k, v in sd.items()}))
-        check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=True, source=str(path))
-        sd = from_openclip_state_dict(sd, cfg)
+        cfg = CLIPConfig.from_dict(json.loads(meta["rsmclip_config"])) if "rsmclip_config" in meta else None
+        cfg, sd = _from_openclip(sd, cfg, str(path))
     return cfg, {k: v.float() for k, v in sd.items()}
+
+
+def _from_openclip(sd: dict, cfg: Optional[CLIPConfig], source: str) -> tuple[CLIPConfig, dict]:
+    """A real open_clip state dict -> (config, inferred from the shapes unless given; our names), checked."""
+    sd = clean_openclip_state_dict(sd)
+    cfg = cfg or infer_config({k: tuple(v.shape) for k, v in sd.items()})
+    check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=True, source=source)
+    return cfg, from_openclip_state_dict(sd, cfg)
+
+
+def build(cfg: CLIPConfig, sd: dict) -> CLIP:
+    """The model holding exactly these tensors (our names)."""
+    with torch.device("meta"):  # no random init of parameters that are overwritten at once
+        model = CLIP(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict):
@@ -641,16 +654,11 @@ def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIP
             raise WeightsError(f"{src}: not a loadable weights-only torch checkpoint ({e})") from None
         if not isinstance(sd, dict):
             raise WeightsError(f"{src}: holds a {type(sd).__name__}, not a state dict")
-        sd = clean_openclip_state_dict(sd)
-        cfg = infer_config({k: tuple(v.shape) for k, v in sd.items()})
-        check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=True, source=str(src))
-        sd = {k: v.float() for k, v in from_openclip_state_dict(sd, cfg).items()}
+        cfg, sd = _from_openclip(sd, None, str(src))
+        sd = {k: v.float() for k, v in sd.items()}
     else:
         cfg, sd = read_weights(src)
-    with torch.device("meta"):
-        model = CLIP(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    save(model, dst, openclip_names=to_openclip)
+    save(build(cfg, sd), dst, openclip_names=to_openclip)
     return cfg
 
 
@@ -658,14 +666,16 @@ def load(weights: str | Path, tokenizer: str | Path | None = None, device: str |
     """-> (model in eval mode, preprocess, tokenizer). The tokenizer file defaults to the one the config
     names, next to the weights."""
     cfg, sd = read_weights(weights)
-    with torch.device("meta"):  # no random init of 366M parameters that are overwritten at once
-        model = CLIP(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    tok = Tokenizer(tokenizer or Path(weights).parent / cfg.tokenizer, cfg.context_length)
+    tok = tokenizer_for(cfg, tokenizer or Path(weights).parent / cfg.tokenizer)
+    return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
+
+
+def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
+    tok = Tokenizer(path, cfg.context_length)
     if tok.vocab_size > cfg.text.vocab_size:
         raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only "
                            f"{cfg.text.vocab_size}: it belongs to other weights")
-    return model.to(device).eval(), Preprocess(cfg.vision.image_size), tok
+    return tok
 
 
 def default_device() -> str:

@@ -455,8 +455,7 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
                              f"{model_cfg.vision.width} x {model_cfg.vision.layers}, text vocabulary "
                              f"{model_cfg.text.vocab_size}); pass --model to match it")
         model_cfg = replace(model_cfg, text=replace(model_cfg.text, dropout=cfg.text_dropout))
-        model = rsmclip.CLIP(model_cfg)
-        model.load_state_dict(sd, strict=True)
+        model = rsmclip.build(model_cfg, sd)
         tokenizer_path = tokenizer_path or Path(cfg.init).parent / model_cfg.tokenizer
     else:
         if cfg.model not in rsmclip.PRESETS:
@@ -464,11 +463,7 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
         base = rsmclip.PRESETS[cfg.model]
         torch.manual_seed(cfg.seed)
         model = rsmclip.CLIP(replace(base, text=replace(base.text, dropout=cfg.text_dropout)))
-    tokenizer = rsmclip.Tokenizer(tokenizer_path, model.config.context_length)
-    if tokenizer.vocab_size > model.config.text.vocab_size:
-        raise TrainError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, the model "
-                         f"{model.config.text.vocab_size}: they do not belong together")
-    return model, tokenizer
+    return model, rsmclip.tokenizer_for(model.config, tokenizer_path)
 
 
 def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer, device: torch.device) -> Run:
