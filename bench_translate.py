@@ -42,16 +42,9 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
     hf.generation_config.eos_token_id = None  # every row generates exactly --new-tokens
     hf.generation_config.pad_token_id = 0
     c = T.ModelConfig.from_hf(cfg.to_dict())
-    with torch.device("meta"):
-        ours = T.Llama(c).to(dtype)
-    ours.to_empty(device=device)
-    params, state = dict(ours.named_parameters()), hf.state_dict()
-    with torch.no_grad():  # the same copy rules as translate.load_model, from memory instead of files
-        for name, (dst, row, shape_) in T.hf_layout(c).items():
-            params[dst][row:row + shape_[0]].copy_(state[name])
-    ours.init_rope()
-    ours.pack_for_cpu()  # as translate.load_model does
-    return hf, ours.eval(), sum(p.numel() for p in hf.parameters())
+    layout = T.hf_layout(c)
+    ours = T.from_tensors(c, ((n, t, "transformers") for n, t in hf.state_dict().items() if n in layout), device, dtype)
+    return hf, ours, sum(p.numel() for p in hf.parameters())
 
 
 def prompts_for(batch: int, caption_len: int, vocab: int, seed: int) -> list[list[int]]:

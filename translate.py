@@ -269,8 +269,13 @@ def weight_files(model_dir: Path) -> dict[str, list[str]]:
 def load_model(model_dir: Path, device: torch.device, pack: bool = True) -> Llama:
     where = model_dir / "config.json"
     c = ModelConfig.from_hf(read_json(where, "model config"), str(where))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layout = hf_layout(c)
+
+    def tensors():  # one tensor in host memory at a time
+        for shard, shard_names in shards.items():
+            with safe_open(model_dir / shard, framework="pt", device="cpu") as f:
+                yield from ((n, f.get_tensor(n), model_dir / shard) for n in shard_names if n in layout)
+
     try:
         shards = weight_files(model_dir)
         # rotary inverse frequencies are derived, not learned; some old checkpoints carry them
@@ -280,24 +285,28 @@ def load_model(model_dir: Path, device: torch.device, pack: bool = True) -> Llam
             raise TranslateError(f"{model_dir}: weights do not match config.json ({c.n_layers} layers):"
                                  f" missing {missing[:3]}{'...' * (len(missing) > 3)}, "
                                  f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
-        with torch.device("meta"):  # no memory until the real tensors arrive
-            model = Llama(c).to(dtype)
-        model.to_empty(device=device)
-        if c.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
-        params = dict(model.named_parameters())
-        for shard, shard_names in shards.items():  # one tensor in host memory at a time
-            with safe_open(model_dir / shard, framework="pt", device="cpu") as f:
-                for name in (n for n in shard_names if n in layout):
-                    ours, row, shape = layout[name]
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != shape:
-                        raise TranslateError(f"{model_dir / shard}: {name} has shape {tuple(t.shape)}, "
-                                             f"config.json implies {shape}")
-                    with torch.no_grad():
-                        params[ours][row:row + shape[0]].copy_(t)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return from_tensors(c, tensors(), device, dtype, pack)
     except SafetensorError as e:
         raise TranslateError(f"{model_dir}: unreadable safetensors file ({e})") from None
+
+
+def from_tensors(c: ModelConfig, tensors, device: torch.device, dtype: torch.dtype, pack: bool = True) -> Llama:
+    """The model filled from (HF name, tensor, where it came from), each shape checked against the config.
+    pack: reorder the matrices for oneDNN on CPUs (Llama.pack_for_cpu)."""
+    layout = hf_layout(c)
+    with torch.device("meta"):  # no memory until the real tensors arrive
+        model = Llama(c).to(dtype)
+    model.to_empty(device=device)
+    if c.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    params = dict(model.named_parameters())
+    for name, t, where in tensors:
+        ours, row, shape = layout[name]
+        if tuple(t.shape) != shape:
+            raise TranslateError(f"{where}: {name} has shape {tuple(t.shape)}, config.json implies {shape}")
+        with torch.no_grad():
+            params[ours][row:row + shape[0]].copy_(t)
     model.init_rope()
     if pack:
         model.pack_for_cpu()
