@@ -43,7 +43,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
     hf.generation_config.pad_token_id = 0
     c = T.ModelConfig.from_hf(cfg.to_dict())
     layout = T.hf_layout(c)
-    ours = T.from_tensors(c, ((n, t, "transformers") for n, t in hf.state_dict().items() if n in layout), device, dtype)
+    tensors = ((n, t, "transformers") for n, t in hf.state_dict().items() if n in layout)
+    ours = T.from_tensors(c, tensors, device, dtype)
     return hf, ours, sum(p.numel() for p in hf.parameters())
 
 
