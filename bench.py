@@ -193,7 +193,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     cfg = rsmclip.PRESETS[preset]
     size = cfg.vision.image_size
     g = torch.Generator().manual_seed(0)
-    batches = [{"globals": torch.randn(batch_size, 3, size, size, generator=g),
+    batches = [{"views": torch.randn(batch_size, 3, size, size, generator=g),
                 "ids": make_ids(caption_lengths(batch_size, seed=i), cfg.text.vocab_size, seed=i), "locals": None}
                for i in range(steps + 2)]
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -221,7 +221,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
             group["lr"] = train.lr_at(step, run_cfg.lr, run_cfg.warmup, run_cfg.steps)
         optimizer.zero_grad()
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(*theirs(batch["globals"].to(dev), batch["ids"].to(dev)))
+            loss = loss_fn(*theirs(batch["views"].to(dev), batch["ids"].to(dev)))
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
@@ -265,7 +265,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                                  local_crops=local_crops, local_size=size * 3 // 7, head_dim=65536 if preset != "tiny" else 1024)
     run = train.build_run(crop_cfg, ours, None, dev)
     local = crop_cfg.local_size
-    crop_batches = [{"globals": torch.randn(2 * batch_size, 3, size, size, generator=g),
+    crop_batches = [{"views": torch.randn(2 * batch_size, 3, size, size, generator=g),
                      "locals": torch.randn(local_crops * batch_size, 3, local, local, generator=g),
                      "ids": torch.cat([b["ids"], b["ids"]])} for b in batches]
     t_crop, m_crop = timed_steps(lambda b, i: train.train_step(run, b, i), crop_batches)

@@ -12,6 +12,7 @@ Also a command line: `python rsmclip.py --help` (info, download, convert, embed,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import http.client
@@ -293,10 +294,21 @@ class GatherWithGrad(torch.autograd.Function):
         return grad.chunk(size)[rank]
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
+def outside_autocast(enabled: bool, device_type: str):
+    """Leave autocast for the small matmuls whose outputs are divided by a temperature (CLIP logits: x100,
+    prototype cosines: /0.04): bf16 rounds a cosine near 1 by up to 0.004, 0.1 after the division."""
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              fp32: bool = True):
     """Symmetric InfoNCE over matching pairs: open_clip's ClipLoss. Under DDP the features of all ranks
     are gathered with gradients and each rank scores its own rows against all of them (open_clip's
-    --local-loss --gather-with-grad): the averaged gradients equal one process on the global batch."""
+    --local-loss --gather-with-grad): the averaged gradients equal one process on the global batch.
+    The logits are fp32 also under autocast (fp32=False: in the autocast dtype, to measure the difference)."""
+    if fp32:
+        with outside_autocast(True, image_features.device.type):
+            return clip_loss(image_features.float(), text_features.float(), logit_scale.float(), fp32=False)
     rank, size = world()
     if size == 1:
         logits = logit_scale * image_features @ text_features.T
@@ -310,10 +322,11 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 class DINOHead(nn.Module):
     """DINO's projection head: 3-layer MLP -> L2 norm -> weight-normalised prototypes. With
-    norm_last_layer the prototype norms (weight norm's g) stay 1, which DINO found stabilising."""
+    norm_last_layer the prototype norms (weight norm's g) stay 1, which DINO found stabilising. The
+    prototype layer runs in fp32 also under autocast (fp32=False: in the autocast dtype)."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
-                 norm_last_layer: bool = True):
+                 norm_last_layer: bool = True, fp32: bool = True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
@@ -322,28 +335,41 @@ class DINOHead(nn.Module):
             nn.init.zeros_(layer.bias)
         self.prototypes = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
         self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
+        self.fp32 = fp32
+
+    def last_layer(self) -> list[nn.Parameter]:
+        """Every parameter of the prototype layer (what DINO freezes at the start)."""
+        return [self.prototypes, self.prototype_norm]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, self.prototype_norm * F.normalize(self.prototypes, dim=-1))
+        with outside_autocast(self.fp32, x.device.type):
+            prototypes = self.prototype_norm * F.normalize(self.prototypes, dim=-1)
+            return F.linear(x.float() if self.fp32 else x, prototypes)
 
 
 class DINOLoss(nn.Module):
     """Cross-entropy from the centred, sharpened teacher (global views) to the student (every other view),
-    averaged over the (teacher view, student view) pairs; then the centre moves toward the teacher mean."""
+    averaged over the (teacher view, student view) pairs; then the centre moves toward the teacher mean.
+    Computed in fp32, also under autocast."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float):
-        targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
-        log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
-        terms = [(-q * log_p).sum(-1).mean() for i, q in enumerate(targets)
-                 for v, log_p in enumerate(log_probs) if v != i]  # a teacher view never teaches itself
-        self.update_center(torch.cat(teacher))
-        return sum(terms) / len(terms)
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, mean entropy of the teacher's targets). loss - entropy is the mean student-teacher KL;
+        entropy near 0 means collapse to one prototype, near log(out_dim) a uniform (silent) teacher."""
+        with outside_autocast(True, self.center.device.type):
+            targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
+            log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
+            terms = [(-q * log_p).sum(-1).mean() for i, q in enumerate(targets)
+                     for v, log_p in enumerate(log_probs) if v != i]  # a teacher view never teaches itself
+            entropy = sum(torch.special.entr(q).sum(-1).mean() for q in targets) / len(targets)
+            self.update_center(torch.cat(teacher))
+        return sum(terms) / len(terms), entropy
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor):

@@ -61,6 +61,7 @@ class TrainConfig:
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step and process"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (linear warm-up, then cosine to 0)"})
+    head_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the DINO head (same form)"})
     warmup: int = field(default=60, metadata={"help": "warm-up steps"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay for tensors of 2+ dims"})
     beta1: float = 0.9
@@ -68,7 +69,10 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0: off"})
     text_dropout: float = field(default=0.1, metadata={"help": "XLM-R dropout (0.1 as in open_clip)"})
-    distill_weight: float = field(default=1.0, metadata={"help": "lambda of the self-distillation loss; 0: CLIP only"})
+    distill_weight: float = field(default=1.0, metadata={
+        "help": "lambda of the self-distillation loss; 0: CLIP only, open_clip's recipe (one light view)"})
+    clip_view: str = field(default="global", metadata={
+        "help": "CLIP loss on the 2 global crops (global, SILC) or on one more, open_clip-like view (light)"})
     local_crops: int = field(default=8, metadata={"help": "local crops per image"})
     local_size: int = field(default=24, metadata={"help": "local crop pixels (96 for ViT-B/32: a 3x3 grid)"})
     global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "global crop area range"})
@@ -91,6 +95,7 @@ class TrainConfig:
     grayscale: float = field(default=0.2, metadata={"help": "greyscale probability"})
     solarize: float = field(default=0.2, metadata={"help": "solarisation probability, second global crop"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"})
+    fp32_logits: bool = field(default=True, metadata={"help": "CLIP logits, prototypes: fp32 under autocast"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     workers: int = field(default=1, metadata={"help": "data loader processes"})
@@ -154,20 +159,38 @@ def read_manifests(paths: list[str], split: str) -> list[dict]:
     return items
 
 
-def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random.Random) -> Image.Image:
-    """torchvision's RandomResizedCrop (area in `scale`, aspect 3/4-4/3, 10 tries, then a centre crop),
-    drawn from `rng` so that every sample's crops are a function of its seed."""
-    W, H = image.size
+def crop_box(width: int, height: int, scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (area in `scale`, aspect 3/4-4/3, 10 tries, then the whole
+    image cut to that aspect), drawn from `rng` so that every sample's crops are a function of its seed.
+    -> (left, top, width, height)."""
     for _ in range(10):
-        area = W * H * rng.uniform(*scale)
+        area = width * height * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            x, y = rng.randint(0, W - w), rng.randint(0, H - h)
-            return image.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
-    side = min(W, H)
-    box = ((W - side) // 2, (H - side) // 2, (W - side) // 2 + side, (H - side) // 2 + side)
-    return image.resize((size, size), Image.BICUBIC, box=box)
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    w, h = width, height
+    if width / height < 3 / 4:
+        h = round(width / (3 / 4))
+    elif width / height > 4 / 3:
+        w = round(height * 4 / 3)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random.Random) -> Image.Image:
+    """RandomResizedCrop as torchvision applies it to PIL images: crop, then bicubic resize."""
+    left, top, w, h = crop_box(*image.size, scale, rng)
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return TF.normalize(TF.pil_to_tensor(image).float().div(255), rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
+
+
+def light_view(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
+    """open_clip's training transform (image_transform(is_train=True), default augmentation): a crop of
+    90-100% of the area, bicubic, nothing else."""
+    return to_tensor(random_resized_crop(image, size, (0.9, 1.0), rng))
 
 
 def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random, model_size: int) -> torch.Tensor:
@@ -187,17 +210,20 @@ def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Ra
         x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * model_size / 224))
     if rng.random() < solarize:
         x = ImageOps.solarize(x, 128)
-    t = TF.pil_to_tensor(x).float().div(255)
-    return TF.normalize(t, rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
+    return to_tensor(x)
 
 
-def global_views(cfg: TrainConfig) -> int:
-    """Two global crops for self-distillation; CLIP-only training needs one (open_clip's recipe)."""
-    return 2 if cfg.distill_weight > 0 else 1
+def view_layout(cfg: TrainConfig) -> tuple[int, int]:
+    """(full-size views per image, how many of them, the last ones, have a caption for the CLIP loss).
+    Self-distillation: 2 global crops, which are also the CLIP views (SILC), or followed by one light
+    CLIP view. CLIP only: one light view, open_clip's recipe."""
+    if cfg.distill_weight == 0:
+        return 1, 1
+    return (3, 1) if cfg.clip_view == "light" else (2, 2)
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Sample (index, seed) -> global crops, local crops and one tokenised caption per global crop.
+    """Sample (index, seed) -> full-size views (see view_layout), local crops and a caption per CLIP view.
     An unreadable image is replaced by the next readable one (batches keep their size, which DDP
     needs) and reported."""
 
@@ -220,20 +246,23 @@ class MultiCropDataset(torch.utils.data.Dataset):
                 failures.append(str(e))
         else:
             raise TrainError("no training image can be read")
-        size = self.image_size
-        views = [augment(image, size, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
-                 augment(image, size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)][:global_views(cfg)]
+        size, (n_views, n_clip) = self.image_size, view_layout(cfg)
+        views = []
+        if cfg.distill_weight > 0:
+            views = [augment(image, size, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
+                     augment(image, size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)]
+        views += [light_view(image, size, rng) for _ in range(n_views - len(views))]
         local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng, size)
                  for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
-        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in views]
-        return {"globals": torch.stack(views), "locals": torch.stack(local) if local else None,
+        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(n_clip)]
+        return {"views": torch.stack(views), "locals": torch.stack(local) if local else None,
                 "ids": self.tokenizer(captions), "failures": failures}
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect."""
-    out = {"globals": torch.stack([s["globals"] for s in samples], 1).flatten(0, 1),
+    out = {"views": torch.stack([s["views"] for s in samples], 1).flatten(0, 1),
            "ids": torch.stack([s["ids"] for s in samples], 1).flatten(0, 1),
            "failures": [f for s in samples for f in s["failures"]]}
     out["locals"] = (torch.stack([s["locals"] for s in samples], 1).flatten(0, 1)
@@ -271,16 +300,21 @@ class Student(nn.Module):
     """What the optimizer trains (and DDP wraps): the CLIP model and the self-distillation head.
     Backbone passes are grouped by crop size (DINO's multi-crop wrapper), the head runs once."""
 
-    def __init__(self, clip: rsmclip.CLIP, head: Optional[rsmclip.DINOHead]):
+    def __init__(self, clip: rsmclip.CLIP, head: Optional[rsmclip.DINOHead], views: int, fp32_logits: bool):
         super().__init__()
-        self.clip, self.head = clip, head
+        self.clip, self.head, self.views, self.fp32_logits = clip, head, views, fp32_logits
 
-    def forward(self, globals_: torch.Tensor, locals_: Optional[torch.Tensor], ids: torch.Tensor):
-        tokens = self.clip.visual.forward_features(globals_)
-        images = F.normalize(self.clip.visual.proj(tokens), dim=-1)
-        texts = self.clip.encode_text(ids, normalize=True)
+    def forward(self, views: torch.Tensor, locals_: Optional[torch.Tensor], ids: torch.Tensor):
+        """views: view-major full-size crops (view_layout); the last len(ids) rows are the CLIP views."""
+        tokens = self.clip.visual.forward_features(views)
+        images = self.clip.visual.proj(tokens[len(tokens) - len(ids):])
+        texts = self.clip.encode_text(ids)
+        if self.fp32_logits:  # normalise the features in fp32 too: the logits are their dot products
+            images, texts = images.float(), texts.float()
+        images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
         head = None
         if self.head is not None:
+            tokens = tokens[:2 * len(views) // self.views]  # the two global crops
             if locals_ is not None:
                 tokens = torch.cat([tokens, self.clip.visual.forward_features(locals_)])
             head = self.head(tokens)
@@ -293,16 +327,24 @@ class Teacher(nn.Module):
         self.visual, self.head = copy.deepcopy(student.clip.visual), copy.deepcopy(student.head)
         self.requires_grad_(False)
 
-    def forward(self, globals_: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual.forward_features(globals_))
+    def forward(self, global_crops: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual.forward_features(global_crops))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, lr: float, head_lr: float) -> list[dict]:
     """open_clip's AdamW groups: no decay for gains, biases, the class token and logit_scale (every
-    tensor under 2 dims); decay for the rest, embeddings and positional tables included."""
+    tensor under 2 dims); decay for the rest, embeddings and positional tables included. The DINO head
+    (parameters under `head.`) has groups of its own with its own peak lr: it starts from random while
+    the backbone is fine-tuned, and DINO trains it at 5e-4 x batch / 256."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0},
-            {"params": [p for n, p in params if p.ndim >= 2], "weight_decay": weight_decay}]
+    groups = []
+    for in_head, base_lr in ((False, lr), (True, head_lr)):
+        part = [p for n, p in params if n.startswith("head.") == in_head]
+        for decay in (False, True):
+            if chosen := [p for p in part if (p.ndim >= 2) == decay]:
+                groups.append({"params": chosen, "base_lr": base_lr,
+                               "weight_decay": weight_decay if decay else 0.0})
+    return groups
 
 
 # ===================================================================== one training step
@@ -322,30 +364,32 @@ class Run:
 
 
 def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-    """Forward every crop once per resolution; CLIP loss on both global views, DINO loss from the teacher."""
+    """Forward every crop once per resolution; CLIP loss on each CLIP view, DINO loss from the teacher."""
     cfg, dev = run.cfg, run.device
-    globals_ = batch["globals"].to(dev, non_blocking=True)
+    views = batch["views"].to(dev, non_blocking=True)
     locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
     ids = batch["ids"].to(dev, non_blocking=True)
+    n_views, n_clip = view_layout(cfg)
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-        images, texts, scale, head = run.student(globals_, locals_ if run.teacher else None, ids)
-        views = global_views(cfg)
-        clip = sum(rsmclip.clip_loss(i, t, scale) for i, t in zip(images.chunk(views), texts.chunk(views))) / views
+        images, texts, scale, head = run.student(views, locals_ if run.teacher else None, ids)
+        clip = sum(rsmclip.clip_loss(i, t, scale, cfg.fp32_logits)
+                   for i, t in zip(images.chunk(n_clip), texts.chunk(n_clip))) / n_clip
         if run.teacher is None:
             return clip, {"clip": clip}
         temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
         with torch.no_grad():
-            teacher = run.teacher(globals_).chunk(2)
-        distill = run.dino(head.chunk(2 + (cfg.local_crops if locals_ is not None else 0)), teacher, temp)
-    return clip + cfg.distill_weight * distill, {"clip": clip, "distill": distill, "teacher_temp": temp}
+            teacher = run.teacher(views[:2 * len(views) // n_views]).chunk(2)
+        student = head.chunk(2 + (cfg.local_crops if locals_ is not None else 0))
+        distill, entropy = run.dino(student, teacher, temp)
+    return clip + cfg.distill_weight * distill, {"clip": clip, "distill": distill, "teacher_entropy": entropy,
+                                                  "kl": distill - entropy, "teacher_temp": temp}
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict:
     """Schedule, forward, losses, backward, clip, AdamW, logit_scale clamp, EMA: one open_clip/DINO step."""
     cfg = run.cfg
-    lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr_at(step, group["base_lr"], cfg.warmup, cfg.steps)
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
     run.optimizer.zero_grad(set_to_none=True)
     loss, parts = compute_loss(run, batch, step)
@@ -356,7 +400,8 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
     if run.core.head is not None and step < cfg.freeze_last_layer:
-        run.core.head.prototypes.grad = None  # DINO: the prototypes stay put while the head settles
+        for p in run.core.head.last_layer():  # DINO: the prototypes stay put while the head settles
+            p.grad = None
     grad_norm = (torch.nn.utils.clip_grad_norm_(run.core.parameters(), cfg.grad_clip) if cfg.grad_clip
                  else torch.tensor(float("nan")))
     if run.scaler:
@@ -370,7 +415,10 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     if run.teacher is not None:
         rsmclip.ema_update(run.teacher, nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head}),
                            momentum)
-    return {"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}, "lr": lr,
+    lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
+        {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.core.head is not None else {})
+    parts = {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}
+    return {"loss": float(loss.detach()), **parts, **lrs,
             "logit_scale": float(run.core.clip.logit_scale.detach().exp()), "ema_momentum": momentum,
             "grad_norm": float(grad_norm)}
 
@@ -467,20 +515,21 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
 
 
 def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer, device: torch.device) -> Run:
+    torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
     head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, cfg.head_hidden, cfg.head_bottleneck,
-                             cfg.norm_last_layer) if cfg.distill_weight > 0 else None)
-    core = Student(model, head).to(device)
+                             cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
+    core = Student(model, head, view_layout(cfg)[0], cfg.fp32_logits).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
-    teacher = Teacher(core).to(device) if head is not None else None
     dino = rsmclip.DINOLoss(cfg.head_dim, cfg.student_temp, cfg.center_momentum).to(device) if head else None
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     student = core
-    if rsmclip.world()[1] > 1:
+    if rsmclip.world()[1] > 1:  # DDP's constructor broadcasts rank 0's parameters into every rank's `core`
         student = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    teacher = Teacher(core).to(device) if head else None  # after the broadcast: equal on all ranks
     if cfg.compile:
         student = torch.compile(student)
     return Run(cfg, student, core, teacher, dino, optimizer, scaler, tokenizer, device, dtype)
@@ -548,6 +597,9 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     val_manifest = cfg.val_data or cfg.data[0]
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp*"):  # a kill during a checkpoint write leaves its temporary file
+            stale.unlink()
+        cut_metrics(out / "metrics.jsonl", start)
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         (out / "config.json").write_text(json.dumps({"config": asdict(cfg), "argv": argv, "git_commit": commit,
                                                      "world_size": world}, indent=2) + "\n")
@@ -620,6 +672,22 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     return final
 
 
+def cut_metrics(path: Path, step: int):
+    """Drop the lines of steps after `step`, the checkpoint resumed from: those steps run and log again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # the last line, torn by a kill
+            break
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -646,9 +714,18 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if "data" in given:
         given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
     cfg = replace(cfg, **given)
+    if cfg.clip_view not in ("global", "light"):
+        raise TrainError(f"unknown --clip-view {cfg.clip_view!r}; choose global or light")
     if not cfg.data:  # the built-in demo
         cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")], tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
     return cfg
+
+
+def resolved(key: str, value):
+    """Paths compare by the file they name: runs/x/, ./runs/x and /abs/runs/x are one run directory."""
+    if key == "data":
+        return [str(Path(v).resolve()) for v in value]
+    return str(Path(value).resolve()) if key in ("out", "init", "tokenizer", "val_data") and value else value
 
 
 def check_resume(cfg: TrainConfig):
@@ -658,7 +735,7 @@ def check_resume(cfg: TrainConfig):
         return
     old = json.loads(saved.read_text())["config"]
     now = json.loads(json.dumps(asdict(cfg)))
-    if differ := [k for k in old if k != "steps" and old[k] != now[k]]:
+    if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now[k])]:
         raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
                          "use another --out, or the same settings to resume")
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,8 @@ def test_dino_loss_and_center_equal_a_direct_computation():
     loss_fn = rsmclip.DINOLoss(K, student_temp=0.1, center_momentum=0.9)
     loss_fn.center.copy_(torch.randn(1, K, generator=g))
     center = loss_fn.center.clone()
-    got = loss_fn(student, teacher, teacher_temp=0.05)
-    total, terms = 0.0, 0
+    got, entropy = loss_fn(student, teacher, teacher_temp=0.05)
+    total, terms, entropies = 0.0, 0, []
     for iq in range(2):
         for v in range(2 + local):
             if v == iq:
@@ -87,11 +88,13 @@ def test_dino_loss_and_center_equal_a_direct_computation():
             for b in range(B):
                 q = np.exp((teacher[iq][b] - center[0]).numpy() / 0.05)
                 q /= q.sum()
+                entropies.append(-(q * np.log(np.where(q > 0, q, 1))).sum())
                 s = student[v][b].numpy() / 0.1
                 log_p = s - np.log(np.exp(s).sum())
                 total += -(q * log_p).sum() / B
             terms += 1
     assert terms == 2 * (2 + local) - 2 and math.isclose(float(got), total / terms, rel_tol=1e-5)
+    assert math.isclose(float(entropy), np.mean(entropies), rel_tol=1e-5)  # the teacher targets' entropy
     expected_center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
     assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
 
@@ -108,7 +111,7 @@ def test_weight_decay_groups_equal_openclip():
     ours, theirs = rsmclip.CLIP(cfg), make_openclip_model(cfg)
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # open_clip_train
     their_no_decay = {n for n, p in theirs.named_parameters() if exclude(n, p)}
-    groups = train.param_groups(ours, 0.2)
+    groups = train.param_groups(ours, 0.2, 1e-3, 1e-2)
     name_of = {id(p): n for n, p in ours.named_parameters()}
     no_decay = {name_of[id(p)] for p in groups[0]["params"]}
     source = {theirs_name: ours_name for ours_name, theirs_name in rsmclip._renames(cfg)}  # open_clip -> ours
@@ -139,17 +142,20 @@ def test_multicrop_views(tmp_path, spm_model):
     cfg = train.TrainConfig(local_crops=3, local_size=24, langs="en,pt")
     ds = train.MultiCropDataset(items, cfg, 64, rsmclip.Tokenizer(spm_model))
     a, b = ds[(0, 7)], ds[(0, 7)]
-    assert a["globals"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24) and a["ids"].shape == (2, 77)
-    assert torch.equal(a["globals"], b["globals"]) and torch.equal(a["ids"], b["ids"])  # seeded
-    assert not torch.equal(a["globals"][0], ds[(0, 8)]["globals"][0])
+    assert a["views"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24) and a["ids"].shape == (2, 77)
+    assert torch.equal(a["views"], b["views"]) and torch.equal(a["ids"], b["ids"])  # seeded
+    assert not torch.equal(a["views"][0], ds[(0, 8)]["views"][0])
     substitute = ds[(1, 7)]  # an unreadable image is replaced by the next one and reported
     assert substitute["failures"] and "missing.png" in substitute["failures"][0]
     batch = train.collate([a, substitute])
-    assert batch["globals"].shape == (4, 3, 64, 64) and batch["locals"].shape == (6, 3, 24, 24)
-    assert torch.equal(batch["globals"][1], substitute["globals"][0])  # view-major order
+    assert batch["views"].shape == (4, 3, 64, 64) and batch["locals"].shape == (6, 3, 24, 24)
+    assert torch.equal(batch["views"][1], substitute["views"][0])  # view-major order
     assert torch.equal(batch["ids"][2], a["ids"][1])
     clip_only = train.MultiCropDataset(items, train.TrainConfig(distill_weight=0, langs="en"), 64, ds.tokenizer)[(0, 7)]
-    assert clip_only["globals"].shape == (1, 3, 64, 64) and clip_only["locals"] is None  # open_clip's recipe
+    assert clip_only["views"].shape == (1, 3, 64, 64) and clip_only["locals"] is None  # open_clip's recipe
+    light = train.MultiCropDataset(items, replace(cfg, clip_view="light"), 64, ds.tokenizer)[(0, 7)]
+    assert light["views"].shape == (3, 3, 64, 64) and light["ids"].shape == (1, 77)  # 2 global crops + the CLIP view
+    assert torch.equal(light["views"][:2], a["views"])
 
 
 # ----------------------------------------------------------------------------- end to end
