@@ -7,12 +7,13 @@
         --out z.json
     python eval.py report suite.json --model W1.safetensors [--model W2...] --out-json r.json --out-md r.md
 
-The protocol is fixed (RETRIEVAL_PROTOCOL, ZEROSHOT_PROTOCOL) and printed under every table and
+The protocol is fixed (retrieval_protocol(), ZEROSHOT_PROTOCOL, LINEAR_PROBE_PROTOCOL) and printed under every table and
 written into every JSON. train.py imports evaluate_retrieval() for periodic validation.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -21,12 +22,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import rsmclip
 from data.demo import make_demo
@@ -35,11 +39,22 @@ from data.prepare import DataError, load_labels, load_manifest, read_json, scan_
 ROOT = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "demo_data"
 KS = (1, 5, 10)
-RETRIEVAL_PROTOCOL = (
-    "Retrieval protocol: every image of the split and all its captions, one language at a time; "
-    "L2-normalised embeddings, cosine similarity. image->text R@K = % of images with at least one of their "
-    "captions in the top K; text->image R@K = % of captions whose image is in the top K; mR = mean of the "
-    "six. Ties count against the query. Captions as given: no lower-casing, prefix or de-duplication.")
+TIE_RULES = ("expected", "against", "favour")
+TIE_RULE_TEXT = {
+    "expected": "tied scores in a uniformly random order, i.e. the mean over every tie-breaking (the bounds "
+                "'against' and 'favour' are in the JSON)",
+    "against": "a wrong candidate tied with the query's match ranks above it (the lower bound)",
+    "favour": "the query's match ranks above the wrong candidates tied with it (the upper bound)"}
+
+
+def retrieval_protocol(ties: str = "expected") -> str:
+    return ("Retrieval protocol: every image of the split and all its captions, one language at a time; "
+            "L2-normalised embeddings, cosine similarity. image->text R@K = % of images with at least one of "
+            "their captions in the top K; text->image R@K = % of captions whose image is in the top K; mR = "
+            f"mean of the six. Ties ({ties}): {TIE_RULE_TEXT[ties]}. Captions as given (no lower-casing or "
+            "prefix); each distinct caption is encoded once, so identical captions tie exactly.")
+
+
 ZEROSHOT_PROTOCOL = (
     "Zero-shot protocol: each class embedding is the mean of its normalised template embeddings, "
     "re-normalised; logits = 100 * image . class; top-1 accuracy in % over every image of the split. "
@@ -53,51 +68,103 @@ class EvalError(rsmclip.RsmclipError):
 # ----------------------------------------------------------------------------- metrics
 
 
+def hit_probability(above: torch.Tensor, tied_wrong: torch.Tensor, tied_right: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    """P(a right item in the top k) per query when the items tied at the best right item's score are put
+    in a uniformly random order: `above` wrong items score strictly higher, `tied_wrong` wrong and
+    `tied_right` (>= 1) right items score exactly that. 0 if above >= k, else 1 - C(tied_wrong, r) /
+    C(tied_wrong + tied_right, r) with r = k - above: the chance that the first r tied items are all wrong,
+    as a product of r fractions (a factor reaches 0 when r > tied_wrong: then a hit is certain)."""
+    r = k - above
+    miss = torch.ones_like(above, dtype=torch.float64)
+    for j in range(k):
+        fraction = (tied_wrong - j).clamp(min=0) / (tied_wrong + tied_right - j).clamp(min=1)
+        miss = torch.where(j < r, miss * fraction, miss)
+    return torch.where(above >= k, 0.0, 1.0 - miss)
+
+
+def query_outcomes(sims: torch.Tensor, weight: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Candidates in the columns of sims [Q, C], each standing for `weight` [C] items with that exact
+    score: (items scoring above best [Q, 1], items tying with it). Counted in float64: exact below 2**53."""
+    above = (sims > best).double() @ weight
+    tied = (sims == best).double() @ weight
+    return above, tied
+
+
 def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image: torch.Tensor,
                       chunk: Optional[int] = None) -> dict:
-    """Multi-caption recall in percent. image_feats [N, D] and text_feats [M, D] L2-normalised,
-    text_to_image [M] the index of each caption's image. A candidate that ties with the query's match
-    ranks above it, so a model that embeds everything alike scores 0, not 100. Chunked: [chunk, N or M]
-    similarities at a time (default: 16M), so 10,000 images x 50,000 captions fit in memory."""
+    """Multi-caption recall in percent under the three tie rules: {"expected": {"i2t": {"R@1", "R@5",
+    "R@10"}, "t2i": {...}, "mR"}, "against": ..., "favour": ..., "tied_queries": {"i2t", "t2i"}}.
+
+    image_feats [N, D] (one row per image, the queries of image->text) and text_feats [M, D] (one per
+    caption) L2-normalised; text_to_image [M] the index of each caption's image. Bit-identical rows are
+    merged into one candidate column standing for all of them, so identical captions (or images) tie
+    exactly whatever the matrix-multiply kernel does. A query's outcome is (g, t_o, t_s): g wrong items
+    strictly above its best right item, t_o wrong and t_s right items tied with it. "against" hits at K
+    when g + t_o < K, "favour" when g < K, "expected" with hit_probability(). tied_queries counts the
+    queries with t_o > 0. Chunked: [chunk, N or M] similarities at a time (default: 16M entries)."""
     n, m = len(image_feats), len(text_feats)
     owner = text_to_image.to(image_feats.device)
     counts = torch.bincount(owner, minlength=n)
     if counts.min() == 0:
         raise ValueError("every image needs at least one caption")
-    chunk = chunk or max(1, 2 ** 24 // max(n, m, 1))
-    t2i = torch.empty(m, dtype=torch.long, device=owner.device)
-    for s in range(0, m, chunk):  # text -> image: images scoring at least as high as the caption's own
-        sims = text_feats[s:s + chunk] @ image_feats.T
-        t2i[s:s + chunk] = (sims >= sims.gather(1, owner[s:s + chunk, None])).sum(1) - 1
-    # image -> text: captions scoring at least as high as the image's best own caption, minus its own ones.
-    # own[i] lists image i's caption columns, padded by repeating its last one (harmless for the max).
+    images, image_col = torch.unique(image_feats, dim=0, return_inverse=True)
+    texts, text_col = torch.unique(text_feats, dim=0, return_inverse=True)
+    image_weight = torch.bincount(image_col, minlength=len(images)).double()
+    text_weight = torch.bincount(text_col, minlength=len(texts)).double()
+    chunk = chunk or max(1, 2 ** 24 // max(len(images), len(texts), 1))
+    outcomes = {"i2t": [], "t2i": []}
+    for s in range(0, m, chunk):  # text -> image: one right image per caption
+        sims = text_feats[s:s + chunk] @ images.T
+        best = sims.gather(1, image_col[owner[s:s + chunk], None])
+        above, tied = query_outcomes(sims, image_weight, best)
+        outcomes["t2i"].append((above, tied - 1, torch.ones_like(tied)))
+    # image -> text: an image's right items are its captions; own[i] lists image i's caption rows, padded by
+    # repeating its last one (masked by `real`).
     slot = torch.arange(int(counts.max()), device=owner.device)
     starts = torch.cumsum(counts, 0) - counts
     own = torch.argsort(owner, stable=True)[starts[:, None] + torch.minimum(slot, counts[:, None] - 1)]
-    i2t = torch.empty(n, dtype=torch.long, device=owner.device)
     for s in range(0, n, chunk):
-        sims = image_feats[s:s + chunk] @ text_feats.T
-        own_sims = sims.gather(1, own[s:s + chunk])
+        sims = image_feats[s:s + chunk] @ texts.T
+        own_sims = sims.gather(1, text_col[own[s:s + chunk]])
         best = own_sims.amax(1, keepdim=True)
-        real = slot < counts[s:s + chunk, None]
-        i2t[s:s + chunk] = (sims >= best).sum(1) - ((own_sims >= best) & real).sum(1)
-    out = {d: {f"R@{k}": 100 * (ranks < k).sum().item() / len(ranks) for k in KS}
-           for d, ranks in (("i2t", i2t), ("t2i", t2i))}
-    out["mR"] = sum(out["i2t"].values()) / len(KS) / 2 + sum(out["t2i"].values()) / len(KS) / 2
+        above, tied = query_outcomes(sims, text_weight, best)
+        right = ((own_sims == best) & (slot < counts[s:s + chunk, None])).sum(1).double()
+        outcomes["i2t"].append((above, tied - right, right))
+    out = {rule: {} for rule in TIE_RULES} | {"tied_queries": {}}
+    for d, parts in outcomes.items():
+        above, tied_wrong, tied_right = (torch.cat(x) for x in zip(*parts))
+        out["tied_queries"][d] = int((tied_wrong > 0).sum())
+        for k in KS:
+            hits = {"expected": hit_probability(above, tied_wrong, tied_right, k),
+                    "against": (above + tied_wrong < k).double(), "favour": (above < k).double()}
+            for rule, hit in hits.items():
+                out[rule].setdefault(d, {})[f"R@{k}"] = 100 * hit.mean().item()
+    for rule in TIE_RULES:
+        out[rule]["mR"] = (sum(out[rule]["i2t"].values()) + sum(out[rule]["t2i"].values())) / (2 * len(KS))
     return out
 
 
 def chance_mR(captions_per_image: list[int]) -> float:
-    """mR of a random ranking, for reading a table: t2i R@K = K/N; i2t R@K = 1 - C(M-c, K) / C(M, K)."""
+    """mR of a random ranking, for reading a table: t2i R@K = K/N; i2t R@K = 1 - C(M-c, K) / C(M, K), with
+    K capped at M (a top K that holds every caption always hits)."""
     n, m = len(captions_per_image), sum(captions_per_image)
     t2i = [min(1, k / n) for k in KS]
-    i2t = [sum(1 - math.comb(m - c, k) / math.comb(m, k) for c in captions_per_image) / n for k in KS]
+    i2t = [sum(1 - math.comb(m - c, min(k, m)) / math.comb(m, min(k, m)) for c in captions_per_image) / n
+           for k in KS]
     return 100 * (sum(t2i) + sum(i2t)) / (2 * len(KS))
 
 
 def mean_metrics(rows: list[dict]) -> dict:
-    mean = {d: {f"R@{k}": sum(r[d][f"R@{k}"] for r in rows) / len(rows) for k in KS} for d in ("i2t", "t2i")}
-    return mean | {"mR": sum(r["mR"] for r in rows) / len(rows)}
+    """The mean over languages of every recall (under each tie rule too) and of the chance level."""
+    def mean(get):
+        return sum(get(r) for r in rows) / len(rows)
+    out = {d: {f"R@{k}": mean(lambda r: r[d][f"R@{k}"]) for k in KS} for d in ("i2t", "t2i")}
+    out |= {"mR": mean(lambda r: r["mR"]), "chance_mR": mean(lambda r: r["chance_mR"]), "ties": rows[0]["ties"]}
+    out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"]) for k in KS}
+                                 for d in ("i2t", "t2i")} | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
+                          for rule in TIE_RULES}
+    return out
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -178,9 +245,14 @@ def manifest_langs(records: list[dict]) -> list[str]:
 @in_eval_mode
 def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str = "test",
                        langs: Optional[list[str]] = None, batch_size: int = 64, device: str = "cpu",
-                       workers: int = 2) -> dict:
-    """{lang: {"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "mR", "images", "captions", "chance_mR"}} plus
-    "mean" over languages when there are several. Each unique image file is encoded once."""
+                       workers: int = 2, ties: str = "expected") -> dict:
+    """{lang: {"i2t": {"R@1", "R@5", "R@10"}, "t2i": {...}, "mR" under the tie rule `ties`, "ties",
+    "by_tie_rule": {rule: the same three} for all three rules, "tied_queries": {"i2t", "t2i"}, "images",
+    "captions", "distinct_captions", "chance_mR"}} plus "mean" over languages when there are several.
+    Each unique image file and each distinct caption is encoded once; every split size works, down to
+    one image."""
+    if ties not in TIE_RULES:
+        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
     manifest = Path(manifest)
     records = load_manifest(manifest)
     chosen = [r for r in records if r["split"] == split]
@@ -188,8 +260,10 @@ def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str 
         raise EvalError(f"{manifest}: no {split!r} images (splits there: "
                         f"{', '.join(sorted({r['split'] for r in records})) or 'none'})")
     langs = langs or manifest_langs(chosen)
+    if not langs:
+        raise EvalError(f"{manifest}: the {split} images have no captions in any language")
     for lang in langs:
-        lacking = [r["id"] for r in chosen if lang not in r["captions"]]
+        lacking = [r["id"] for r in chosen if not r["captions"].get(lang)]
         if lacking:
             raise EvalError(f"{manifest}: {len(lacking)} {split} images have no {lang!r} captions (e.g. "
                             f"{', '.join(lacking[:3])}); available: {', '.join(manifest_langs(chosen))}")
@@ -204,8 +278,11 @@ def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str 
         owner = torch.tensor([i for i, r in enumerate(chosen) for _ in r["captions"][lang]])
         counts = [len(r["captions"][lang]) for r in chosen]
         text_feats = rsmclip.embed_texts(model, tokenizer, texts, 4 * batch_size, device).to(device)
-        results[lang] = retrieval_metrics(image_feats, text_feats, owner) | {
-            "images": len(chosen), "captions": len(texts), "chance_mR": chance_mR(counts)}
+        metrics = retrieval_metrics(image_feats, text_feats, owner)
+        results[lang] = metrics[ties] | {
+            "ties": ties, "by_tie_rule": {rule: metrics[rule] for rule in TIE_RULES},
+            "tied_queries": metrics["tied_queries"], "images": len(chosen), "captions": len(texts),
+            "distinct_captions": len(set(texts)), "chance_mR": chance_mR(counts)}
     if len(langs) > 1:
         results["mean"] = mean_metrics([results[lang] for lang in langs])
     return results
@@ -219,8 +296,18 @@ def retrieval_table(results: dict, title: str) -> Table:
         if lang == "mean":
             table.add_section()
         table.add_row(lang, *(f"{r[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in KS), f"{r['mR']:.2f}",
-                      f"{r['chance_mR']:.2f}" if "chance_mR" in r else "")
+                      f"{r['chance_mR']:.2f}")
     return table
+
+
+def ties_line(results: dict) -> str:
+    """Under the table: how much the tie rule matters here (the mR bounds) and how often ties decide."""
+    lang = "mean" if "mean" in results else next(iter(results))
+    r, counts = results[lang], [v for k, v in results.items() if k != "mean"][0]
+    return (f"ties: {r['ties']}; {lang} mR {r['by_tie_rule']['against']['mR']:.2f} if every tie lost, "
+            f"{r['by_tie_rule']['favour']['mR']:.2f} if every tie won. {next(iter(results))}: "
+            f"{counts['distinct_captions']} distinct captions of {counts['captions']}; queries whose match ties "
+            f"with a wrong candidate: i2t {counts['tied_queries']['i2t']}, t2i {counts['tied_queries']['t2i']}")
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -300,60 +387,268 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: Path, classes: str, la
             "absent_classes": sorted(set(mapping) - set(labels))}
 
 
+# ----------------------------------------------------------------------------- linear probe
+
+SHOTS = (1, 2, 4, 8, 16)
+PROBE_SEEDS = 5
+VAL_FRACTION = 0.2
+LINEAR_PROBE_PROTOCOL = (
+    "Linear-probe protocol: multinomial logistic regression on frozen, L2-normalised image features "
+    "(mean cross-entropy + lambda/2 |W|^2, bias not penalised; full-batch L-BFGS from zero). lambda is "
+    "chosen on a validation part of the train split (the val split, else a stratified 20% of train): a grid "
+    "10^-6 ... 10^2 by decades, then quarter-decades around the best; then refit on train (full) or on the "
+    "k shots (few-shot). k-shot: k train images per class, never val or test images, drawn with seeds "
+    "0-4; mean and standard deviation over the seeds. Top-1 accuracy in % on the test split.")
+
+
+def classification_items(data: Path) -> list[tuple[Path, str, str]]:
+    """[(image path, label, split)] of a class-folder tree (split "all") or of a labels.jsonl."""
+    if data.is_dir():
+        return [(data / rel, label, "all") for rel, label in scan_image_folder(data)[0]]
+    return [(data.parent / r["image"], r["label"], r["split"]) for r in load_labels(data)]
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """(rest, part): round(fraction * n), at least 1, of each class's positions go to `part`, drawn with
+    `seed`; each class keeps at least one in `rest`. Depends only on the labels and their order."""
+    rest, part = [], []
+    for c in sorted(set(labels)):
+        rows = [i for i, label in enumerate(labels) if label == c]
+        if len(rows) < 2:
+            raise EvalError(f"class {c} has {len(rows)} image(s): a {what} needs at least 2 per class")
+        order = np.random.default_rng([seed, c]).permutation(len(rows))
+        take = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        part += [rows[j] for j in order[:take]]
+        rest += [rows[j] for j in order[take:]]
+    return sorted(rest), sorted(part)
+
+
+def probe_splits(items: list, labels: list[int], test_fraction: float) -> dict[str, list[int]]:
+    """{"fit", "val", "test"} positions. A labels.jsonl with train and test splits is used as it is (its val
+    split, if any, is the validation part); otherwise (a folder, or one split) a stratified, seeded
+    `test_fraction` of each class is the test split."""
+    splits = [split for _, _, split in items]
+    if "train" in splits and "test" in splits:
+        test = [i for i, s in enumerate(splits) if s == "test"]
+        train = [i for i, s in enumerate(splits) if s == "train"]
+        if "val" in splits:
+            return {"fit": train, "val": [i for i, s in enumerate(splits) if s == "val"], "test": test}
+    elif len(set(splits)) == 1:
+        train, test = stratified_split(labels, test_fraction, 0, "train/test split")
+    else:
+        raise EvalError(f"splits {', '.join(sorted(set(splits)))}: a linear probe needs train and test "
+                        "splits, or a single split to divide with --test-fraction")
+    fit, val = stratified_split([labels[i] for i in train], VAL_FRACTION, 0, "validation part of train")
+    return {"fit": [train[i] for i in fit], "val": [train[i] for i in val], "test": test}
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, lam: float,
+                 init: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise mean cross-entropy + lam/2 |W|^2 (bias free) with full-batch L-BFGS: (W [D, C], b [C]).
+    The same optimum as scikit-learn's LogisticRegression with C = 1 / (lam * n)."""
+    w = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=1000, tolerance_grad=1e-7, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + lam / 2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def accuracy(model: tuple, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100 * ((x @ model[0] + model[1]).argmax(1) == y).double().mean().item()
+
+
+def choose_lambda(fit_x, fit_y, val_x, val_y, classes: int) -> float:
+    """The lambda with the best validation accuracy (the larger on equal accuracy): decades from 10^2 down
+    to 10^-6, each fit warm-started from the previous one, then quarter-decades around the best."""
+    scores, init = {}, None
+    for e in range(2, -7, -1):
+        init = fit_logistic(fit_x, fit_y, classes, 10.0 ** e, init)
+        scores[float(e)] = accuracy(init, val_x, val_y)
+    best = max(scores, key=lambda e: (scores[e], e))
+    for e in (best + 0.5, best + 0.25, best - 0.25, best - 0.5):
+        scores[e] = accuracy(fit_logistic(fit_x, fit_y, classes, 10.0 ** e), val_x, val_y)
+    return 10.0 ** max(scores, key=lambda e: (scores[e], e))
+
+
+def sample_shots(labels: list[int], pool: list[int], k: int, seed: int, names: list[str]) -> list[int]:
+    """k positions of each class from `pool`, drawn with `seed` (the same draw for the same pool)."""
+    shots = []
+    for c in sorted(set(labels[i] for i in pool)):
+        rows = [i for i in pool if labels[i] == c]
+        if k > len(rows):
+            raise EvalError(f"{k}-shot: class {names[c]!r} has only {len(rows)} training images outside the "
+                            f"validation part; choose --shots of at most {len(rows)}")
+        shots += [rows[j] for j in np.random.default_rng([seed, k, c]).permutation(len(rows))[:k]]
+    return sorted(shots)
+
+
+def cached_image_features(model, preprocess, paths: list[Path], key: Optional[str], batch_size: int,
+                          device: str, workers: int) -> torch.Tensor:
+    """encode_images(), stored under the cache folder by `key` (the weights' fingerprint, the input size,
+    and every image's path, size and modification time), so a second probe reads instead of encoding."""
+    if key is None:
+        return encode_images(model, preprocess, paths, batch_size, device, workers)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}")
+    digest = hashlib.sha256(json.dumps([key, preprocess.size] + [
+        [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode()).hexdigest()
+    file = rsmclip.cache_dir() / "features" / f"{digest[:32]}.safetensors"
+    if file.is_file():
+        try:
+            return load_file(str(file))["features"].to(device)
+        except (SafetensorError, OSError, KeyError) as e:
+            print(f"warning: {file}: unreadable feature cache ({e}); encoding again", file=sys.stderr)
+    feats = encode_images(model, preprocess, paths, batch_size, device, workers)
+    rsmclip.atomic_save({"features": feats}, file, {"images": str(len(paths))})
+    return feats
+
+
+@in_eval_mode
+def evaluate_linear_probe(model, preprocess, data: Path, shots: tuple = SHOTS, seeds: int = PROBE_SEEDS,
+                          test_fraction: float = 0.5, cache_key: Optional[str] = None, batch_size: int = 64,
+                          device: str = "cpu", workers: int = 2) -> dict:
+    """Full-data and k-shot linear-probe top-1 (LINEAR_PROBE_PROTOCOL) on a class-folder tree or a
+    labels.jsonl: {"full": {"top1", "lambda"}, "shots": {k: {"mean", "std", "runs", "lambdas"}}, ...}."""
+    data = Path(data)
+    items = classification_items(data)
+    names = sorted({label for _, label, _ in items})
+    if len(names) < 2:
+        raise EvalError(f"{data}: {len(names)} class ({', '.join(names)}): a classifier needs at least 2")
+    labels = [names.index(label) for _, label, _ in items]
+    part = probe_splits(items, labels, test_fraction)
+    for split in ("fit", "test"):
+        if missing := sorted({names[labels[i]] for i in part["fit"]} - {names[labels[i]] for i in part[split]}):
+            raise EvalError(f"{data}: no {split} images of class {', '.join(missing[:5])}")
+    feats = cached_image_features(model, preprocess, [p for p, _, _ in items], cache_key, batch_size, device,
+                                  workers)
+    y = torch.tensor(labels, device=feats.device)
+
+    def rows(positions):
+        index = torch.tensor(positions, device=feats.device)
+        return feats[index], y[index]
+
+    fit, val, test = rows(part["fit"]), rows(part["val"]), rows(part["test"])
+    lam = choose_lambda(*fit, *val, len(names))
+    train = rows(part["fit"] + part["val"])
+    result = {"full": {"top1": accuracy(fit_logistic(*train, len(names), lam), *test), "lambda": lam}}
+    result["shots"] = {}
+    for k in shots:
+        runs, lambdas = [], []
+        for seed in range(seeds):
+            shot = rows(sample_shots(labels, part["fit"], k, seed, names))
+            lambdas.append(choose_lambda(*shot, *val, len(names)))
+            runs.append(accuracy(fit_logistic(*shot, len(names), lambdas[-1]), *test))
+        result["shots"][str(k)] = {"mean": float(np.mean(runs)), "std": float(np.std(runs)), "runs": runs,
+                                   "lambdas": lambdas}
+    return result | {"classes": names, "chance": 100 / len(names), "seeds": seeds,
+                     "images": {s: len(part[s]) for s in ("fit", "val", "test")}, "test_fraction":
+                     None if "train" in {s for _, _, s in items} else test_fraction}
+
+
+def linear_probe_table(result: dict, title: str) -> Table:
+    table = Table("training data", "top-1 %", "lambda", title=f"{title}: {len(result['classes'])} classes, "
+                  f"{result['images']['test']} test images, chance {result['chance']:.2f}%")
+    for k, r in result["shots"].items():
+        table.add_row(f"{k} per class ({result['seeds']} seeds)", f"{r['mean']:.2f} ± {r['std']:.2f}",
+                      f"{min(r['lambdas']):.0e}-{max(r['lambdas']):.0e}")
+    n = result["images"]["fit"] + result["images"]["val"]
+    table.add_row(f"all {n} train images", f"{result['full']['top1']:.2f}", f"{result['full']['lambda']:.0e}")
+    return table
+
+
 # ----------------------------------------------------------------------------- reports
 
 
-def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], batch_size: int, device: str,
-              workers: int) -> dict:
-    """Every task of a suite file against every checkpoint -> rows for the table and the full results.
+TASKS = ("retrieval", "zeroshot", "linear-probe")
 
-    Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot", "data", "split", "langs",
-    "classes", "templates", "peers": {peer: {lang: number}}}]}; paths relative to the suite file."""
-    suite = read_json(Path(suite_path))
+
+def check_suite(suite, suite_path: Path):
+    """Refuse a malformed suite before any evaluation runs (a late crash would lose every result)."""
     if not isinstance(suite, dict) or not isinstance(suite.get("tasks"), list) or not suite["tasks"]:
         raise EvalError(f"{suite_path}: expected {{\"name\", \"tasks\": [...]}}")
     bad = [i for i, t in enumerate(suite["tasks"])
            if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("name", "task", "data"))
-           or t["task"] not in ("retrieval", "zeroshot")]
+           or t["task"] not in TASKS]
     if bad:
-        raise EvalError(f'{suite_path}: tasks {bad} need "name", "data" and "task": retrieval or zeroshot')
+        raise EvalError(f'{suite_path}: tasks {bad} need "name", "data" and "task": {" or ".join(TASKS)}')
+    for t in suite["tasks"]:
+        peers = t.get("peers", {})
+        if not isinstance(peers, dict) or not all(
+                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in peers.values()):
+            raise EvalError(f'{suite_path}: task {t["name"]!r}: "peers" must be {{peer: {{lang or setting: '
+                            "number}}")
+
+
+def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], batch_size: int, device: str,
+              workers: int, ties: str = "expected") -> dict:
+    """Every task of a suite file against every checkpoint -> rows for the table and the full results.
+
+    Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe", "data", "split",
+    "langs", "classes", "templates", "shots", "test_fraction", "peers": {peer: {lang: number}}}]}; paths
+    relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...), and
+    its peers are keyed by setting."""
+    suite = read_json(Path(suite_path))
+    check_suite(suite, suite_path)
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
-    rows, details = [], {name: {} for name in names}
+    rows, details, scores = [], {name: {} for name in names}, {name: {} for name in names}
     for name, w in zip(names, weights):
         model, preprocess, tok = rsmclip.load(w, tokenizer, device)
         for task in suite["tasks"]:
             data = Path(suite_path).parent / task["data"]
             if task["task"] == "retrieval":
-                details[name][task["name"]] = evaluate_retrieval(
-                    model, tok, preprocess, data, task.get("split", "test"), task.get("langs"), batch_size,
-                    device, workers)
-            else:  # zero-shot: one result per language
+                result = evaluate_retrieval(model, tok, preprocess, data, task.get("split", "test"),
+                                            task.get("langs"), batch_size, device, workers, ties)
+                score = {lang: r["mR"] for lang, r in result.items()}
+            elif task["task"] == "zeroshot":  # one result per language
                 templates = task.get("templates") or {}
-                details[name][task["name"]] = {lang: evaluate_zeroshot(
+                result = {lang: evaluate_zeroshot(
                     model, tok, preprocess, data, task["classes"], lang, templates.get(lang),
                     task.get("split"), batch_size, device, workers) for lang in task.get("langs", ["en"])}
+                score = {lang: r["top1"] for lang, r in result.items()}
+            else:
+                result = evaluate_linear_probe(model, preprocess, data, tuple(task.get("shots", SHOTS)),
+                                               test_fraction=task.get("test_fraction", 0.5),
+                                               cache_key=rsmclip.weights_fingerprint(w),
+                                               batch_size=batch_size, device=device, workers=workers)
+                score = {f"{k}-shot": r["mean"] for k, r in result["shots"].items()} | {
+                    "full": result["full"]["top1"]}
+            details[name][task["name"]], scores[name][task["name"]] = result, score
     for task in suite["tasks"]:
-        metric = "mR" if task["task"] == "retrieval" else "top1"
-        for lang in details[names[0]][task["name"]]:
-            rows.append({"task": task["task"], "name": task["name"], "lang": lang, "metric": metric,
-                         "values": {n: details[n][task["name"]][lang][metric] for n in names},
-                         "peers": {p: v.get(lang) for p, v in task.get("peers", {}).items()}})
+        metric = {"retrieval": "mR", "zeroshot": "top1", "linear-probe": "top1"}[task["task"]]
+        for key in scores[names[0]][task["name"]]:
+            rows.append({"task": task["task"], "name": task["name"], "lang": key, "metric": metric,
+                         "values": {n: scores[n][task["name"]][key] for n in names},
+                         "peers": {p: v.get(key) for p, v in task.get("peers", {}).items()}})
     return {"suite": suite.get("name", Path(suite_path).stem), "models": [str(w) for w in weights],
-            "protocol": {"retrieval": RETRIEVAL_PROTOCOL, "zeroshot": ZEROSHOT_PROTOCOL},
+            "protocol": {"retrieval": retrieval_protocol(ties), "zeroshot": ZEROSHOT_PROTOCOL,
+                         "linear-probe": LINEAR_PROBE_PROTOCOL},
             "rows": rows, "details": details}
 
 
 def report_markdown(report: dict) -> str:
     models = list(report["details"])
     peers = list(dict.fromkeys(p for row in report["rows"] for p in row["peers"]))
-    head = ["task", "dataset", "lang", "metric", *models, *(f"{p} (reported)" for p in peers)]
+    head = ["task", "dataset", "lang or setting", "metric", *models, *(f"{p} (reported)" for p in peers)]
     lines = [f"## {report['suite']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         cells = [row["task"], row["name"], row["lang"], row["metric"],
                  *(f"{row['values'][m]:.2f}" for m in models),
                  *("" if row["peers"].get(p) is None else f"{row['peers'][p]:.2f}" for p in peers)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", report["protocol"]["retrieval"], "", report["protocol"]["zeroshot"], ""])
+    used = dict.fromkeys(row["task"] for row in report["rows"])
+    return "\n".join(lines + [x for task in used for x in ("", report["protocol"][task])] + [""])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -381,9 +676,9 @@ def demo(ctx: typer.Context):
     tok = rsmclip.Tokenizer(manifest.parent / cfg.tokenizer, cfg.context_length)
     results = evaluate_retrieval(model, tok, rsmclip.Preprocess(cfg.vision.image_size), manifest, workers=0)
     Console().print(retrieval_table(results, f"untrained tiny model (seed 0) on {manifest}, split test"))
-    print(RETRIEVAL_PROTOCOL)
-    chance = sum(results[lang]["chance_mR"] for lang in results if lang != "mean") / (len(results) - 1)
-    print(f"mean mR {results['mean']['mR']:.2f} (random ranking: {chance:.2f}). "
+    print(ties_line(results))
+    print(retrieval_protocol())
+    print(f"mean mR {results['mean']['mR']:.2f} (random ranking: {results['mean']['chance_mR']:.2f}). "
           "Train with `python train.py`, then: python eval.py retrieval --model <weights> "
           "--data demo_data/captions.jsonl")
 
@@ -394,6 +689,8 @@ TOKENIZER = typer.Option(None, help="SentencePiece model (default: the one the w
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
 WORKERS = typer.Option(min(4, os.cpu_count() or 1), help="image decoding processes")
 DEVICE = typer.Option(rsmclip.default_device(), help="cpu, cuda, cuda:1, ...")
+TIES = typer.Option("expected", help="tie rule for retrieval: expected (random order of tied scores), "
+                    "against (ties lose: lower bound) or favour (ties win: upper bound)")
 
 
 @app.command()
@@ -402,15 +699,18 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
               langs: Optional[str] = typer.Option(None, help="comma-separated languages (default: all)"),
               out: Optional[Path] = typer.Option(None, help="write the results as JSON"),
               tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
-              device: str = DEVICE):
+              device: str = DEVICE, ties: str = TIES):
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
+    if ties not in TIE_RULES:
+        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     results = evaluate_retrieval(model, tok, preprocess, data, split,
-                                 langs.split(",") if langs else None, batch_size, device, workers)
+                                 langs.split(",") if langs else None, batch_size, device, workers, ties)
     Console().print(retrieval_table(results, f"{model_path.name} on {data}, split {split}"))
-    print(RETRIEVAL_PROTOCOL)
+    print(ties_line(results))
+    print(retrieval_protocol(ties))
     write_json(results | {"_meta": {"model": str(model_path), "data": str(data), "split": split,
-                                    "protocol": RETRIEVAL_PROTOCOL}}, out)
+                                    "protocol": retrieval_protocol(ties)}}, out)
 
 
 @app.command()
@@ -439,14 +739,42 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
     write_json(result | {"_meta": meta}, out)
 
 
+@app.command("linear-probe")
+def linear_probe(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
+                 shots: str = typer.Option(",".join(map(str, SHOTS)), help="comma-separated k of the k-shot "
+                                           "probes, images per class (empty: full-data probe only)"),
+                 seeds: int = typer.Option(PROBE_SEEDS, min=1, help="k-shot draws averaged per k"),
+                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99, help="share of each class held "
+                                                     "out for testing when the data has no train/test splits"),
+                 out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
+                 batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
+    """Linear-probe and few-shot top-1 accuracy: logistic regression on frozen image features."""
+    try:
+        ks = tuple(int(k) for k in shots.split(",") if k.strip())
+    except ValueError:
+        raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as 1,2,4,8,16") from None
+    if any(k < 1 for k in ks):
+        raise EvalError(f"--shots {shots!r}: each k must be at least 1")
+    cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
+    model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+    result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
+                                   rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
+    Console().print(linear_probe_table(result, f"linear probe, {model_path.name} on {data}"))
+    print(LINEAR_PROBE_PROTOCOL)
+    meta = {"model": str(model_path), "data": str(data), "protocol": LINEAR_PROBE_PROTOCOL}
+    write_json(result | {"_meta": meta}, out)
+
+
 @app.command()
 def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            model_paths: list[Path] = typer.Option(..., "--model", help="weights file (repeat for several)"),
            out_json: Path = typer.Option(Path("report.json")), out_md: Path = typer.Option(Path("report.md")),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
-           device: str = DEVICE):
+           device: str = DEVICE, ties: str = TIES):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
-    result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers)
+    if ties not in TIE_RULES:
+        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)

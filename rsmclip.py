@@ -649,7 +649,7 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
     return model
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict):
+def atomic_save(tensors: dict, path: Path, metadata: dict):
     """Write to a temporary file and rename: a crash never leaves a half-written weights file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -663,10 +663,10 @@ def save(model: CLIP, path: str | Path, openclip_names: bool = False):
     cfg_json = json.dumps(asdict(model.config))
     sd = model.state_dict()
     if openclip_names:
-        _atomic_save(to_openclip_state_dict(sd, model.config), Path(path),
+        atomic_save(to_openclip_state_dict(sd, model.config), Path(path),
                      {"format": "open_clip", "rsmclip_config": cfg_json})
     else:
-        _atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json})
+        atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json})
 
 
 def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIPConfig:
@@ -870,26 +870,38 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
 @torch.inference_mode()
 def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
                 device: str = "cpu") -> torch.Tensor:
-    """[M, D] L2-normalised float32 embeddings on the CPU; bf16 autocast on CUDA. Sorted by length first,
-    so each batch is cut to a similar length (the model drops trailing pads), then put back in order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.config.embed_dim)
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
-        with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-            x = model.encode_text(tokenizer([texts[i] for i in rows]).to(device))
-        out[rows] = F.normalize(x.float(), dim=-1).cpu()
-    return out
+    """[M, D] L2-normalised float32 embeddings on the CPU; bf16 autocast on CUDA.
+
+    Each distinct token sequence is encoded once, in a batch of sequences of its own length only (no
+    padding, so no mask), and copied to every text that has it: a text's embedding depends on the text
+    alone, not on the batch size or on its neighbours, and identical texts get bit-identical vectors."""
+    ids = tokenizer(texts) if texts else torch.zeros(0, tokenizer.context_length, dtype=torch.long)
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    lengths = (unique != PAD).sum(1)
+    out = torch.empty(len(unique), model.config.embed_dim)
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero().flatten()
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+                x = model.encode_text(unique[batch, :length].to(device))
+            out[batch] = F.normalize(x.float(), dim=-1).cpu()
+    return out[inverse]
 
 
 def weights_fingerprint(path: Path) -> str:
-    """A cheap identity of a weights file (size + 16 sampled 64 KiB blocks): any fine-tuning changes it."""
-    size, digest = path.stat().st_size, hashlib.sha256()
+    """The identity of a weights file: its size and the SHA-256 of every byte (a sampled hash missed edits
+    to single tensors). Hashing runs at about disk speed, like the load that goes with it."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for i in range(16):
-            f.seek(size * i // 16)
-            digest.update(f.read(1 << 16))
-    return f"{size}:{digest.hexdigest()[:32]}"
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return f"{path.stat().st_size}:{digest.hexdigest()[:32]}"
+
+
+def cache_dir() -> Path:
+    """Where rsmclip keeps what it can recompute (image features): $RSMCLIP_HOME, or ~/.cache/rsmclip."""
+    return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
 
 
 def update_index(model, preprocess, weights: Path, folder: Path, index: Path, batch_size: int, device: str):
@@ -921,7 +933,7 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Path, ba
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
     removed = len(known) - len(kept)
     if added or removed or not index.exists():
-        _atomic_save({"embeddings": feats}, index, {"model": fingerprint, "entries": json.dumps(entries)})
+        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "entries": json.dumps(entries)})
     print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
           f"{len(failed)} unreadable skipped)")
     return entries, feats
@@ -995,7 +1007,7 @@ def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
             raise RsmclipError(f"{texts}: no such text file")
         lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
         tensors["text_embeddings"], meta["texts"] = embed_texts(model, tok, lines, device=device), json.dumps(lines)
-    _atomic_save(tensors, out, meta)
+    atomic_save(tensors, out, meta)
     print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
 
 

@@ -437,7 +437,7 @@ def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
         tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
     meta = {"step": step, "skipped": skipped, "param_groups": optim["param_groups"],
             "scaler": run.scaler.state_dict() if run.scaler else None}
-    rsmclip._atomic_save({k: v.detach().clone() for k, v in tensors.items()}, path, {"state": json.dumps(meta)})
+    rsmclip.atomic_save({k: v.detach().clone() for k, v in tensors.items()}, path, {"state": json.dumps(meta)})
 
 
 def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """eval.py: recall against a naive per-query reference, zero-shot weights against open_clip, retrieval,
 zero-shot and report end to end on tiny data, the no-argument demo, and the error paths."""
+import itertools
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import eval as ev
@@ -18,75 +20,177 @@ from data import demo, prepare
 from openclip_oracle import paired_models
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
 TINY = rsmclip.PRESETS["tiny"]
 
 
-# ----------------------------------------------------------------------------- recall vs a naive reference
+# ----------------------------------------------------------------------------- recall vs naive references
 
 
-def naive_recall(image_feats, text_feats, owner, ks=(1, 5, 10)):
-    """Per query: sort all candidates by score, a non-match before a match on equal scores; take the top K."""
+def naive_recall(image_feats, text_feats, owner, ks=(1, 5, 10), ties="against"):
+    """Per query: sort all candidates by score, a non-match before a match on equal scores ("against") or
+    after it ("favour"); take the top K."""
     sims = (image_feats @ text_feats.T).tolist()
     n, m = len(image_feats), len(text_feats)
+    last = ties == "against"
     i2t = {k: 0 for k in ks}
     for i in range(n):
-        order = sorted(range(m), key=lambda j: (-sims[i][j], owner[j] == i))
+        order = sorted(range(m), key=lambda j: (-sims[i][j], (owner[j] == i) == last))
         for k in ks:
             i2t[k] += any(owner[j] == i for j in order[:k])
     t2i = {k: 0 for k in ks}
     for j in range(m):
-        order = sorted(range(n), key=lambda i: (-sims[i][j], i == owner[j]))
+        order = sorted(range(n), key=lambda i: (-sims[i][j], (i == owner[j]) == last))
         for k in ks:
             t2i[k] += owner[j] in order[:k]
-    out = {"i2t": {f"R@{k}": 100 * i2t[k] / n for k in ks}, "t2i": {f"R@{k}": 100 * t2i[k] / m for k in ks}}
-    out["mR"] = (sum(out["i2t"].values()) + sum(out["t2i"].values())) / (2 * len(ks))
+    return as_recall({k: 100 * i2t[k] / n for k in ks}, {k: 100 * t2i[k] / m for k in ks})
+
+
+def as_recall(i2t: dict, t2i: dict) -> dict:
+    out = {"i2t": {f"R@{k}": v for k, v in i2t.items()}, "t2i": {f"R@{k}": v for k, v in t2i.items()}}
+    out["mR"] = (sum(out["i2t"].values()) + sum(out["t2i"].values())) / (2 * len(i2t))
     return out
 
 
-def assert_same(a, b):
+def assert_same(a, b, tol=1e-9):
     for d in ("i2t", "t2i"):
         for k in a[d]:
-            assert a[d][k] == pytest.approx(b[d][k], abs=1e-9), (d, k)
-    assert a["mR"] == pytest.approx(b["mR"], abs=1e-9)
+            assert a[d][k] == pytest.approx(b[d][k], abs=tol), (d, k)
+    assert a["mR"] == pytest.approx(b["mR"], abs=tol)
+
+
+def near_captions(n, per_image, seed, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    owner = torch.tensor([i for i, c in enumerate(per_image) for _ in range(c)])
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    noise = 1.2 * torch.randn(len(owner), dim, generator=g)  # captions near their image: recall neither 0 nor 100
+    texts = torch.nn.functional.normalize(images[owner] + noise, dim=-1)
+    perm = torch.randperm(len(owner), generator=g)
+    return images, texts[perm], owner[perm]
 
 
 @pytest.mark.parametrize("counts", ["five", "uneven"])
 @pytest.mark.parametrize("chunk", [None, 7])
-def test_recall_equals_naive_reference_on_random_embeddings(counts, chunk):
-    g = torch.Generator().manual_seed(0)
+def test_untied_recall_is_the_same_under_every_rule_and_equals_the_naive_loop(counts, chunk):
     n = 40
+    g = torch.Generator().manual_seed(0)
     per_image = [5] * n if counts == "five" else torch.randint(1, 8, (n,), generator=g).tolist()
-    owner = torch.tensor([i for i, c in enumerate(per_image) for _ in range(c)])
-    images = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
-    # captions near their image (so recalls are neither 0 nor 100), shuffled
-    noise = 1.2 * torch.randn(len(owner), 16, generator=g)
-    texts = torch.nn.functional.normalize(images[owner] + noise, dim=-1)
-    perm = torch.randperm(len(owner), generator=g)
-    texts, owner = texts[perm], owner[perm]
+    images, texts, owner = near_captions(n, per_image, seed=1)
     ours = ev.retrieval_metrics(images, texts, owner, chunk=chunk)
-    assert_same(ours, naive_recall(images, texts, owner.tolist()))
-    assert 0 < ours["t2i"]["R@1"] < 100 and 0 < ours["i2t"]["R@10"] < 100
+    ref = naive_recall(images, texts, owner.tolist())
+    for rule in ev.TIE_RULES:
+        assert_same(ours[rule], ref)
+    assert ours["tied_queries"] == {"i2t": 0, "t2i": 0}
+    assert 0 < ours["expected"]["t2i"]["R@1"] < 100 and 0 < ours["expected"]["i2t"]["R@10"] < 100
 
 
-def test_ties_count_against_the_query():
-    g = torch.Generator().manual_seed(1)
+def brute_force_recall(image_feats, text_feats, owner, ks=(1, 5, 10)):
+    """The mean hit rate over every order of the candidates that sorts them by score: every permutation
+    within each group of equal scores, enumerated."""
+    def mean_hits(scores, right):
+        groups = {}
+        for c, s in enumerate(scores):
+            groups.setdefault(s, []).append(c)
+        blocks = [list(itertools.permutations(groups[s])) for s in sorted(groups, reverse=True)]
+        hits, total = {k: 0 for k in ks}, 0
+        for choice in itertools.product(*blocks):
+            order = [c for block in choice for c in block]
+            total += 1
+            for k in ks:
+                hits[k] += any(c in right for c in order[:k])
+        return {k: hits[k] / total for k in ks}
+
+    sims = (image_feats @ text_feats.T).tolist()
+    n, m = len(image_feats), len(text_feats)
+    i2t = [mean_hits(sims[i], {j for j in range(m) if owner[j] == i}) for i in range(n)]
+    t2i = [mean_hits([sims[i][j] for i in range(n)], {owner[j]}) for j in range(m)]
+    return as_recall({k: 100 * sum(h[k] for h in i2t) / n for k in ks},
+                     {k: 100 * sum(h[k] for h in t2i) / m for k in ks})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_recall_equals_the_mean_over_every_tie_breaking(seed):
+    """Hand-sized cases with exact ties both ways: small integer vectors, repeated captions, one image
+    appearing twice, and uneven caption counts (image 2 has one caption, image 0 three)."""
+    g = torch.Generator().manual_seed(seed)
+    owner = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])
+    images = torch.randint(0, 2, (4, 2), generator=g).float()
+    images[3] = images[1]  # the same image file twice: its two rows must tie
+    texts = torch.randint(0, 3, (8, 2), generator=g).float()
+    texts[4] = texts[6]  # one caption shared by two images
+    ours = ev.retrieval_metrics(images, texts, owner, chunk=3)
+    assert_same(ours["expected"], brute_force_recall(images, texts, owner.tolist()))
+    assert_same(ours["against"], naive_recall(images, texts, owner.tolist(), ties="against"))
+    assert_same(ours["favour"], naive_recall(images, texts, owner.tolist(), ties="favour"))
+    assert ours["tied_queries"]["i2t"] > 0 and ours["tied_queries"]["t2i"] > 0
+
+
+def test_expected_recall_equals_a_peers_argsort_loop_on_average():
+    """The peers' loop (sort by score, ties in whatever order the candidates come) averaged over random
+    candidate orders converges to the expected recall; the bounds enclose it."""
+    g = torch.Generator().manual_seed(4)
+    n, per = 60, 5
+    owner = torch.arange(n * per) // per
+    images = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    images[n // 2:] = images[:n // 2]  # every image twice: text->image ties too
+    pool = torch.nn.functional.normalize(torch.randn(25, 8, generator=g), dim=-1)  # 25 distinct captions
+    texts = pool[(owner % 25 + torch.randint(0, 3, (n * per,), generator=g)) % 25]
+    ours = ev.retrieval_metrics(images, texts, owner)
+    sims = images @ texts.T
+    draws, hits = 300, {d: {k: [] for k in ev.KS} for d in ("i2t", "t2i")}
+    for _ in range(draws):
+        perm_t, perm_i = torch.randperm(n * per, generator=g), torch.randperm(n, generator=g)
+        order_t = perm_t[torch.argsort(-sims[:, perm_t], dim=1, stable=True)]  # [n, m] caption columns
+        order_i = perm_i[torch.argsort(-sims.T[:, perm_i], dim=1, stable=True)]  # [m, n] image rows
+        first_t = (owner[order_t] == torch.arange(n)[:, None]).int().argmax(1)
+        first_i = (order_i == owner[:, None]).int().argmax(1)
+        for k in ev.KS:
+            hits["i2t"][k].append(100 * (first_t < k).double().mean().item())
+            hits["t2i"][k].append(100 * (first_i < k).double().mean().item())
+    for d in ("i2t", "t2i"):
+        for k in ev.KS:
+            runs = torch.tensor(hits[d][k], dtype=torch.float64)
+            error = 4 * runs.std().item() / draws ** 0.5 + 1e-9
+            assert abs(runs.mean().item() - ours["expected"][d][f"R@{k}"]) <= error, (d, k)
+            assert ours["against"][d][f"R@{k}"] <= ours["expected"][d][f"R@{k}"] <= ours["favour"][d][f"R@{k}"]
+    assert ours["favour"]["mR"] - ours["against"]["mR"] > 5  # a case where the rule matters
+
+
+def test_a_collapsed_model_scores_chance_not_zero_or_hundred():
     owner = torch.tensor([i for i in range(12) for _ in range(3)])
-    images = torch.randint(0, 3, (12, 4), generator=g).float()  # small integers: exact, frequent ties
-    texts = torch.randint(0, 3, (36, 4), generator=g).float()
-    ours = ev.retrieval_metrics(images, texts, owner, chunk=5)
-    assert_same(ours, naive_recall(images, texts, owner.tolist()))
-    flat = ev.retrieval_metrics(torch.ones(12, 4), torch.ones(36, 4), owner)  # a collapsed model
-    assert flat["mR"] == 0.0
+    flat = ev.retrieval_metrics(torch.ones(12, 4), torch.ones(36, 4), owner)
+    assert flat["against"]["mR"] == 0.0 and flat["favour"]["mR"] == 100.0
+    assert flat["expected"]["mR"] == pytest.approx(ev.chance_mR([3] * 12))  # every order equally likely
 
 
 def test_chance_level_formula():
     assert ev.chance_mR([1] * 100) == pytest.approx((1 + 5 + 10) / 3)
+    assert ev.chance_mR([5]) == 100.0 and ev.chance_mR([2, 1]) == pytest.approx(100 * 5 / 6)  # fewer captions than K
     g = torch.Generator().manual_seed(2)
     n, m = 200, 1000
     owner = torch.arange(m) // 5
     random = [ev.retrieval_metrics(torch.randn(n, 32, generator=g), torch.randn(m, 32, generator=g),
-                                   owner)["mR"] for _ in range(5)]
+                                   owner)["expected"]["mR"] for _ in range(5)]
     assert abs(np.mean(random) - ev.chance_mR([5] * n)) < 0.6
+
+
+def test_each_distinct_caption_is_encoded_once_and_identical_ones_are_bit_identical(spm_model):
+    torch.manual_seed(5)
+    model = rsmclip.CLIP(TINY).eval()
+    tok = rsmclip.Tokenizer(spm_model)
+    texts = ["a red roof", "two planes near a runway", "a red roof", "green fields", "a  red roof ",
+             "two planes near a runway", "a dense residential area with many houses and a road"]
+    seen = []
+    original = model.encode_text
+    model.encode_text = lambda ids, normalize=False: seen.append(len(ids)) or original(ids, normalize)
+    feats = rsmclip.embed_texts(model, tok, texts, batch_size=2)
+    assert sum(seen) == 4  # "a  red roof " cleans to the same ids as "a red roof"
+    for i, j in ((0, 2), (0, 4), (1, 5)):
+        assert torch.equal(feats[i], feats[j])
+    with torch.no_grad():
+        alone = torch.cat([F.normalize(original(tok([t])), dim=-1) for t in texts])
+    assert (feats - alone).abs().max() < 1e-5
+    assert rsmclip.embed_texts(model, tok, []).shape == (0, TINY.embed_dim)
 
 
 # ----------------------------------------------------------------------------- zero-shot vs open_clip
@@ -201,15 +305,60 @@ def test_evaluate_retrieval_encodes_each_image_once_and_matches_metrics(models, 
     assert list(res) == ["en", "pt", "mean"]
     records = [r for r in prepare.load_manifest(small_manifest) if r["split"] == "test"]
     with torch.no_grad():
-        pixels = torch.stack([pp(small_manifest.parent / r["image"]) for r in records])
-        images = ours.encode_image(pixels, normalize=True)
+        files = sorted({r["image"] for r in records})
+        unique = ours.encode_image(torch.stack([pp(small_manifest.parent / f) for f in files]), normalize=True)
+        images = unique[[files.index(r["image"]) for r in records]]  # the shared file: identical rows
         for lang in ("en", "pt"):
             texts = [c for r in records for c in r["captions"][lang]]
             owner = torch.tensor([i for i, r in enumerate(records) for _ in r["captions"][lang]])
-            ref = naive_recall(images, ours.encode_text(tok(texts), True), owner.tolist())
-            assert_same(res[lang], ref)
+            feats = torch.cat([ours.encode_text(tok([t]), True) for t in texts])
+            assert res[lang]["ties"] == "expected" and res[lang]["tied_queries"]["t2i"] > 0
+            assert_same(res[lang], res[lang]["by_tie_rule"]["expected"])
+            assert_same(res[lang], brute_force_recall(images, feats, owner.tolist()), tol=1e-4)
+            for rule in ("against", "favour"):
+                assert_same(res[lang]["by_tie_rule"][rule], naive_recall(images, feats, owner.tolist(), ties=rule),
+                            tol=1e-4)
             assert res[lang]["images"] == 6 and res[lang]["captions"] == len(texts)
+            assert res[lang]["distinct_captions"] == len(set(texts))
     assert res["mean"]["mR"] == pytest.approx((res["en"]["mR"] + res["pt"]["mR"]) / 2)
+    against = ev.evaluate_retrieval(ours, tok, pp, small_manifest, "test", workers=0, ties="against")
+    assert against["en"]["mR"] == res["en"]["by_tie_rule"]["against"]["mR"] <= res["en"]["mR"]
+
+
+@pytest.mark.parametrize("langs", [["en"], ["zh", "ru"]])
+def test_recall_is_the_same_at_every_batch_size_on_the_demo_test_split(demo_manifest, langs):
+    """A caption's embedding depends on the caption alone; train.py validates with batch 128 and eval.py
+    defaults to 64, so both give the same table."""
+    torch.manual_seed(6)
+    model = rsmclip.CLIP(TINY).eval()
+    tok = rsmclip.Tokenizer(demo_manifest.parent / TINY.tokenizer)
+    pp = rsmclip.Preprocess(TINY.vision.image_size)
+    results = [ev.evaluate_retrieval(model, tok, pp, demo_manifest, "test", langs, batch_size=b, workers=0)
+               for b in (1, 7, 64, 128, 256)]
+    for other in results[1:]:
+        for lang in langs:
+            for rule in ev.TIE_RULES:
+                assert other[lang]["by_tie_rule"][rule] == results[0][lang]["by_tie_rule"][rule]
+
+
+def test_a_one_image_split_gives_a_table(models, spm_model, small_manifest):
+    ours, _ = models
+    tok, pp = rsmclip.Tokenizer(spm_model), rsmclip.Preprocess(TINY.vision.image_size)
+    res = ev.evaluate_retrieval(ours, tok, pp, small_manifest, "train", ["en"], workers=0)  # 1 image, 2 captions
+    assert res["en"]["images"] == 1 and res["en"]["chance_mR"] == 100.0 and res["en"]["mR"] == 100.0
+    ev.retrieval_table(res, "one image")
+
+
+@pytest.mark.skipif(not (SHARED / "ucm_captions_sample").is_dir(), reason="../shared/datasets absent")
+def test_the_real_ucm_sample_test_split_of_one_image_is_evaluated(models, spm_model, tmp_path):
+    src = SHARED / "ucm_captions_sample"
+    shutil.copytree(src / "images", tmp_path / "images")
+    prepare.build_captions(src / "dataset_ucm.json", tmp_path / "images", tmp_path / "captions.jsonl", "ucm")
+    ours, _ = models
+    tok, pp = rsmclip.Tokenizer(spm_model), rsmclip.Preprocess(TINY.vision.image_size)
+    res = ev.evaluate_retrieval(ours, tok, pp, tmp_path / "captions.jsonl", "test", workers=0)
+    assert list(res) == ["en"] and res["en"]["images"] == 1 and res["en"]["captions"] == 5
+    assert res["en"]["mR"] == res["en"]["chance_mR"] == 100.0
 
 
 def test_evaluate_retrieval_errors(models, spm_model, small_manifest):
@@ -279,9 +428,10 @@ def test_report_shows_models_and_peers_side_by_side(weights, small_manifest, tmp
     assert report["rows"][0]["peers"] == {"PaperNet": 12.5}
     assert set(report["rows"][0]["values"]) == {"tiny0", "tiny1"}
     md = ev.report_markdown(report)
-    assert "| task | dataset | lang | metric | tiny0 | tiny1 | PaperNet (reported) | Other (reported) |" in md
+    assert ("| task | dataset | lang or setting | metric | tiny0 | tiny1 | PaperNet (reported) | Other (reported) |"
+            in md)
     assert "| zeroshot | tree | en | top1 |" in md and "| 50.00 | 40.00 |" in md
-    assert ev.RETRIEVAL_PROTOCOL in md and ev.ZEROSHOT_PROTOCOL in md
+    assert ev.retrieval_protocol() in md and ev.ZEROSHOT_PROTOCOL in md and ev.LINEAR_PROBE_PROTOCOL not in md
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tasks": [{"name": "x", "task": "captioning", "data": "y"}]}))
     with pytest.raises(ev.EvalError, match=r"tasks \[0\] need"):
