@@ -1,6 +1,8 @@
 """One training forward/backward on the demo, for tests/test_train.py: run once as a single process with
 the global batch, and under `torchrun --nproc_per_node 2` with half of it on each process (gloo). Rank 0
-writes the loss (averaged over processes), the DDP-averaged gradients and the updated DINO centre."""
+writes the loss (averaged over processes), the DDP-averaged gradients and the updated DINO centre; every
+rank writes its teacher (OUT.teacher<rank>.safetensors). Rank 1 starts from other weights: DDP's broadcast
+must give every rank rank 0's student and teacher."""
 import sys
 from pathlib import Path
 
@@ -17,7 +19,12 @@ manifest = Path(sys.argv[1])  # a demo dataset
 cfg = train.TrainConfig(data=[str(manifest)], tokenizer=str(manifest.parent / "spm.model"), batch_size=GLOBAL_BATCH // world,
                         local_crops=2, head_dim=64, text_dropout=0.0, workers=0)  # no dropout: same function
 model, tokenizer = train.build_model(cfg, Path(cfg.tokenizer))
+if rank == 1:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
 run = train.build_run(cfg, model, tokenizer, device)
+save_file(run.teacher.state_dict(), f"{sys.argv[2]}.teacher{rank}.safetensors")
 items = train.read_manifests(cfg.data, "train")
 dataset = train.MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
 keys = next(iter(train.StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, 0, 1)))

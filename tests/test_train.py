@@ -158,6 +158,111 @@ def test_multicrop_views(tmp_path, spm_model):
     assert torch.equal(light["views"][:2], a["views"])
 
 
+def test_clip_only_view_is_openclips_training_transform(monkeypatch, tmp_path, spm_model):
+    """--distill-weight 0 trains on open_clip's image_transform(is_train=True): equal outputs for the same crop,
+    crops drawn from the same distribution."""
+    import torchvision.transforms as T
+    from open_clip.transform import image_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    theirs = image_transform(64, is_train=True)
+    assert theirs.transforms[0].scale == (0.9, 1.0) and len(theirs.transforms) == 4  # crop, RGB, tensor, normalise
+    for seed in range(10):
+        left, top, w, h = train.crop_box(120, 90, (0.9, 1.0), random.Random(seed))
+        monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(lambda img, scale, ratio: (top, left, h, w)))
+        assert torch.allclose(train.light_view(image, 64, random.Random(seed)), theirs(image), atol=1e-6)
+    monkeypatch.undo()
+    for size in [(120, 90), (40, 200)]:  # (40, 200): no crop of the drawn aspect fits, both fall back
+        ours = np.array([train.crop_box(*size, (0.9, 1.0), random.Random(i))[2:] for i in range(3000)])
+        ref = np.array([T.RandomResizedCrop.get_params(Image.new("RGB", size), [0.9, 1.0], [3 / 4, 4 / 3])[:1:-1]
+                        for _ in range(3000)])
+        assert np.allclose(ours.mean(0), ref.mean(0), rtol=0.01) and np.allclose(ours.std(0), ref.std(0), rtol=0.1, atol=0.2)
+    image.save(tmp_path / "a.png")
+    item = {"path": tmp_path / "a.png", "captions": {"en": ["one"]}}
+    ds = train.MultiCropDataset([item], train.TrainConfig(distill_weight=0, langs="en"), 64, rsmclip.Tokenizer(spm_model))
+    assert torch.equal(ds[(0, 5)]["views"][0], train.light_view(image, 64, random.Random(5)))  # the only view
+
+
+def tiny_run(**overrides):
+    """A distillation run of the tiny model on CPU and a synthetic batch for it (2 images)."""
+    cfg = train.TrainConfig(batch_size=2, local_crops=2, head_dim=32, head_hidden=64, head_bottleneck=16, steps=10,
+                            warmup=3, text_dropout=0.0, **overrides)
+    torch.manual_seed(0)
+    model = rsmclip.CLIP(rsmclip.PRESETS["tiny"])
+    g = torch.Generator().manual_seed(0)
+    n_views, n_clip = train.view_layout(cfg)
+    ids = torch.full((2 * n_clip, 77), rsmclip.PAD)
+    ids[:, :5] = torch.randint(3, 300, (2 * n_clip, 5), generator=g)
+    batch = {"views": torch.randn(2 * n_views, 3, 64, 64, generator=g), "ids": ids,
+             "locals": torch.randn(2 * cfg.local_crops, 3, 24, 24, generator=g)}
+    return train.build_run(cfg, model, None, torch.device("cpu")), batch
+
+
+def test_head_has_its_own_lr_schedule():
+    run, batch = tiny_run(lr=1e-3, head_lr=2e-2)
+    head = {id(p) for p in run.core.head.parameters() if p.requires_grad}
+    for group in run.optimizer.param_groups:  # the head's groups hold exactly the head, with its own peak lr
+        assert {id(p) in head for p in group["params"]} == {group["base_lr"] == 2e-2}
+    assert sum(len(g["params"]) for g in run.optimizer.param_groups if g["base_lr"] == 2e-2) == len(head)
+    for step in range(5):
+        logs = train.train_step(run, batch, step)
+        for group in run.optimizer.param_groups:
+            assert group["lr"] == train.lr_at(step, group["base_lr"], 3, 10)
+        assert logs["head_lr"] == train.lr_at(step, 2e-2, 3, 10) and logs["lr"] == train.lr_at(step, 1e-3, 3, 10)
+
+
+def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    images, texts = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(100.0)
+    seen = []
+    cross_entropy = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, *a, **k: seen.append(logits.dtype) or cross_entropy(logits, *a, **k))
+    reference = rsmclip.clip_loss(images, texts, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = rsmclip.clip_loss(images, texts, scale)
+        bf16 = rsmclip.clip_loss(images, texts, scale, fp32=False)
+    assert seen == [torch.float32] * 4 + [torch.bfloat16] * 2
+    assert torch.allclose(fp32, reference, atol=1e-6) and not torch.allclose(bf16.float(), reference, atol=1e-3)
+    head = rsmclip.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
+    x = torch.randn(7, 48, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(x).dtype == torch.float32
+        head.fp32 = False
+        assert head(x).dtype == torch.bfloat16
+        loss, entropy = rsmclip.DINOLoss(40)([head(x)] * 3, [head(x)] * 2, 0.04)
+        assert loss.dtype == entropy.dtype == torch.float32
+    run, batch = tiny_run(precision="bf16")  # the training step: CLIP features and head outputs in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = run.student(batch["views"], batch["locals"], batch["ids"])
+    assert [t.dtype for t in outputs] == [torch.float32] * 4
+
+
+def test_freezing_keeps_every_last_layer_parameter():
+    run, batch = tiny_run(norm_last_layer=False, freeze_last_layer=2)
+    last = run.core.head.last_layer()
+    assert all(p.requires_grad for p in last)  # with norm_last_layer false the norms train too
+    before = [p.detach().clone() for p in last]
+    mlp = run.core.head.mlp[0].weight.detach().clone()
+    for step in range(2):
+        train.train_step(run, batch, step)
+    assert all(torch.equal(p, b) for p, b in zip(last, before)) and not torch.equal(run.core.head.mlp[0].weight, mlp)
+    train.train_step(run, batch, 2)
+    assert all(not torch.equal(p, b) for p, b in zip(last, before))
+
+
+def test_resume_compares_run_directories_by_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.TrainConfig(out="runs/x", data=["d/captions.jsonl"])
+    Path("runs/x").mkdir(parents=True)
+    Path("runs/x/checkpoint.safetensors").write_bytes(b"")
+    Path("runs/x/config.json").write_text(json.dumps({"config": train.asdict(cfg)}))
+    for out in ["runs/x/", "./runs/x", str(tmp_path / "runs/x")]:
+        train.check_resume(replace(cfg, out=out, data=["./d/captions.jsonl"]))
+    with pytest.raises(train.TrainError, match=r"other settings \(lr\)"):
+        train.check_resume(replace(cfg, out="runs/x/", lr=1e-3))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -188,7 +293,10 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert model.config == rsmclip.PRESETS["tiny"] and tokenizer.path.name == "spm.model"
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
-    assert {"loss", "clip", "distill", "lr", "logit_scale", "teacher_temp", "images_per_s", "memory_mb"} <= set(metrics[0])
+    assert {"loss", "clip", "distill", "lr", "head_lr", "logit_scale", "teacher_temp", "images_per_s", "memory_mb",
+            "teacher_entropy", "kl"} <= set(metrics[0])
+    assert 0 < metrics[0]["teacher_entropy"] <= math.log(64) + 1e-4  # --head-dim 64 prototypes
+    assert math.isclose(metrics[0]["kl"], metrics[0]["distill"] - metrics[0]["teacher_entropy"], abs_tol=1e-5)
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert saved["config"]["steps"] == 6 and saved["argv"][0].endswith("train.py") and "git_commit" in saved
     again = run_train("--config", tmp_path / "run/config.json", "--out", tmp_path / "rerun")
@@ -214,9 +322,15 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest)
     with safe_open(str(checkpoint), "pt") as f:
         killed_at = json.loads(f.metadata()["state"])["step"]
     assert killed_at < 6 and not (tmp_path / "cut/model.safetensors").exists()
-    resumed = run_train("--out", tmp_path / "cut", *args)
+    # What a kill can leave besides: lines of steps after the checkpoint (they run again) and a temporary file
+    with open(tmp_path / "cut/metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": killed_at + 1, "loss": 0.0}) + "\n" + '{"step": 9, "lo')  # the last one torn
+    (tmp_path / "cut/.checkpoint.safetensors.tmp12345").write_bytes(b"\0" * 1000)
+    resumed = run_train("--out", str(tmp_path / "cut") + "/", *args)  # spelled differently: the same directory
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {killed_at}" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6] and not list((tmp_path / "cut").glob(".*"))  # each step once, no temporary files
     a, b = read_model(tmp_path / "ref/model.safetensors"), read_model(tmp_path / "cut/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     with safe_open(str(tmp_path / "ref/checkpoint.safetensors"), "pt") as f, \
@@ -297,7 +411,8 @@ def free_port() -> int:
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, demo_manifest):
-    """torchrun --nproc_per_node 2 (gloo): same loss and gradients as one process on the global batch."""
+    """torchrun --nproc_per_node 2 (gloo): same loss and gradients as one process on the global batch, and
+    the same teacher on both ranks although rank 1 started from other weights."""
     script = ROOT / "tests/ddp_step.py"
     single = subprocess.run([sys.executable, str(script), str(demo_manifest), str(tmp_path / "single.safetensors")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -310,6 +425,9 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, demo_manifest):
     assert a.keys() == b.keys() and len(a) > 50
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    teachers = [read_model(f"{tmp_path / 'ddp.safetensors'}.teacher{rank}.safetensors") for rank in range(2)]
+    single = read_model(f"{tmp_path / 'single.safetensors'}.teacher0.safetensors")
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) and torch.equal(teachers[0][k], single[k]) for k in single)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
