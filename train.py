@@ -8,7 +8,9 @@
 Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
 ViT class token) sees every crop; an EMA teacher (image tower + head) sees the global crops. Loss =
 CLIP(global crop v, a caption of the image in a random enabled language) averaged over the 2 global
-views + distill_weight * DINO cross-entropy (every teacher global view -> every other student view).
+views (--clip-view light: on one more, lightly cropped view instead) + distill_weight * DINO
+cross-entropy (every teacher global view -> every other student view). --distill-weight 0 is
+open_clip's recipe: one lightly cropped view per image and the CLIP loss.
 A run directory holds config.json, metrics.jsonl, checkpoint.safetensors (everything needed to resume
 exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it.
 """
