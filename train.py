@@ -216,8 +216,8 @@ def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Ra
 
 
 def view_layout(cfg: TrainConfig) -> tuple[int, int]:
-    """(full-size views per image, how many of them, the last ones, have a caption for the CLIP loss).
-    Self-distillation: 2 global crops, which are also the CLIP views (SILC), or followed by one light
+    """-> (full-size views per image, CLIP views: the last ones of them, each with a caption).
+    Self-distillation: the 2 global crops, which are also the CLIP views (SILC), or followed by one light
     CLIP view. CLIP only: one light view, open_clip's recipe."""
     if cfg.distill_weight == 0:
         return 1, 1
