@@ -1047,12 +1047,23 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main():
+def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
+    """Every script's command line runs through here: a user error (RsmclipError) or a failed file
+    operation (disk full, no permission) is one line `error: ...` and exit 1; a usage error is click's
+    message and exit 2. Never a traceback for either."""
     try:
-        app()
+        app(args=args)
     except RsmclipError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main():
+    run_cli(app)
 
 
 if __name__ == "__main__":
