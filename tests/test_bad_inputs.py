@@ -8,6 +8,7 @@ The entry points run in this process (their Typer apps through rsmclip.run_cli, 
 the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,3 +116,29 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
         assert (tmp_path / f).read_bytes() == data, f"{f} changed"
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), pattern
+
+
+# ----------------------------------------------------------------------------- the one atomic writer
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    stale = tmp_path / ".out.json.999999999.abc.tmp"  # a writer killed before it could clean up
+    stale.write_text("half")
+    mine = tmp_path / f".out.json.{os.getpid()}.xyz.tmp"  # a live writer's file stays
+    mine.write_text("live")
+
+    def fail(tmp):
+        tmp.write_text("partial")
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        rsmclip.atomic_write(target, fail)
+    assert target.read_text() == "old" and not stale.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])
+    rsmclip.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.UMASK
+    with pytest.raises(rsmclip.RsmclipError, match="is a folder; give a file name"):
+        rsmclip.atomic_write(tmp_path, lambda tmp: None)
