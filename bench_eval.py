@@ -1,7 +1,10 @@
 """Benchmark of retrieval evaluation: 10,000 images x 5 captions with the tiny model, broken down into
-image decoding, image encoding, text encoding and scoring, then end to end.
+image decoding, image encoding, text encoding and scoring, then end to end; and how much the tie rule
+moves recall on a real caption set.
 
-    python bench_eval.py [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
+    python bench_eval.py speed [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
+    python bench_eval.py ties --data datasets/ucm/captions.jsonl --split val \
+        --tokenizer ../shared/assets/xlmr/sentencepiece.bpe.model
 
 The images are 256x256 JPEGs (the size of UCM/RSITMD; RSICD's are 224), made once from the demo's
 renderer into --workdir: 200 distinct scenes written round-robin, as decoding cost does not depend on
@@ -12,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,9 @@ from PIL import Image
 import eval as ev
 import rsmclip
 from data import demo, prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from openclip_oracle import fill_with_noise  # noqa: E402 (the tests' seeded-noise weights)
 
 
 def make_bench_set(folder: Path, n: int) -> Path:
@@ -59,7 +66,11 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def main(images: int = typer.Option(10000, help="number of images (5 captions each)"),
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def speed(images: int = typer.Option(10000, help="number of images (5 captions each)"),
          batch_size: int = typer.Option(64),
          workers: int = typer.Option(2, help="decoding processes, end to end"),
          device: str = typer.Option(rsmclip.default_device()),
@@ -104,5 +115,37 @@ def main(images: int = typer.Option(10000, help="number of images (5 captions ea
                                    "seconds": rows}, indent=2) + "\n")
 
 
+@app.command()
+def ties(data: Path = typer.Option(..., help="captions.jsonl"), split: str = typer.Option("val"),
+         tokenizer: Path = typer.Option(..., help="the XLM-R SentencePiece model"),
+         seed: int = typer.Option(0, help="seed of the noise written into every parameter"),
+         device: str = typer.Option(rsmclip.default_device())):
+    """Repeated captions and the three tie rules, on one split, with seeded-noise xlmr-b32 weights (what a
+    checkpoint sees before it learns anything; trained checkpoints tie on the same repeated captions)."""
+    records = [r for r in prepare.load_manifest(data) if r["split"] == split]
+    texts = [c for r in records for c in r["captions"]["en"]]
+    owners = {}
+    for i, r in enumerate(records):
+        for c in set(r["captions"]["en"]):
+            owners.setdefault(c, set()).add(i)
+    shared = sum(1 for c in texts if len(owners[c]) > 1)
+    widest = max(owners, key=lambda c: len(owners[c]))
+    print(f"{data} {split}: {len(records)} images, {len(texts)} captions, {len(owners)} distinct; {shared} "
+          f"captions are shared with another image; the widest, {widest!r}, belongs to {len(owners[widest])}")
+    cfg = rsmclip.PRESETS["xlmr-b32"]
+    model = fill_with_noise(rsmclip.CLIP(cfg), seed).to(device).eval()
+    tok = rsmclip.Tokenizer(tokenizer, cfg.context_length)
+    result = ev.evaluate_retrieval(model, tok, rsmclip.Preprocess(cfg.vision.image_size), data, split, ["en"],
+                                   device=device, workers=0)["en"]
+    print(f"queries whose match ties with a wrong candidate: i2t {result['tied_queries']['i2t']}, "
+          f"t2i {result['tied_queries']['t2i']}")
+    print("| tie rule | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |\n|---|---|---|---|---|---|---|---|")
+    for rule in ev.TIE_RULES:
+        r = result["by_tie_rule"][rule]
+        print(f"| {rule} | " + " | ".join(f"{r[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in ev.KS)
+              + f" | {r['mR']:.2f} |")
+    print(f"chance mR {result['chance_mR']:.2f}")
+
+
 if __name__ == "__main__":
-    typer.run(main)
+    app()

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 import rsmclip
 from data.demo import make_demo
-from data.prepare import DataError, load_labels, load_manifest, read_json, scan_image_folder
+from data.prepare import load_labels, load_manifest, read_json, scan_image_folder
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "demo_data"
@@ -398,7 +398,7 @@ LINEAR_PROBE_PROTOCOL = (
     "chosen on a validation part of the train split (the val split, else a stratified 20% of train): a grid "
     "10^-6 ... 10^2 by decades, then quarter-decades around the best; then refit on train (full) or on the "
     "k shots (few-shot). k-shot: k train images per class, never val or test images, drawn with seeds "
-    "0-4; mean and standard deviation over the seeds. Top-1 accuracy in % on the test split.")
+    "0 ... S-1 (S = 5 unless set); mean and standard deviation over the seeds. Top-1 accuracy in % on the test split.")
 
 
 def classification_items(data: Path) -> list[tuple[Path, str, str]]:
@@ -445,7 +445,10 @@ def probe_splits(items: list, labels: list[int], test_fraction: float) -> dict[s
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, lam: float,
                  init: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise mean cross-entropy + lam/2 |W|^2 (bias free) with full-batch L-BFGS: (W [D, C], b [C]).
-    The same optimum as scikit-learn's LogisticRegression with C = 1 / (lam * n)."""
+    The same optimum as scikit-learn's LogisticRegression with C = 1 / (lam * n). In float64: features of
+    one model are often nearly parallel, so the class scores differ by little and float32 rounding in the
+    optimiser flips predictions."""
+    x = x.double()
     w = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
     w.requires_grad_(True)
@@ -465,7 +468,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, lam: float,
 
 
 def accuracy(model: tuple, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100 * ((x @ model[0] + model[1]).argmax(1) == y).double().mean().item()
+    return 100 * ((x.double() @ model[0] + model[1]).argmax(1) == y).double().mean().item()
 
 
 def choose_lambda(fit_x, fit_y, val_x, val_y, classes: int) -> float:
@@ -596,7 +599,7 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
     """Every task of a suite file against every checkpoint -> rows for the table and the full results.
 
     Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe", "data", "split",
-    "langs", "classes", "templates", "shots", "test_fraction", "peers": {peer: {lang: number}}}]}; paths
+    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]}; paths
     relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...), and
     its peers are keyed by setting."""
     suite = read_json(Path(suite_path))
@@ -619,7 +622,7 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
                 score = {lang: r["top1"] for lang, r in result.items()}
             else:
                 result = evaluate_linear_probe(model, preprocess, data, tuple(task.get("shots", SHOTS)),
-                                               test_fraction=task.get("test_fraction", 0.5),
+                                               task.get("seeds", PROBE_SEEDS), task.get("test_fraction", 0.5),
                                                cache_key=rsmclip.weights_fingerprint(w),
                                                batch_size=batch_size, device=device, workers=workers)
                 score = {f"{k}-shot": r["mean"] for k, r in result["shots"].items()} | {
@@ -783,11 +786,7 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
 
 
 def main():
-    try:
-        app()
-    except (rsmclip.RsmclipError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rsmclip.run_cli(app)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Also a command line: `python rsmclip.py --help` (info, download, convert, embed,
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import html
 import http.client
@@ -21,11 +22,12 @@ import math
 import os
 import re
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ftfy
 import numpy as np
@@ -43,6 +45,8 @@ LANGS = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+UMASK = os.umask(0o022)  # the only way to read the umask is to set it: put it back at once
+os.umask(UMASK)
 
 
 class RsmclipError(Exception):
@@ -649,12 +653,49 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
     return model
 
 
-def atomic_save(tensors: dict, path: Path, metadata: dict):
-    """Write to a temporary file and rename: a crash never leaves a half-written weights file."""
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
+    flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
+    On any failure (disk full, an exception) the temporary file is removed and an existing `path` keeps
+    its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
+    before it could clean up (SIGKILL) is swept away by the next write of the same file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RsmclipError(f"{path}: is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict):
+    """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save(model: CLIP, path: str | Path, openclip_names: bool = False):
@@ -1073,12 +1114,23 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main():
+def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
+    """Every script's command line runs through here: a user error (RsmclipError) or a failed file
+    operation (disk full, no permission) is one line `error: ...` and exit 1; a usage error is click's
+    message and exit 2. Never a traceback for either."""
     try:
-        app()
+        app(args=args)
     except RsmclipError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main():
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ EXPECTED = {"rsicd": (10921, 1093), "rsitmd": (4743, 452), "ucm": (2100, 210), "
 SHOW = 5  # how many offending entries an error message lists
 
 
-class DataError(Exception):
+class DataError(rsmclip.RsmclipError):
     """A problem in the user's data: printed as one message, exit status 1."""
 
 
@@ -457,11 +457,7 @@ def merge_cmd(manifests: list[Path] = typer.Argument(..., help="captions.jsonl f
 
 
 def main():
-    try:
-        app()
-    except (DataError, rsmclip.RsmclipError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rsmclip.run_cli(app)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from typer.testing import CliRunner
 
 import eval as ev
@@ -455,3 +456,161 @@ def test_eval_without_arguments_prints_a_chance_level_demo_table():
     line = next(s for s in run.stdout.splitlines() if s.startswith("mean mR "))
     measured, chance = float(line.split()[2]), float(line.split("random ranking: ")[1].split(")")[0])
     assert 0.5 * chance < measured < 2 * chance  # untrained: near chance (about 2.65 here)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+class ColourModel(torch.nn.Module):
+    """Image features = the mean colour plus noise: separable when each class has its own colour."""
+    config = TINY
+
+    def encode_image(self, pixels, normalize=False):
+        g = torch.Generator().manual_seed(int(pixels.sum() * 1000) % 2 ** 31)
+        return pixels.mean((2, 3)) + 0.05 * torch.randn(len(pixels), 3, generator=g)
+
+
+def colour_tree(root: Path, per_class=8, classes=("red", "green", "blue")):
+    for c, label in enumerate(classes):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            colour = [40 + 3 * i] * 3
+            colour[c % 3] = 220
+            Image.new("RGB", (16, 16), tuple(colour)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_linear_probe_on_separable_features_is_perfect(tmp_path):
+    root = colour_tree(tmp_path / "tree")
+    pp = rsmclip.Preprocess(16)
+    res = ev.evaluate_linear_probe(ColourModel(), pp, root, shots=(1, 3), seeds=3, workers=0)
+    assert res["full"]["top1"] == 100.0 and res["chance"] == pytest.approx(100 / 3)
+    assert all(r["mean"] == 100.0 and r["std"] == 0.0 and len(r["runs"]) == 3 for r in res["shots"].values())
+    assert res["images"] == {"fit": 9, "val": 3, "test": 12} and res["test_fraction"] == 0.5
+    assert res["classes"] == ["blue", "green", "red"]
+
+
+@pytest.fixture(scope="module")
+def rsscn7_features():
+    """Frozen features of the 70 real RSSCN7 sample images from a seeded tiny model."""
+    torch.manual_seed(7)
+    model = rsmclip.CLIP(TINY).eval()
+    items = ev.classification_items(SHARED / "rsscn7_sample")
+    feats = ev.encode_images(model, rsmclip.Preprocess(TINY.vision.image_size), [p for p, _, _ in items],
+                             workers=0)
+    names = sorted({label for _, label, _ in items})
+    return feats, torch.tensor([names.index(label) for _, label, _ in items]), items
+
+
+@pytest.mark.skipif(not (SHARED / "rsscn7_sample").is_dir(), reason="../shared/datasets absent")
+@pytest.mark.parametrize("lam", [1e-1, 1e-3, 1e-5])
+def test_logistic_regression_equals_scikit_learn_on_real_features(rsscn7_features, lam):
+    from sklearn.linear_model import LogisticRegression  # the oracle: a test-only dependency
+
+    feats, y, items = rsscn7_features
+    part = ev.probe_splits(items, y.tolist(), 0.5)
+    train = part["fit"] + part["val"]
+    ours = ev.fit_logistic(feats[train], y[train], 7, lam)
+    theirs = LogisticRegression(C=1 / (lam * len(train)), max_iter=20000, tol=1e-10).fit(
+        feats[train].double().numpy(), y[train].numpy())
+    test = part["test"]
+    mine = ev.accuracy(ours, feats[test], y[test])
+    ref = 100 * (theirs.predict(feats[test].double().numpy()) == y[test].numpy()).mean()
+    assert abs(mine - ref) <= 100 / len(test) + 1e-9  # within one test image
+    assert 100 / 7 < mine  # the real features carry signal even from a random model
+    logits = (feats[test].double() @ ours[0] + ours[1]).numpy()
+    ref_logits = theirs.decision_function(feats[test].double().numpy())
+    centred = lambda a: a - a.mean(1, keepdims=True)  # noqa: E731 (softmax logits are shift-invariant)
+    assert np.abs(centred(logits) - centred(ref_logits)).max() < 2e-2 * max(1, np.abs(ref_logits).max())
+
+
+def test_k_shot_draws_are_seeded_and_never_take_validation_or_test_images(tmp_path):
+    items = [(Path(f"{c}/{i}.png"), c, "all") for c in "abc" for i in range(20)]
+    labels = [" abc".index(c) - 1 for _, c, _ in items]
+    part = ev.probe_splits(items, labels, 0.5)
+    assert part == ev.probe_splits(items, labels, 0.5)
+    assert not set(part["fit"]) & set(part["val"]) and not set(part["fit"] + part["val"]) & set(part["test"])
+    assert len(part["test"]) == 30 and len(part["val"]) == 6  # half of each class; 20% of the rest
+    names = ["a", "b", "c"]
+    draws = [ev.sample_shots(labels, part["fit"], 4, seed, names) for seed in range(5)]
+    assert draws[0] == ev.sample_shots(labels, part["fit"], 4, 0, names)
+    assert len({tuple(d) for d in draws}) == 5
+    for d in draws:
+        assert set(d) <= set(part["fit"]) and sorted(labels[i] for i in d) == [0] * 4 + [1] * 4 + [2] * 4
+    with pytest.raises(ev.EvalError, match=r"5-shot: class 'a' has only 4 training images.*at most 4"):
+        ev.sample_shots(labels, part["fit"][:4] + part["fit"][8:], 5, 0, names)
+
+
+def write_labels(path: Path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare.write_jsonl([{"image": i, "label": lab, "split": s} for i, lab, s in rows], path)
+    return path
+
+
+def test_linear_probe_errors_are_one_message_each(tmp_path):
+    pp, model = rsmclip.Preprocess(16), ColourModel()
+    probe = lambda data, **kw: ev.evaluate_linear_probe(model, pp, data, workers=0, **kw)  # noqa: E731
+    root = colour_tree(tmp_path / "one", classes=("red",))
+    with pytest.raises(ev.EvalError, match=r"1 class \(red\): a classifier needs at least 2"):
+        probe(root)
+    root = colour_tree(tmp_path / "tree", per_class=4)
+    with pytest.raises(ev.EvalError, match=r"4-shot: class 'blue' has only 1 training images"):
+        probe(root, shots=(4,))
+    images = [f"tree/red/{i}.png" for i in range(4)] + [f"tree/blue/{i}.png" for i in range(4)]
+    no_test = write_labels(tmp_path / "a.jsonl", [(p, p.split("/")[1], "train") for p in images[:6]]
+                           + [(p, p.split("/")[1], "val") for p in images[6:]])
+    with pytest.raises(ev.EvalError, match=r"splits train, val: a linear probe needs train and test splits"):
+        probe(no_test)
+    one_train = write_labels(tmp_path / "b.jsonl", [(images[0], "red", "train"), (images[4], "blue", "train")]
+                             + [(p, p.split("/")[1], "test") for p in images[1:4] + images[5:]])
+    with pytest.raises(ev.EvalError, match=r"has 1 image\(s\): a validation part of train needs at least 2"):
+        probe(one_train)
+    no_blue_test = write_labels(tmp_path / "c.jsonl", [(p, p.split("/")[1], "train") for p in images]
+                                + [(images[0], "red", "test")])
+    with pytest.raises(ev.EvalError, match=r"no test images of class blue"):
+        probe(no_blue_test)
+
+
+def test_linear_probe_features_are_cached_per_weights_and_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
+    root = colour_tree(tmp_path / "tree")
+    pp = rsmclip.Preprocess(16)
+    def probe(key):
+        return ev.evaluate_linear_probe(ColourModel(), pp, root, (2,), 1, cache_key=key, workers=0)
+
+    first = probe("w1")
+    assert len(list((tmp_path / "home" / "features").iterdir())) == 1
+    encoded = []
+    monkeypatch.setattr(ev, "encode_images", lambda *a, **k: encoded.append(1) or torch.zeros(24, 3))
+    assert probe("w1") == first
+    assert not encoded
+    probe("w2")  # other weights
+    assert encoded == [1]
+
+
+def test_linear_probe_cli_and_report_suite(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
+    colour_tree(tmp_path / "tree", per_class=6)
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(ev.app, ["linear-probe", "--model", str(weights[0]), "--data",
+                                         str(tmp_path / "tree"), "--shots", "1,2", "--seeds", "2", "--out",
+                                         str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "Linear-probe protocol" in result.output and "2 per class (2 seeds)" in result.output
+    doc = json.loads(out.read_text())
+    assert set(doc["shots"]) == {"1", "2"} and len(doc["shots"]["2"]["runs"]) == 2
+    assert 0 <= doc["full"]["top1"] <= 100 and doc["_meta"]["protocol"] == ev.LINEAR_PROBE_PROTOCOL
+    bad = CliRunner().invoke(ev.app, ["linear-probe", "--model", str(weights[0]), "--data", "x", "--shots", "a"])
+    assert bad.exit_code == 1 and "--shots 'a'" in str(bad.exception)
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"name": "probe", "tasks": [
+        {"name": "colours", "task": "linear-probe", "data": "tree", "shots": [2], "seeds": 1,
+         "peers": {"PaperNet": {"full": 90.0}}}]}))
+    report = ev.run_suite(suite, weights, None, 8, "cpu", 0)
+    assert [(r["lang"], r["peers"]) for r in report["rows"]] == [("2-shot", {"PaperNet": None}),
+                                                                 ("full", {"PaperNet": 90.0})]
+    assert ev.LINEAR_PROBE_PROTOCOL in ev.report_markdown(report)
+    suite.write_text(json.dumps({"tasks": [{"name": "c", "task": "linear-probe", "data": "tree",
+                                            "peers": {"PaperNet": {"full": "90"}}}]}))
+    with pytest.raises(ev.EvalError, match=r'"peers" must be'):
+        ev.run_suite(suite, weights, None, 8, "cpu", 0)

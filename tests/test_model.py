@@ -67,7 +67,9 @@ def test_tiny_gradients_match_openclip():
     open_clip.ClipLoss()(*theirs(pixels, ids)).backward()
     ours_grads = rsmclip.to_openclip_state_dict({k: p.grad for k, p in ours.named_parameters()}, cfg)
     for name, p in theirs.named_parameters():
-        assert torch.allclose(ours_grads[name], p.grad, atol=1e-6, rtol=1e-4), name
+        # Relative to the tensor's scale, not element-wise: a gradient summed over every token (the token
+        # type row) has small elements whose fp32 rounding depends on the CPU's kernels.
+        assert (ours_grads[name] - p.grad).abs().max() <= 1e-6 + 1e-4 * p.grad.abs().max(), name
 
 
 def test_full_xlmr_b32_parity_with_openclip():

@@ -1,0 +1,144 @@
+"""Bad input, table-driven: one row per class of fault found by trying every entry point as a new user
+would. Each row names the entry point, its arguments, the fixture that makes the input in a temporary
+folder, and what must happen: the exit code, words the one-line message must hold, the files that must
+be left byte-identical, and nothing else (no traceback). Adding a case is one row plus, if needed, a
+fixture function.
+
+The entry points run in this process (their Typer apps through rsmclip.run_cli, as the scripts do), so
+the whole table costs seconds, not a Python start per row."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import rsmclip
+from data import prepare
+
+TINY = rsmclip.PRESETS["tiny"]
+
+
+# ----------------------------------------------------------------------------- fixtures: inputs made in tmp
+
+
+def weights(tmp: Path, spm: Path) -> Path:
+    """A seeded tiny checkpoint with its tokenizer next to it."""
+    torch.manual_seed(0)
+    path = tmp / "w.safetensors"
+    rsmclip.save(rsmclip.CLIP(TINY), path)
+    shutil.copy(spm, tmp / TINY.tokenizer)
+    return path
+
+
+def images(tmp: Path, n: int = 3) -> Path:
+    folder = tmp / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (32, 32), (60 * i, 90, 200 - 50 * i)).save(folder / f"{i}.png")
+    return folder
+
+
+def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
+    """A captions.jsonl of n test images, each with `captions`."""
+    folder = images(tmp, n)
+    records = [{"id": f"d/{i}", "image": f"imgs/{i}.png", "split": "test", "dataset": "d",
+                "captions": captions} for i in range(n)]
+    (tmp / "ds").mkdir(exist_ok=True)
+    shutil.move(str(folder), tmp / "ds" / "imgs")
+    prepare.write_jsonl(records, tmp / "ds" / "captions.jsonl")
+    return tmp / "ds" / "captions.jsonl"
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Case:
+    name: str
+    entry: str  # rsmclip | eval | prepare | train | translate
+    args: list[str]  # "{tmp}" is the case's folder, "{w}" the tiny weights made there
+    make: Callable[[Path], None] = lambda tmp: None
+    code: int = 1
+    words: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()  # files under tmp that must keep their bytes
+    absent: tuple[str, ...] = ()  # globs under tmp that must match nothing afterwards
+
+
+CASES = [
+    # --- rsmclip.py
+    Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
+         words=("no such weights file",)),
+    # --- eval.py
+    Case("retrieval without captions in any language", "eval",
+         ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
+         make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),
+    # --- data/prepare.py
+    # --- translate.py
+    # --- train.py
+]
+
+
+def entry_app(name: str):
+    if name == "rsmclip":
+        return rsmclip.app
+    if name == "eval":
+        return ev.app
+    if name == "prepare":
+        return prepare.app
+    import train
+    import translate
+    return {"train": train.app, "translate": translate.app}[name]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    case.make(tmp_path)
+    w = weights(tmp_path, spm_model) if any("{w}" in a for a in case.args) else None
+    before = {f: (tmp_path / f).read_bytes() for f in case.unchanged}
+    args = [a.format(tmp=tmp_path, w=w) for a in case.args]
+    with pytest.raises(SystemExit) as exit_:
+        rsmclip.run_cli(entry_app(case.entry), args)
+    out = capsys.readouterr()
+    assert exit_.value.code == case.code, out
+    assert "Traceback" not in out.err + out.out
+    for word in case.words:
+        assert word in out.err, out.err
+    for f, data in before.items():
+        assert (tmp_path / f).read_bytes() == data, f"{f} changed"
+    for pattern in case.absent:
+        assert not list(tmp_path.glob(pattern)), pattern
+
+
+# ----------------------------------------------------------------------------- the one atomic writer
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    stale = tmp_path / ".out.json.999999999.abc.tmp"  # a writer killed before it could clean up
+    stale.write_text("half")
+    mine = tmp_path / f".out.json.{os.getpid()}.xyz.tmp"  # a live writer's file stays
+    mine.write_text("live")
+
+    def fail(tmp):
+        tmp.write_text("partial")
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        rsmclip.atomic_write(target, fail)
+    assert target.read_text() == "old" and not stale.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])
+    rsmclip.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.UMASK
+    with pytest.raises(rsmclip.RsmclipError, match="is a folder; give a file name"):
+        rsmclip.atomic_write(tmp_path, lambda tmp: None)
