@@ -599,7 +599,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     val_manifest = cfg.val_data or cfg.data[0]
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp*"):  # a kill during a checkpoint write leaves its temporary file
+        for stale in out.glob(".*.tmp"):  # a kill during a checkpoint write leaves its temporary file
             stale.unlink()
         cut_metrics(out / "metrics.jsonl", start)
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -685,9 +685,7 @@ def cut_metrics(path: Path, step: int):
                 keep.append(line)
         except json.JSONDecodeError:  # the last line, torn by a kill
             break
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    rsmclip.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
 
 
 def memory_mb(device: torch.device) -> float:

@@ -325,7 +325,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest)
     # What a kill can leave besides: lines of steps after the checkpoint (they run again) and a temporary file
     with open(tmp_path / "cut/metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": killed_at + 1, "loss": 0.0}) + "\n" + '{"step": 9, "lo')  # the last one torn
-    (tmp_path / "cut/.checkpoint.safetensors.tmp12345").write_bytes(b"\0" * 1000)
+    (tmp_path / "cut/.checkpoint.safetensors.12345.x8f2k.tmp").write_bytes(b"\0" * 1000)
     resumed = run_train("--out", str(tmp_path / "cut") + "/", *args)  # spelled differently: the same directory
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {killed_at}" in resumed.stdout
