@@ -33,12 +33,12 @@ COMMON = ["--model", "tiny", "--langs", "en", "--batch-size", "32", "--lr", "5e-
           "--workers", "0", "--flip", "0.5", "--hue", "0.1", "--grayscale", "0.2", "--solarize", "0.2",
           "--global-scale", "0.4", "1.0", "--head-hidden", "512", "--head-bottleneck", "128",
           "--head-dim", "1024"]
-HEAD_LR = "5e-3"  # 10x the backbone's
+HEAD_LR = "5e-3"  # 10x the backbone's lr
 ROWS = {  # each row adds one change to the one above (the first is the baseline)
     "openclip": ("open_clip recipe (`--distill-weight 0`)", ["--distill-weight", "0"]),
-    "today": ("CLIP + self-distillation, settings before this change",
+    "today": ("CLIP + self-distillation, head lr = lr, bf16 logits",
               ["--head-lr", "5e-4", "--no-fp32-logits"]),
-    "head-lr": (f"+ head lr {HEAD_LR}", ["--head-lr", HEAD_LR, "--no-fp32-logits"]),
+    "head-lr": (f"+ head lr {HEAD_LR} (10x)", ["--head-lr", HEAD_LR, "--no-fp32-logits"]),
     "fp32": ("+ fp32 logits", ["--head-lr", HEAD_LR]),
     "light": ("+ `--clip-view light`", ["--head-lr", HEAD_LR, "--clip-view", "light"]),
 }
