@@ -17,12 +17,12 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from openclip_oracle import make_openclip_model
 from PIL import Image
 from safetensors import safe_open
 
 import rsmclip
 import train
-from openclip_oracle import make_openclip_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
