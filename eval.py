@@ -218,7 +218,7 @@ def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, de
             bar.update(task, advance=len(pixels), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
     if errors:
         raise EvalError(f"{len(errors)} images cannot be read: {'; '.join(errors[:3])}")
-    return torch.cat(feats)
+    return rsmclip.check_finite(torch.cat(feats), "image")
 
 
 def in_eval_mode(evaluate):
@@ -341,10 +341,9 @@ def load_templates(lang: str, file: Optional[Path] = None) -> list[str]:
     templates = templates.get(lang) if isinstance(templates, dict) else templates
     if not templates:
         raise EvalError(f"no {lang!r} templates in {file or 'data/templates.json'}")
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
-    if bad:
-        raise EvalError(f"templates need exactly one {{}}: {bad[:3]}")
-    return templates
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise EvalError(f"{file or 'data/templates.json'}: expected a list of template strings for {lang!r}")
+    return [rsmclip.check_template(t) for t in templates]
 
 
 @torch.inference_mode()
@@ -662,8 +661,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 def write_json(obj: dict, path: Optional[Path]):
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         print(f"wrote {path}")
 
 
@@ -706,6 +705,7 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
     if ties not in TIE_RULES:
         raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     results = evaluate_retrieval(model, tok, preprocess, data, split,
                                  langs.split(",") if langs else None, batch_size, device, workers, ties)
@@ -728,6 +728,7 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
              tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
              device: str = DEVICE):
     """Zero-shot top-1 accuracy with per-language class names and templates."""
+    rsmclip.refuse_overwrite(out, [model_path, data, templates, tokenizer, Path(classes)])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
@@ -758,6 +759,7 @@ def linear_probe(model_path: Path = MODEL, data: Path = typer.Option(..., help="
         raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as 1,2,4,8,16") from None
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
+    rsmclip.refuse_overwrite(out, [model_path, data])
     cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
     model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
@@ -777,11 +779,13 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
     if ties not in TIE_RULES:
         raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    for out, option in ((out_json, "--out-json"), (out_md, "--out-md")):
+        rsmclip.refuse_overwrite(out, [suite, tokenizer, *model_paths], option)
     result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)
-    out_md.write_text(markdown, encoding="utf-8")
+    rsmclip.atomic_write(out_md, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     print(f"wrote {out_md}")
 
 

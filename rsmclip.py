@@ -94,8 +94,58 @@ class CLIPConfig:
     tokenizer: str = "sentencepiece.bpe.model"  # file name, looked up next to the weights
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPConfig":
-        return cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+    def from_dict(cls, d, source: str = "config") -> "CLIPConfig":
+        """A config read from a file, checked before anything is built from it: a 6 kB header that says
+        layers=10**6 must not allocate (or loop) first and fail later."""
+        if not isinstance(d, dict) or not isinstance(d.get("vision"), dict) or not isinstance(d.get("text"), dict):
+            raise WeightsError(f"{source}: the config must be a JSON object with \"vision\" and \"text\" objects")
+        try:
+            cfg = cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+        except TypeError as e:  # an unknown or missing key
+            raise WeightsError(f"{source}: config: {str(e).split('.', 1)[-1].replace('__init__()', '')}") from None
+        if problems := cfg.problems():
+            raise WeightsError(f"{source}: config values out of range: {'; '.join(problems)}")
+        return cfg
+
+    def problems(self) -> list[str]:
+        """What is out of range, from the few rules a ViT + XLM-R CLIP must follow; generous bounds (about
+        10x the largest public CLIP) keep a corrupt number from asking for terabytes."""
+        v, t, out = self.vision, self.text, []
+
+        def need(name, value, lo, hi, kind=int):
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                out.append(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+            elif not lo <= value <= hi:
+                out.append(f"{name} {value} not in [{lo}, {hi}]")
+
+        for name, value, lo, hi in (("embed_dim", self.embed_dim, 1, 16384), ("context_length", self.context_length, 3, 8192),
+                                    ("vision.image_size", v.image_size, 1, 4096), ("vision.patch_size", v.patch_size, 1, 4096),
+                                    ("vision.width", v.width, 1, 16384), ("vision.layers", v.layers, 1, 200),
+                                    ("vision.head_width", v.head_width, 1, 16384), ("text.vocab_size", t.vocab_size, 4, 2 ** 22),
+                                    ("text.width", t.width, 1, 16384), ("text.layers", t.layers, 1, 200),
+                                    ("text.head_width", t.head_width, 1, 16384), ("text.intermediate", t.intermediate, 1, 2 ** 18),
+                                    ("text.max_positions", t.max_positions, 3, 2 ** 16), ("text.pad_id", t.pad_id, 0, 2 ** 22),
+                                    ("text.proj_hidden", t.proj_hidden, 1, 2 ** 18)):
+            need(name, value, lo, hi)
+        need("vision.mlp_ratio", v.mlp_ratio, 0.01, 64, float)
+        need("text.dropout", t.dropout, 0.0, 0.99, float)
+        if out:
+            return out
+        if v.patch_size > v.image_size:
+            out.append(f"vision.patch_size {v.patch_size} above image_size {v.image_size}")
+        for name, width, head in (("vision", v.width, v.head_width), ("text", t.width, t.head_width)):
+            if width % head:
+                out.append(f"{name}.width {width} is not a multiple of head_width {head}")
+        if t.pad_id >= t.vocab_size:
+            out.append(f"text.pad_id {t.pad_id} outside the vocabulary of {t.vocab_size}")
+        if self.context_length + t.pad_id + 1 > t.max_positions:
+            out.append(f"context_length {self.context_length} needs max_positions >= "
+                       f"{self.context_length + t.pad_id + 1} (XLM-R positions start after the pad id)")
+        if not isinstance(self.tokenizer, str) or Path(self.tokenizer).name != self.tokenizer or \
+                self.tokenizer in ("", ".", ".."):
+            out.append(f"tokenizer {self.tokenizer!r} must be a plain file name (it is looked up next to the "
+                       "weights, never elsewhere)")
+        return out
 
 
 PRESETS = {
@@ -409,13 +459,32 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- images
 
+# Decoding is bounded before it starts: a 99-byte PNG can declare 1 x 10,000 pixels (2.6 GB once the
+# short side is resized to 224) and a scene of 12,000 x 12,000 needs 1.2 GB. Larger scenes are cut into
+# tiles first, as for any CLIP. PIL's own bomb check is set to the same limit.
+MAX_PIXELS = 100_000_000
+MAX_ASPECT = 20
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+STRETCH_PERCENTILES = (1, 99)
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB, or raise ImageError naming the file and the problem."""
+    """Read an image file as 8-bit RGB, or raise ImageError naming the file and the problem."""
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     try:
         image = Image.open(path)
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} megapixels; "
+                             "cut the scene into tiles")
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise ImageError(f"{path}: {w} x {h} pixels, an aspect ratio above {MAX_ASPECT}:1; not a scene "
+                             "this model can see (cut it into tiles)")
+        bands = sixteen_bit_bands(image, str(path))
+        if bands is not None:
+            return Image.fromarray(stretch(bands), "RGB")
         image.load()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
@@ -424,16 +493,51 @@ def open_image(path: str | Path) -> Image.Image:
     return to_rgb(image, name=str(path))
 
 
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any single-image PIL mode to 8-bit RGB.
+def sixteen_bit_bands(image: Image.Image, name: str) -> Optional[np.ndarray]:
+    """[H, W, bands] uint16 of a TIFF with 3 or 4 bands of 16 bits (common for 12- and 16-bit sensors),
+    else None. PIL opens those as 8-bit RGB holding only the top byte of each sample (12-bit data ends
+    at 15/255): here the same raw strips are decoded as 16-bit samples instead. PIL cannot do that for
+    compressed strips, so those are refused rather than read nearly black."""
+    rawmodes = [t.args[0] for t in image.tile if t.args and isinstance(t.args[0], str)]
+    if (image.format != "TIFF" or image.mode not in ("RGB", "RGBA", "RGBX", "CMYK") or not rawmodes
+            or not all(";16" in r for r in rawmodes)):
+        return None
+    layout = rawmodes[0].split(";")[0]
+    if any(t.codec_name != "raw" for t in image.tile) or len(layout) < 3 or len(set(rawmodes)) > 1:
+        raise ImageError(f"{name}: a compressed or band-separated TIFF with 16-bit {image.mode} samples, which "
+                         "PIL can only read as their top 8 bits; save it uncompressed (e.g. gdal_translate "
+                         "-co COMPRESS=NONE -co INTERLEAVE=PIXEL) or as 8-bit")
+    n, (w, h), mode = len(layout), image.size, "I;16B" if rawmodes[0].endswith("B") else "I;16"
+    image._size, image._mode = (w * n, h), mode  # the same bytes, one 16-bit sample per "pixel"
+    image.tile = [t._replace(extents=(0, t.extents[1], w * n, t.extents[3]), args=(mode, *t.args[1:]))
+                  for t in image.tile]
+    image.load()
+    return np.asarray(image).reshape(h, w, n)
 
-    16-bit and float images (common in remote sensing) are stretched linearly from their minimum to
-    their maximum: PIL's own conversion would clip them to 255 and return a white image."""
+
+def stretch(a: np.ndarray) -> np.ndarray:
+    """[H, W] or [H, W, bands] of any numbers -> [H, W, 3] uint8: each band linearly from its 1st to its
+    99th percentile of finite values (robust to a few hot or dead pixels); NaN and inf become 0. One band
+    is repeated as grey; of 4 or more bands the first three are taken as red, green, blue."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[..., None] if a.ndim == 2 else a[..., :3]
+    out = np.zeros(a.shape, dtype=np.uint8)
+    for b in range(a.shape[-1]):
+        band, finite = a[..., b], np.isfinite(a[..., b])
+        if not finite.any():
+            continue
+        lo, hi = np.percentile(band[finite], STRETCH_PERCENTILES)
+        if hi > lo:
+            scaled = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255)
+            out[..., b] = np.where(finite, np.round(np.nan_to_num(scaled)), 0)
+    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any single-image PIL mode to 8-bit RGB. 16-bit, 32-bit and float images (common in
+    remote sensing) are stretched per band (stretch()): PIL's own conversion would clip them to white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        image = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+        return Image.fromarray(stretch(np.asarray(image)), "RGB")
     if image.mode == "RGB":
         return image
     try:
@@ -599,16 +703,24 @@ def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            ours = meta.get("format") == "rsmclip"  # else open_clip names, our config riding along or not
+            text = meta.get("config") if ours else meta.get("rsmclip_config")
+            cfg = config_from_json(text, path) if ours or text is not None else None  # checked before loading
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt? ({e})") from None
-    if meta.get("format") == "rsmclip":
-        cfg = CLIPConfig.from_dict(json.loads(meta["config"]))
+    if ours:
         check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=False, source=str(path))
     else:
-        cfg = CLIPConfig.from_dict(json.loads(meta["rsmclip_config"])) if "rsmclip_config" in meta else None
         cfg, sd = _from_openclip(sd, cfg, str(path))
     return cfg, {k: v.float() for k, v in sd.items()}
+
+
+def config_from_json(text: Optional[str], path: Path) -> CLIPConfig:
+    try:
+        return CLIPConfig.from_dict(json.loads(text), f"{path}: metadata")
+    except (TypeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: the config in the metadata is not valid JSON ({e})") from None
 
 
 def _from_openclip(sd: dict, cfg: Optional[CLIPConfig], source: str) -> tuple[CLIPConfig, dict]:
@@ -666,6 +778,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out"):
+    """An output that is one of the command's inputs would destroy it: refused before any work."""
+    if out is None:
+        return
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is not None and Path(given).resolve() == target:
+            raise RsmclipError(f"{option} {out} is also an input ({given}); write the result elsewhere")
+
+
 def atomic_save(tensors: dict, path: Path, metadata: dict):
     """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -711,11 +833,16 @@ def load(weights: str | Path, tokenizer: str | Path | None = None, device: str |
     return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
 
 
+XLMR_VOCAB = 250002
+
+
 def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
+    """The tokenizer file, checked against the model: a model with XLM-R's vocabulary needs exactly
+    XLM-R's; a smaller model trained here (the demo) needs one whose ids fit in its embedding table."""
     tok = Tokenizer(path, cfg.context_length)
-    if tok.vocab_size > cfg.text.vocab_size:
-        raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only "
-                           f"{cfg.text.vocab_size}: it belongs to other weights")
+    if tok.vocab_size > cfg.text.vocab_size or (cfg.text.vocab_size == XLMR_VOCAB) != (tok.vocab_size == XLMR_VOCAB):
+        raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size:,} ids but the model's vocabulary has "
+                           f"{cfg.text.vocab_size:,}: it belongs to other weights")
     return tok
 
 
@@ -853,6 +980,32 @@ PROMPTS = {
 }
 
 
+def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
+    """Embeddings with a NaN or inf would rank and score as numbers (nan scores, exit 0): an error."""
+    if not torch.isfinite(feats).all():
+        raise RsmclipError(f"the model gives non-finite {what} embeddings (NaN or inf): its weights are damaged")
+    return feats
+
+
+def check_template(template: str) -> str:
+    """A prompt with exactly one {} for the class name and nothing else for str.format to fill."""
+    try:
+        filled = template.format("\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise RsmclipError(f"template {template!r}: {type(e).__name__} {e}; use exactly one {{}} for the class "
+                           "name ({{ and }} for literal braces)") from None
+    if filled.count("\0") != 1:
+        raise RsmclipError(f"template {template!r} needs exactly one {{}} for the class name (without it every "
+                           "class gets the same text and the same score)")
+    return template
+
+
+def display(path) -> str:
+    """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
+    UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @torch.inference_mode()
 def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_size: int = 64,
                  device: str = "cpu") -> tuple[torch.Tensor, list[Path], list[str]]:
@@ -877,9 +1030,9 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
             flush()
     flush()
     for message in failed:
-        print(f"skipped: {message}", file=sys.stderr)
+        print(f"skipped: {display(message)}", file=sys.stderr)
     dim = model.config.embed_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim)), ok, failed
+    return check_finite(torch.cat(feats) if feats else torch.zeros(0, dim), "image"), ok, failed
 
 
 @torch.inference_mode()
@@ -901,7 +1054,7 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
             with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 x = model.encode_text(unique[batch, :length].to(device))
             out[batch] = F.normalize(x.float(), dim=-1).cpu()
-    return out[inverse]
+    return check_finite(out, "text")[inverse]
 
 
 def weights_fingerprint(path: Path) -> str:
@@ -919,18 +1072,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
 
 
+def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
+    """(entries, embeddings) of a search index made with these weights; an index that is absent, made
+    with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
+    empty = [], torch.zeros(0, dim)
+    if not index.exists():
+        return empty
+    try:
+        with safe_open(str(index), "pt") as f:
+            meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
+        if meta.get("model") != fingerprint:
+            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
+            return empty
+        entries = json.loads(meta["entries"])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
+                and type(e.get("mtime")) is int for e in entries):
+            raise ValueError("entries are not a list of {path, size, mtime}")
+        if feats is None or feats.dtype != torch.float32 or tuple(feats.shape) != (len(entries), dim):
+            raise ValueError(f"embeddings {None if feats is None else tuple(feats.shape)}, expected "
+                             f"{(len(entries), dim)} float32")
+        if not torch.isfinite(feats).all():
+            raise ValueError("non-finite embeddings")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json's errors are ValueErrors
+        print(f"warning: {index}: damaged search index ({str(e)[:200]}); rebuilding it", file=sys.stderr)
+        return empty
+    return entries, feats
+
+
 def update_index(model, preprocess, weights: Path, folder: Path, index: Path, batch_size: int, device: str):
     """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
     The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
     fingerprint = weights_fingerprint(weights)
-    entries, feats = [], torch.zeros(0, model.config.embed_dim)
-    if index.exists():
-        with safe_open(str(index), "pt") as f:
-            meta = f.metadata()
-            if meta.get("model") == fingerprint:
-                entries, feats = json.loads(meta["entries"]), f.get_tensor("embeddings")
-            else:
-                print(f"{index}: built with other weights, rebuilding")
+    entries, feats = read_index(index, fingerprint, model.config.embed_dim)
     known = {e["path"]: (e, row) for row, e in enumerate(entries)}
     keep_rows, kept, todo = [], [], []
     for p in list_images([folder]):
@@ -997,6 +1171,7 @@ def convert_cmd(src: Path, dst: Path,
     """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or back."""
     if dst.suffix != ".safetensors":
         raise RsmclipError(f"{dst}: the output must be a .safetensors file")
+    refuse_overwrite(dst, [src], "the output")
     cfg = convert(src, dst, to_openclip)
     print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
           f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
@@ -1012,15 +1187,21 @@ def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
     """Write L2-normalised embeddings of images and/or texts to a safetensors file."""
     if not images and not texts:
         raise RsmclipError("nothing to embed: give --images and/or --texts")
+    refuse_overwrite(out, [model_path, texts, *(images or [])])
     model, preprocess, tok = load(model_path, tokenizer, device)
     tensors, meta = {}, {}
     if images:
         feats, ok, failed = embed_images(model, preprocess, list_images(images), batch_size, device)
-        tensors["image_embeddings"], meta["images"] = feats, json.dumps([str(p) for p in ok])
+        tensors["image_embeddings"], meta["images"] = feats, json.dumps([display(p) for p in ok])
     if texts:
         if not texts.is_file():
             raise RsmclipError(f"{texts}: no such text file")
-        lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        try:
+            lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except UnicodeDecodeError as e:
+            raise RsmclipError(f"{texts}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        if not lines:
+            raise RsmclipError(f"{texts}: no text lines to embed")
         tensors["text_embeddings"], meta["texts"] = embed_texts(model, tok, lines, device=device), json.dumps(lines)
     atomic_save(tensors, out, meta)
     print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
@@ -1043,14 +1224,16 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     names = [n.strip() for n in labels.split(",") if n.strip()]
     if len(names) < 2:
         raise RsmclipError("give at least two comma-separated --labels")
-    prompt = template or PROMPTS[lang]
+    prompt = check_template(template or PROMPTS[lang])
     model, preprocess, tok = load(model_path, tokenizer, device)
     feats, ok, _ = embed_images(model, preprocess, list_images(images), device=device)
+    if not ok:
+        raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
     classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
     probs = (100 * feats @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
     table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
     for path, row in zip(ok, probs):
-        table.add_row(str(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
+        table.add_row(display(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
     Console().print(table)
 
 
@@ -1069,6 +1252,7 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
 
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
+    refuse_overwrite(out, [model_path, index, tokenizer])
     model, preprocess, tok = load(model_path, tokenizer, device)
     entries, feats = update_index(model, preprocess, model_path, folder,
                                   index or folder / ".rsmclip-index.safetensors", batch_size, device)
@@ -1078,14 +1262,16 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     results = {}
     for query, row in zip(queries, scores):
         top = row.topk(min(top_k, len(entries)))
-        results[query] = [{"path": entries[i]["path"], "score": round(s, 4)}
+        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)}
                           for s, i in zip(top.values.tolist(), top.indices.tolist())]
         table = Table("rank", "score", "image", title=query)
         for rank, hit in enumerate(results[query], 1):
             table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
         Console().print(table)
     if out:
-        out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        print(f"wrote {out}")
 
 
 def run_cli(app: typer.Typer, args: Optional[list[str]] = None):

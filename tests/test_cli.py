@@ -123,7 +123,7 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     other = tiny_weights.with_name("other.safetensors")
     rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=2), other)
     result = run("search", images, "forest", "--model", other)
-    assert "built with other weights, rebuilding" in result.stdout and "5 added" in result.stdout
+    assert "built with other weights, rebuilding" in result.stderr and "5 added" in result.stdout
 
 
 # ----------------------------------------------------------------------------- download from a local hub

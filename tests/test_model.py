@@ -289,3 +289,62 @@ def test_preprocess_files_and_modes(tmp_path):
     (tmp_path / "cut.png").write_bytes(buf.getvalue()[:400])
     with pytest.raises(rsmclip.ImageError, match="cut.png: cannot read image"):
         pp(tmp_path / "cut.png")
+
+
+def write_tiff(path: Path, a: np.ndarray, deflate: bool = False, big_endian: bool = False):
+    """A baseline TIFF of a [H, W, bands] array, pixel-interleaved, one strip: PIL writes no 16-bit
+    multi-band or float multi-band TIFF, which is what sensors ship."""
+    import struct
+    import zlib
+
+    h, w, c = a.shape
+    e = ">" if big_endian else "<"
+    data = a.astype(a.dtype.newbyteorder(e)).tobytes()
+    data = zlib.compress(data) if deflate else data
+    bits = struct.pack(e + "H" * c, *[a.dtype.itemsize * 8] * c)
+    kinds = struct.pack(e + "H" * c, *[3 if a.dtype.kind == "f" else 1] * c)
+    ifd_at = 8 + len(data) + 2 * len(bits)
+    short = lambda tag, v: struct.pack(e + "HHIHH", tag, 3, 1, v, 0)  # noqa: E731
+    entries = [struct.pack(e + "HHII", 256, 4, 1, w), struct.pack(e + "HHII", 257, 4, 1, h),
+               struct.pack(e + "HHII", 258, 3, c, 8 + len(data)), short(259, 8 if deflate else 1),
+               short(262, 2), struct.pack(e + "HHII", 273, 4, 1, 8), short(277, c),
+               struct.pack(e + "HHII", 278, 4, 1, h), struct.pack(e + "HHII", 279, 4, 1, len(data)), short(284, 1)]
+    entries += [short(338, 0)] if c > 3 else []
+    entries.append(struct.pack(e + "HHII", 339, 3, c, 8 + len(data) + len(bits)))
+    ifd = struct.pack(e + "H", len(entries)) + b"".join(entries) + struct.pack(e + "I", 0)
+    head = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", ifd_at)
+    path.write_bytes(head + data + bits + kinds + ifd)
+    return path
+
+
+@pytest.mark.parametrize("bands,big_endian", [(3, False), (3, True), (4, False)])
+def test_sixteen_bit_multiband_tiffs_are_stretched_per_band(tmp_path, bands, big_endian):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4096, (40, 50, bands)).astype(np.uint16)  # 12-bit data in 16-bit samples
+    a[..., 1] //= 4  # a dim band stays visible: each band has its own stretch
+    image = rsmclip.open_image(write_tiff(tmp_path / "s.tif", a, big_endian=big_endian))
+    out = np.asarray(image)
+    assert image.mode == "RGB" and out.shape == (40, 50, 3)
+    for b in range(3):  # each band from its 1st to its 99th percentile (PIL alone gives at most 15)
+        lo, hi = np.percentile(a[..., b], [1, 99])
+        ref = np.clip(np.round((a[..., b] - lo) * 255 / (hi - lo)), 0, 255)
+        assert np.abs(out[..., b].astype(float) - ref).max() <= 1 and out[..., b].max() == 255
+    with pytest.raises(rsmclip.ImageError, match="compressed or band-separated TIFF with 16-bit.*COMPRESS=NONE"):
+        rsmclip.open_image(write_tiff(tmp_path / "z.tif", a, deflate=True))
+
+
+def test_float_images_with_nan_and_inf_are_not_black():
+    a = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    a[0, 0], a[0, 1], a[0, 2] = np.nan, np.inf, -np.inf
+    out = np.asarray(rsmclip.to_rgb(Image.fromarray(a, "F")))
+    assert out[..., 0].max() == 255 and out[16:, :, 0].mean() > 150  # the bright half is bright
+    assert (out[0, :3] == 0).all()  # non-finite pixels are black, the rest keeps its scale
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # raised while making the file
+@pytest.mark.parametrize("size,words", [((1, 10000), "aspect ratio above 20:1"),
+                                        ((12000, 12000), "above the limit of 100 megapixels")])
+def test_huge_or_thin_images_are_refused_before_decoding(tmp_path, size, words):
+    Image.new("1", size).save(tmp_path / "x.png")  # a few kB on disk
+    with pytest.raises(rsmclip.ImageError, match=words):
+        rsmclip.open_image(tmp_path / "x.png")
