@@ -8,6 +8,7 @@ The entry points run in this process (their Typer apps through rsmclip.run_cli, 
 the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
     return tmp / "ds" / "captions.jsonl"
 
 
+def annotations(tmp: Path, filenames=("0.png", "1.png"), **fields) -> Path:
+    """ds/ann.json, Karpathy style, naming `filenames` as test images, beside the images in ds/imgs."""
+    (tmp / "ds").mkdir(exist_ok=True)
+    shutil.move(str(images(tmp)), tmp / "ds" / "imgs")
+    doc = {"images": [{"filename": f, "split": "test", "sentences": [{"raw": "a photo"}]} for f in filenames],
+           **fields}
+    (tmp / "ds" / "ann.json").write_text(json.dumps(doc))
+    return tmp / "ds" / "ann.json"
+
+
+def latin1_tree(tmp: Path) -> Path:
+    """tree/beach/ with three images, one of them named in Latin-1 bytes (caf\xe9.png), not UTF-8."""
+    (tmp / "tree").mkdir()
+    shutil.move(str(images(tmp)), tmp / "tree" / "beach")
+    os.rename(tmp / "tree" / "beach" / "2.png", os.fsencode(tmp / "tree" / "beach") + b"/caf\xe9.png")
+    return tmp / "tree"
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -71,6 +90,8 @@ class Case:
     absent: tuple[str, ...] = ()  # globs under tmp that must match nothing afterwards
 
 
+CAPTIONS = ["captions", "{tmp}/ds/ann.json", "--images", "{tmp}/ds/imgs", "--out"]  # + the output
+MANIFEST = "{tmp}/ds/captions.jsonl"  # made by manifest()
 CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
@@ -80,6 +101,27 @@ CASES = [
          ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
          make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),
     # --- data/prepare.py
+    Case("captions --out the annotation file", "prepare", CAPTIONS + ["{tmp}/ds/ann.json"], make=annotations,
+         words=("is the input", "ann.json"), unchanged=("ds/ann.json",)),
+    Case("captions --out a folder", "prepare", CAPTIONS + ["{tmp}/ds/imgs"], make=annotations,
+         words=("is a folder",), absent=("**/.*tmp*",)),
+    Case('annotations with "dataset": 5', "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, dataset=5), words=('"dataset" is 5',), absent=("ds/c.jsonl",)),
+    Case("annotations naming the file '.'", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, ["0.png", "."]), words=("'.' (names a folder",),
+         absent=("ds/c.jsonl",)),
+    Case("annotations listing no image", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, []), words=("lists no images",), absent=("ds/c.jsonl",)),
+    Case("classes: a file name not UTF-8", "prepare", ["classes", "{tmp}/tree", "--out", "{tmp}/l.jsonl"],
+         make=latin1_tree, words=("caf\\xe9.png (file name not UTF-8", "--drop-unreadable"),
+         absent=("l.jsonl",)),
+    Case("merge x --exclude x --out x", "prepare",
+         ["merge", MANIFEST, "--exclude", MANIFEST, "--out", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["x"]}), words=("is the input",),
+         unchanged=("ds/captions.jsonl",)),
+    Case("merge records without captions", "prepare", ["merge", MANIFEST, "--out", "{tmp}/train.jsonl"],
+         make=lambda tmp: manifest(tmp, {}), words=("2 records have no captions: d/0, d/1",),
+         absent=("train.jsonl",)),
     # --- translate.py
     # --- train.py
 ]
