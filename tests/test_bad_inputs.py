@@ -8,6 +8,7 @@ The entry points run in this process (their Typer apps through rsmclip.run_cli, 
 the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import sentencepiece
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import eval as ev
 import rsmclip
@@ -56,6 +59,56 @@ def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
     return tmp / "ds" / "captions.jsonl"
 
 
+def annotations(tmp: Path, filenames=("0.png", "1.png"), **fields) -> Path:
+    """ds/ann.json, Karpathy style, naming `filenames` as test images, beside the images in ds/imgs."""
+    (tmp / "ds").mkdir(exist_ok=True)
+    shutil.move(str(images(tmp)), tmp / "ds" / "imgs")
+    doc = {"images": [{"filename": f, "split": "test", "sentences": [{"raw": "a photo"}]} for f in filenames],
+           **fields}
+    (tmp / "ds" / "ann.json").write_text(json.dumps(doc))
+    return tmp / "ds" / "ann.json"
+
+
+def latin1_tree(tmp: Path) -> Path:
+    """tree/beach/ with three images, one of them named in Latin-1 bytes (caf\xe9.png), not UTF-8."""
+    (tmp / "tree").mkdir()
+    shutil.move(str(images(tmp)), tmp / "tree" / "beach")
+    os.rename(tmp / "tree" / "beach" / "2.png", os.fsencode(tmp / "tree" / "beach") + b"/caf\xe9.png")
+    return tmp / "tree"
+
+
+def tower(tmp: Path, fill: str = "random", **config) -> Path:
+    """ds/captions.jsonl to translate and tower/, a tiny Tower-shaped model folder (Llama weights, a
+    SentencePiece model, the ChatML tokens). fill: "random" (seeded), "nan" (one NaN weight) or "empty":
+    every layer zero, so the model answers <|im_end|> at once, and <s>, which decodes to no text, when
+    that is forbidden (the retry decoding). config: entries written over config.json's."""
+    from conftest import CORPUS, train_spm
+
+    import translate
+
+    manifest(tmp, {"en": ["many planes at the airport"]})
+    folder = tmp / "tower"
+    folder.mkdir()
+    n = sentencepiece.SentencePieceProcessor(
+        model_file=str(train_spm(folder / "tokenizer.model", CORPUS[:17] * 20))).get_piece_size()
+    im_end = n + 1
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(n): {"content": "<|im_start|>"}, str(im_end): {"content": "<|im_end|>"}}}))
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": n + 2, "hidden_size": 8,
+           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    torch.manual_seed(0)
+    layout = translate.hf_layout(translate.ModelConfig.from_hf(cfg))
+    w = {name: torch.randn(shape) * (fill != "empty") for name, (_, _, shape) in layout.items()}
+    if fill == "nan":
+        w["model.norm.weight"][0] = float("nan")
+    if fill == "empty":  # the last hidden state is all ones: each logit is its lm_head row's sum
+        w["model.embed_tokens.weight"][:], w["model.norm.weight"][:] = 1, 1
+        w["lm_head.weight"][im_end], w["lm_head.weight"][1] = 0.25, 0.125
+    save_file(w, str(folder / "model.safetensors"))
+    return folder
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -71,6 +124,11 @@ class Case:
     absent: tuple[str, ...] = ()  # globs under tmp that must match nothing afterwards
 
 
+CAPTIONS = ["captions", "{tmp}/ds/ann.json", "--images", "{tmp}/ds/imgs", "--out"]  # + the output
+MANIFEST = "{tmp}/ds/captions.jsonl"  # made by manifest()
+TRANSLATE = [MANIFEST, "--langs", "pt", "--out", "{tmp}/out.jsonl", "--max-new-tokens", "4"]
+LOCAL = TRANSLATE + ["--model", "{tmp}/tower", "--device", "cpu"]  # the model made by tower()
+NOWHERE = TRANSLATE + ["--backend", "http", "--base-url", "http://127.0.0.1:9", "--api-model", "x"]  # unasked
 CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
@@ -80,7 +138,48 @@ CASES = [
          ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
          make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),
     # --- data/prepare.py
+    Case("captions --out the annotation file", "prepare", CAPTIONS + ["{tmp}/ds/ann.json"], make=annotations,
+         words=("is the input", "ann.json"), unchanged=("ds/ann.json",)),
+    Case("captions --out a folder", "prepare", CAPTIONS + ["{tmp}/ds/imgs"], make=annotations,
+         words=("is a folder",), absent=("**/.*tmp*",)),
+    Case('annotations with "dataset": 5', "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, dataset=5), words=('"dataset" is 5',), absent=("ds/c.jsonl",)),
+    Case("annotations naming the file '.'", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, ["0.png", "."]), words=("'.' (names a folder",),
+         absent=("ds/c.jsonl",)),
+    Case("annotations listing no image", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, []), words=("lists no images",), absent=("ds/c.jsonl",)),
+    Case("classes: a file name not UTF-8", "prepare", ["classes", "{tmp}/tree", "--out", "{tmp}/l.jsonl"],
+         make=latin1_tree, words=("caf\\xe9.png (file name not UTF-8", "--drop-unreadable"),
+         absent=("l.jsonl",)),
+    Case("merge x --exclude x --out x", "prepare",
+         ["merge", MANIFEST, "--exclude", MANIFEST, "--out", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["x"]}), words=("is the input",),
+         unchanged=("ds/captions.jsonl",)),
+    Case("merge records without captions", "prepare", ["merge", MANIFEST, "--out", "{tmp}/train.jsonl"],
+         make=lambda tmp: manifest(tmp, {}), words=("2 records have no captions: d/0, d/1",),
+         absent=("train.jsonl",)),
     # --- translate.py
+    Case("translate: an empty English caption", "translate", NOWHERE,
+         make=lambda tmp: manifest(tmp, {"en": ["a", " "]}), words=("2 English captions are empty",),
+         absent=("out.jsonl*",)),
+    Case("translate: --cache is the input manifest", "translate", NOWHERE + ["--cache", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("is also the input manifest",),
+         unchanged=("ds/captions.jsonl",)),
+    Case("translate: a language the manifest has", "translate", NOWHERE, code=0,
+         make=lambda tmp: manifest(tmp, {"en": ["a"], "pt": ["b"]}),
+         words=("pt: kept the existing captions of 2 records",), unchanged=("ds/captions.jsonl",)),
+    Case("translate: config.json vocab_size 4e9", "translate", LOCAL,
+         make=lambda tmp: tower(tmp, vocab_size=4e9), words=("vocab_size is 4000000000.0",),
+         absent=("out*",)),
+    Case("translate: NaN weights", "translate", LOCAL, make=lambda tmp: tower(tmp, "nan"),
+         words=("logits are not finite",), absent=("out.jsonl",)),
+    Case("translate: the model answers nothing", "translate", LOCAL, make=lambda tmp: tower(tmp, "empty"),
+         words=("1 of 1 strings got only empty answers", "pt 'many planes at the airport'"),
+         absent=("out.jsonl",)),
+    Case("translate: cache lines of bad UTF-8 or a non-string out", "translate", LOCAL, code=0,
+         make=lambda tmp: (tower(tmp), (tmp / "out.jsonl.cache.jsonl").write_bytes(b'\xff\n{"out": 5}\n')),
+         words=("skipped 2 lines that hold no translation",)),
     # --- train.py
 ]
 
@@ -92,9 +191,11 @@ def entry_app(name: str):
         return ev.app
     if name == "prepare":
         return prepare.app
+    if name == "translate":  # each imported only when needed: a row runs without the other
+        import translate
+        return translate.app
     import train
-    import translate
-    return {"train": train.app, "translate": translate.app}[name]
+    return train.app
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
