@@ -778,14 +778,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out"):
-    """An output that is one of the command's inputs would destroy it: refused before any work."""
+def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
+    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
+    symlink or a hard link too), which writing it would destroy."""
     if out is None:
         return
-    target = Path(out).resolve()
-    for given in inputs:
-        if given is not None and Path(given).resolve() == target:
-            raise RsmclipError(f"{option} {out} is also an input ({given}); write the result elsewhere")
+    out = Path(out)
+    if out.is_dir():
+        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
+    for given in map(Path, filter(None, inputs)):
+        if given.resolve() == out.resolve() or (out.exists() and given.exists() and os.path.samefile(given, out)):
+            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
+                               f"choose another {option}")
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict):

@@ -850,13 +850,11 @@ def output_paths(cfg: TranslateConfig) -> tuple[Path, Path]:
     manifest or as another output (one write would destroy the other file)."""
     cache = cfg.cache or cfg.out.with_name(cfg.out.name + ".cache.jsonl")
     report = cfg.report or cfg.out.with_name(cfg.out.name + ".report.json")
-    named = {cfg.manifest.resolve(): "the input manifest"}
+    earlier = []
     for what, path in (("--out", cfg.out), ("--cache", cache), ("--report", report)):
-        if path.is_dir():
-            raise TranslateError(f"{what} {path}: is a folder; give a file name")
-        if other := named.get(path.resolve()):
-            raise TranslateError(f"{what} {path} is also {other}: each needs a file of its own")
-        named[path.resolve()] = what
+        rsmclip.refuse_overwrite(path, [cfg.manifest], what, "the input manifest")
+        rsmclip.refuse_overwrite(path, earlier, what, "also the output")
+        earlier.append(path)
     return cache, report
 
 

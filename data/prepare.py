@@ -150,18 +150,6 @@ def write_jsonl(records: list[dict], path: Path):
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def check_out(out: Path, inputs: list[Path]):
-    """Refuse, before any work, an --out that is a folder or is one of the inputs (by any name: a symlink
-    or a hard link too), which the write would destroy."""
-    if out.is_dir():
-        raise DataError(f"--out {out}: is a folder; give a file name")
-    if out.exists():
-        same = next((p for p in inputs if p.exists() and os.path.samefile(p, out)), None)
-        if same is not None:
-            raise DataError(f"--out {out} is the input {same}: writing it would destroy that input. "
-                            "Choose another --out.")
-
-
 def unreadable_images(paths: list[Path], what: str) -> dict[Path, str]:
     """Decode every image fully (a truncated file fails only there) -> {path: why} for the bad ones."""
     bad = {}
@@ -227,7 +215,7 @@ def count_report(name: str, splits: list[str]) -> list[str]:
 def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional[str] = None,
                    drop_missing: bool = False, drop_empty: bool = False) -> list[str]:
     """Convert one annotation file; -> the report lines. DataError on anything not explicitly allowed."""
-    check_out(out, [annotations])
+    rsmclip.refuse_overwrite(out, [annotations])
     doc = read_json(annotations)
     fmt, items = parse_annotations(doc, annotations)
     if not items:  # an empty manifest would only fail later, in training
@@ -249,7 +237,7 @@ def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional
     unsafe = [f"{rel!r} ({bad_relative(rel)})" for rel, _, _ in items if bad_relative(rel)]
     if unsafe:
         raise DataError(f"{annotations}: {len(unsafe)} image paths are unsafe: {listing(unsafe)}")
-    check_out(out, [images / rel for rel, _, _ in items])
+    rsmclip.refuse_overwrite(out, [images / rel for rel, _, _ in items])
     # ids are the image paths without their extension (NWPU's carry the category folder)
     items = [(str(PurePosixPath(rel).with_suffix("")), rel, split, caps) for rel, split, caps in items]
     dup = [i for i, n in Counter(i for i, _, _, _ in items).items() if n > 1]
@@ -340,7 +328,7 @@ def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bo
                         f"relative to it. Write them into the dataset folder (--out {root}/labels.jsonl).")
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    check_out(out, [])  # the images lie below the folder of --out: it cannot be one of them
+    rsmclip.refuse_overwrite(out, [])  # the images lie below the folder of --out: it cannot be one of them
     items, ignored = scan_image_folder(root)
     report = [f"{root}: {len(items):,} images in {len({lab for _, lab in items})} classes"]
     if ignored:
@@ -398,7 +386,7 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
     """Train and val records of `inputs` -> one manifest at `out`, without any image that duplicates an
     image of the `exclude_splits` of `excludes`. Test records are never carried over: each dataset's test
     split is evaluated from its own manifest. -> the report lines."""
-    check_out(out, [*inputs, *excludes])
+    rsmclip.refuse_overwrite(out, [*inputs, *excludes])
     report = []
     test_ids, test_sha, hashes, thumbs = [], {}, [], []
     for m in excludes:

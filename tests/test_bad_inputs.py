@@ -164,7 +164,7 @@ CASES = [
          make=lambda tmp: manifest(tmp, {"en": ["a", " "]}), words=("2 English captions are empty",),
          absent=("out.jsonl*",)),
     Case("translate: --cache is the input manifest", "translate", NOWHERE + ["--cache", MANIFEST],
-         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("is also the input manifest",),
+         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("is the input manifest",),
          unchanged=("ds/captions.jsonl",)),
     Case("translate: a language the manifest has", "translate", NOWHERE, code=0,
          make=lambda tmp: manifest(tmp, {"en": ["a"], "pt": ["b"]}),

@@ -383,7 +383,7 @@ def test_merge_needs_a_common_folder_and_unique_ids(tmp_path):
         prepare.merge([m], [m], tmp_path / "train.jsonl")
     assert "WARNING: no --exclude manifest given" in prepare.merge([m], [], tmp_path / "train.jsonl")[0]
     (tmp_path / "link.jsonl").symlink_to(m)  # the input by another name
-    with pytest.raises(DataError, match="link.jsonl is the input .*x/captions.jsonl"):
+    with pytest.raises(rsmclip.RsmclipError, match="link.jsonl is the input .*x/captions.jsonl"):
         prepare.merge([m], [], tmp_path / "link.jsonl")
 
 

@@ -696,9 +696,9 @@ def test_outputs_never_overwrite_the_manifest_or_each_other(tmp_path):
 
     def refused(*extra):  # every case stops before a request: nobody listens on port 9
         return cli(*http_args(tmp_path, "http://127.0.0.1:9", "--langs", "pt", *extra))
-    assert f"--cache {manifest} is also the input manifest" in refused("--cache", manifest)
-    assert f"--report {manifest} is also the input manifest" in refused("--report", manifest)
-    assert "is also --out" in refused("--cache", tmp_path / "out.jsonl")
+    assert f"--cache {manifest} is the input manifest" in refused("--cache", manifest)
+    assert f"--report {manifest} is the input manifest" in refused("--report", manifest)
+    assert "is also the output" in refused("--cache", tmp_path / "out.jsonl")
     assert "--out" in refused("--out", tmp_path) and "is a folder" in refused("--out", tmp_path)
     assert manifest.read_bytes() == before
     manifest.write_text('{"id": "x", "captions": {"en": ["a", " ", ""]}}\n')
