@@ -23,6 +23,7 @@ import re
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -739,6 +740,23 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
     return model
 
 
+def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
+    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
+    symlink or a hard link too), which writing it would destroy."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
+    if parent := next((d for d in out.absolute().parents if d.exists()), None):
+        if not parent.is_dir():
+            raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
+    for given in map(Path, filter(None, inputs)):
+        if given.resolve() == out.resolve() or (out.exists() and given.exists() and os.path.samefile(given, out)):
+            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
+                               f"choose another {option}")
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -756,8 +774,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
     before it could clean up (SIGKILL) is swept away by the next write of the same file."""
     path = Path(path)
-    if path.is_dir():
-        raise RsmclipError(f"{path}: is a folder; give a file name")
+    refuse_overwrite(path, [], "the output")
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = stale.name[len(path.name) + 2:].split(".")[0]
@@ -772,24 +789,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission: the old file stays, the message names the file
+        tmp.unlink(missing_ok=True)
+        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); an existing file is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
-    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
-    symlink or a hard link too), which writing it would destroy."""
-    if out is None:
-        return
-    out = Path(out)
-    if out.is_dir():
-        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
-    for given in map(Path, filter(None, inputs)):
-        if given.resolve() == out.resolve() or (out.exists() and given.exists() and os.path.samefile(given, out)):
-            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
-                               f"choose another {option}")
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict):
@@ -877,12 +883,12 @@ def _request(url: str, method: str = "GET", headers: Optional[dict] = None) -> u
     return req
 
 
-def remote_info(url: str) -> Optional[dict]:
+def remote_info(url: str, timeout: float = 60) -> Optional[dict]:
     """Size and sha256 the server announces for a file (None if it has no such file). The hub sends an
     LFS file's sha256 in X-Linked-Etag (ETag on direct answers); a git blob ETag is no sha256."""
     opener = urllib.request.build_opener(_NoRedirect)
     try:
-        resp = opener.open(_request(url, "HEAD"), timeout=30)
+        resp = opener.open(_request(url, "HEAD"), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return None
@@ -894,15 +900,18 @@ def remote_info(url: str) -> Optional[dict]:
         raise RsmclipError(f"{url}: cannot connect ({e})") from None
     h = resp.headers
     etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
-    size = h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None)
-    return {"size": int(size) if size else None,
+    size = (h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None) or "").strip()
+    if size and not size.isdigit():
+        print(f"warning: {url}: the server announced the size {size[:40]!r}, not a number; no size check",
+              file=sys.stderr)
+    return {"size": int(size) if size.isdigit() else None,
             "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None}
 
 
-def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
+def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 60) -> Path:
     """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
-    checks, and an atomic rename. A dropped connection is resumed up to `retries` times; after that
-    the .part file stays and the same command continues from it."""
+    checks, and an atomic rename. A dropped connection, or no byte for `timeout` seconds, is resumed
+    up to `retries` times; after that the .part file stays and the same command continues from it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     part = dest.with_name(dest.name + ".part")
@@ -914,7 +923,7 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
             have = 0
         try:
             resp = urllib.request.urlopen(_request(url, headers={"Range": f"bytes={have}-"} if have else {}),
-                                          timeout=60)
+                                          timeout=timeout)
             if have and resp.status != 206:  # the server ignored the range: start over
                 have = 0
             with open(part, "ab" if have else "wb") as f, Progress(
@@ -934,7 +943,7 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
             if attempt == retries:
                 raise RsmclipError(f"{url}: download interrupted ({e}); {part.stat().st_size} bytes are "
                                    f"kept in {part}: run the same command again to resume") from None
-            print(f"connection lost ({e}), resuming", file=sys.stderr)
+            print(f"connection lost or stalled for {timeout:g} s ({e}), resuming", file=sys.stderr)
     size = part.stat().st_size
     if info["size"] is not None and size != info["size"]:
         raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; run again to resume")
@@ -951,21 +960,47 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
     return dest
 
 
-def download(name: str, out_dir: Path, endpoint: str) -> Path:
+def download_problem(name: str, path: Path) -> Optional[str]:
+    """Why a file in the download folder is not a usable `name` (None if it is): presence is not enough,
+    an HTML error page saved under the name, or an empty file, must not pass as "already present"."""
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty"
+        if name == "tokenizer":
+            Tokenizer(path)
+        else:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            config_from_json(meta.get("config"), path)
+    except (RsmclipError, SafetensorError, OSError, ValueError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Path:
     repo, candidates, saved_as = HUB_FILES[name]
     final = out_dir / saved_as
     if final.exists():
-        print(f"{final}: already present")
+        if problem := download_problem(name, final):
+            raise RsmclipError(f"{final}: present but not usable ({problem}); delete it and run again")
+        print(f"{final}: already present (checked)")
         return final
+    parsed = urllib.parse.urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise RsmclipError(f"--endpoint {endpoint!r}: not an http(s) URL such as https://huggingface.co")
     for filename in candidates:
         url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
-        if (info := remote_info(url)) is None:
+        if (info := remote_info(url, timeout)) is None:
             continue
         checks = " and ".join(c for c, v in (("size", info["size"]), ("sha256", info["sha256"])) if v) or "no"
-        print(f"{repo}/{filename} -> {final} ({checks} check)")
+        print(f"{repo}/{filename} -> {final} ({checks} check; {timeout:g} s without data counts as a stall)")
         if name == "tokenizer":
-            return fetch(url, final, info)
-        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info)
+            fetch(url, final, info, timeout=timeout)
+            if problem := download_problem(name, final):
+                final.unlink()
+                raise RsmclipError(f"{url}: the server sent no SentencePiece model ({problem}); deleted")
+            return final
+        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info, timeout=timeout)
         convert(raw, final)  # open_clip names (and maybe a pickle) -> our safetensors with its config
         raw.unlink()
         print(f"converted to {final}")
@@ -1160,13 +1195,15 @@ def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.joi
                                                               "(default: rs-m-clip tokenizer)"),
                  out: Path = typer.Option(Path("weights"), help="folder for the files"),
                  endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                                              help="hub base URL (env HF_ENDPOINT)")):
+                                              help="hub base URL (env HF_ENDPOINT)"),
+                 timeout: float = typer.Option(60, min=1, help="seconds without data before a stalled "
+                                               "connection is dropped and resumed")):
     """Fetch public weights and the XLM-R vocabulary from the Hugging Face hub (resumable, checked)."""
     names = names or ["rs-m-clip", "tokenizer"]
     if unknown := [n for n in names if n not in HUB_FILES]:
         raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
     for name in names:
-        download(name, out, endpoint)
+        download(name, out, endpoint, timeout)
 
 
 @app.command("convert")

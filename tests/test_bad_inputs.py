@@ -48,6 +48,42 @@ def images(tmp: Path, n: int = 3) -> Path:
     return folder
 
 
+def config_file(tmp: Path, config: str, name: str = "bad.safetensors") -> Path:
+    """Tiny weights whose metadata config is `config` (a JSON text, edited by the row)."""
+    torch.manual_seed(0)
+    tensors = {k: v.contiguous() for k, v in rsmclip.CLIP(TINY).state_dict().items()}
+    save_file(tensors, tmp / name, {"format": "rsmclip", "config": config})
+    return tmp / name
+
+
+def tiny_config(**changes) -> str:
+    """The tiny preset's config as JSON, with top-level or "vision.x"/"text.x" keys changed."""
+    d = rsmclip.asdict(TINY)
+    for key, value in changes.items():
+        part, _, name = key.rpartition("__")
+        (d[part] if part else d)[name] = value
+    return json.dumps(d)
+
+
+def nan_weights(tmp: Path) -> Path:
+    torch.manual_seed(0)
+    model = rsmclip.CLIP(TINY)
+    with torch.no_grad():
+        model.visual.proj.weight.fill_(float("nan"))
+    rsmclip.save(model, tmp / "nan.safetensors")
+    return tmp / "nan.safetensors"
+
+
+def damaged_index(tmp: Path):
+    images(tmp)
+    (tmp / "index.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+
+
+def odd_names(tmp: Path):
+    folder = images(tmp)
+    os.rename(folder / "0.png", os.fsencode(folder) + b"/caf\xe9.png")  # a Latin-1 file name
+
+
 def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
     """A captions.jsonl of n test images, each with `captions`."""
     folder = images(tmp, n)
@@ -133,7 +169,65 @@ CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
          words=("no such weights file",)),
+    Case("config: bad JSON", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, "{not json"), words=("config in the metadata is not valid JSON",)),
+    Case("config: an unknown key", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(colour="red")), words=("unexpected keyword argument",)),
+    Case("config: head_width 0", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(vision__head_width=0)),
+         words=("vision.head_width 0 not in [1, 16384]",)),
+    Case("config: a million layers, checked before any allocation", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(text__layers=10 ** 6)), words=("text.layers 1000000",)),
+    Case("config: a tokenizer path outside the weights' folder", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(tokenizer="../../etc/passwd")),
+         words=("must be a plain file name",)),
+    Case("classify: template {x}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}",
+                                               "--template", "a {x}"], make=images, words=("KeyError",)),
+    Case("classify: template {0} {1}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                                   "{w}", "--template", "{0} {1}"], make=images,
+         words=("IndexError",)),
+    Case("classify: template {}}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}",
+                                               "--template", "{}}"], make=images, words=("ValueError",)),
+    Case("classify: template without {}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                                      "{w}", "--template", "a photo"], make=images,
+         words=("needs exactly one {} for the class name",)),
+    Case("classify: a folder named x.jpg without images", "rsmclip",
+         ["classify", "{tmp}/x.jpg", "--labels", "a,b", "--model", "{w}"],
+         make=lambda tmp: (tmp / "x.jpg").mkdir(), words=("no readable images",)),
+    Case("classify: NaN weights", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                              "{tmp}/nan.safetensors", "--tokenizer", "{spm}"],
+         make=lambda tmp: (images(tmp), nan_weights(tmp)), words=("non-finite image embeddings",)),
+    Case("embed: Latin-1 --texts", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt", "--out",
+                                               "{tmp}/e.safetensors"],
+         make=lambda tmp: (tmp / "t.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")),
+         words=("not UTF-8 text",), absent=("e.safetensors",)),
+    Case("embed: --out is the --texts file", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt",
+                                                          "--out", "{tmp}/t.txt"],
+         make=lambda tmp: (tmp / "t.txt").write_text("a road\n"), words=("is the input",),
+         unchanged=("t.txt",)),
+    Case("embed: --out under a file", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt",
+                                                   "--out", "{tmp}/t.txt/e.safetensors"],
+         make=lambda tmp: (tmp / "t.txt").write_text("a road\n"), words=("is a file, not a folder",)),
+    Case("embed: a 1 x 10000 image is skipped, not 2.6 GB", "rsmclip",
+         ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
+         make=lambda tmp: (images(tmp), Image.new("1", (1, 10000)).save(tmp / "imgs" / "thin.png")),
+         words=("skipped:", "aspect ratio above 20:1")),
+    Case("search: a damaged index is rebuilt", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/index.safetensors"], code=0,
+         make=damaged_index, words=("damaged search index", "rebuilding it")),
+    Case("search: a file name not UTF-8, written to --out", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--out",
+          "{tmp}/hits.json"], code=0, make=odd_names),
+    Case("download: --endpoint notaurl", "rsmclip", ["download", "tokenizer", "--out", "{tmp}/w",
+                                                     "--endpoint", "notaurl"], words=("not an http(s) URL",)),
     # --- eval.py
+    Case("retrieval: --out under a file", "eval",
+         ["retrieval", "--model", "{w}", "--data", MANIFEST, "--workers", "0", "--out", MANIFEST + "/r.json"],
+         make=lambda tmp: manifest(tmp, {"en": ["a road"]}), words=("is a file, not a folder",)),
+    Case("zeroshot: a template {x}", "eval",
+         ["zeroshot", "--model", "{w}", "--data", "{tmp}/tree", "--classes", "RSSCN7", "--templates",
+          "{tmp}/t.json", "--workers", "0"],
+         make=lambda tmp: (tmp / "t.json").write_text('["a {x} from above"]'), words=("KeyError",)),
     Case("retrieval without captions in any language", "eval",
          ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
          make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),
@@ -203,9 +297,11 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     case.make(tmp_path)
-    w = weights(tmp_path, spm_model) if any("{w}" in a for a in case.args) else None
+    w = weights(tmp_path, spm_model) if any("{w}" in a or "{spm}" in a for a in case.args) else None
     before = {f: (tmp_path / f).read_bytes() for f in case.unchanged}
-    args = [a.format(tmp=tmp_path, w=w) for a in case.args]
+    fill = {"{tmp}": tmp_path, "{w}": w, "{spm}": tmp_path / TINY.tokenizer}
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{w}", str(w)).replace("{spm}", str(fill["{spm}"]))
+            for a in case.args]  # not str.format: rows pass braces of their own (templates)
     with pytest.raises(SystemExit) as exit_:
         rsmclip.run_cli(entry_app(case.entry), args)
     out = capsys.readouterr()
@@ -234,7 +330,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
         tmp.write_text("partial")
         raise OSError(28, "No space left on device", str(tmp))
 
-    with pytest.raises(OSError):
+    with pytest.raises(rsmclip.RsmclipError, match="out.json: cannot write it .No space left on device."):
         rsmclip.atomic_write(target, fail)
     assert target.read_text() == "old" and not stale.exists() and mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -166,7 +167,7 @@ class FakeHub(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"/cdn/{name}")
             self.send_header("X-Linked-Etag", f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
-            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Linked-Size", self.linked_size.get(name, str(len(data))))
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -179,6 +180,7 @@ class FakeHub(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
+        time.sleep(self.stall_once.pop(name, 0))  # headers sent, then nothing: a stalled connection
         cut = self.drop_once_after.pop(name, None)
         self.wfile.write(data[start:cut] if cut else data[start:])
         if cut:
@@ -196,6 +198,7 @@ def hub(tmp_path, spm_model):
                      "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model": Path(spm_model).read_bytes()}
     FakeHub.lfs = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"}
     FakeHub.announced_sha, FakeHub.drop_once_after, FakeHub.requests = {}, {}, []
+    FakeHub.linked_size, FakeHub.stall_once = {}, {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", model
@@ -218,7 +221,33 @@ def test_download_converts_checks_and_resumes(hub, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint).stdout.endswith(
-        "already present\n")
+        "already present (checked)\n")
+
+
+def test_download_checks_what_it_got_and_what_is_already_there(hub, tmp_path):
+    endpoint, _ = hub
+    tok = "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model"
+    good = FakeHub.files[tok]
+    FakeHub.files[tok] = b"<html><body>502 Bad Gateway</body></html>"  # a proxy's error page, status 200
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 1 and "the server sent no SentencePiece model" in result.stderr
+    assert not list((tmp_path / "w").iterdir())
+    (tmp_path / "w" / "sentencepiece.bpe.model").write_bytes(b"")  # an empty or foreign file is not "present"
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 1 and "present but not usable (it is empty); delete it" in result.stderr
+    (tmp_path / "w" / "sentencepiece.bpe.model").unlink()
+    FakeHub.files[tok] = good
+    FakeHub.stall_once[tok] = 3
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint, "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1 s without data counts as a stall" in result.stdout and "stalled for 1 s" in result.stderr
+    assert (tmp_path / "w" / "sentencepiece.bpe.model").read_bytes() == good
+    FakeHub.linked_size["joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"] = "abc"
+    result = run("download", "rs-m-clip", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "announced the size 'abc', not a number; no size check" in result.stderr
+    result = run("download", "tokenizer", "--out", tmp_path / "x", "--endpoint", "notaurl")
+    assert result.returncode == 1 and "not an http(s) URL" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
