@@ -267,3 +267,46 @@ def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
     assert "Traceback" not in result.stderr and list((tmp_path / "w2").iterdir()) == []
     result = run("download", "laion", "--out", tmp_path / "w3", "--endpoint", endpoint)
     assert result.returncode == 1 and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr
+
+
+def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
+    """A search index damaged in one way."""
+    entries = [{"path": "a.png", "size": 1, "mtime": 2}, {"path": "b.png", "size": 3, "mtime": 4}]
+    feats = torch.nn.functional.normalize(torch.randn(2, dim), dim=-1)
+    meta = {"model": fingerprint, "entries": json.dumps(entries)}
+    if kind in ("truncated", "random", "empty"):
+        rsmclip.atomic_save({"embeddings": feats}, path, meta)
+        data = {"truncated": path.read_bytes()[:-7], "random": os.urandom(300), "empty": b""}[kind]
+        path.write_bytes(data)
+        return
+    tensors = {"embeddings": feats}
+    if kind == "wrong dim":
+        tensors = {"embeddings": torch.randn(2, dim + 1)}
+    elif kind == "wrong count":
+        tensors = {"embeddings": torch.randn(3, dim)}
+    elif kind == "float16":
+        tensors = {"embeddings": feats.half()}
+    elif kind == "nan":
+        tensors = {"embeddings": feats.fill_(float("nan"))}
+    elif kind == "no tensor":
+        tensors = {"other": feats}
+    elif kind == "no entries":
+        del meta["entries"]
+    elif kind == "entries not json":
+        meta["entries"] = "[{"
+    elif kind == "entries wrong type":
+        meta["entries"] = json.dumps([{"path": 5, "size": "1", "mtime": 2}] * 2)
+    rsmclip.atomic_save(tensors, path, meta)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16", "nan",
+                                  "no tensor", "no entries", "entries not json", "entries wrong type"])
+def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
+    index_file(tmp_path / "i.safetensors", kind, "fp")
+    assert rsmclip.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
+    assert "damaged search index" in capsys.readouterr().err
+    index_file(tmp_path / "ok.safetensors", "fine", "fp")
+    entries, feats = rsmclip.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
+    assert len(entries) == 2 and feats.shape == (2, 4)
+    assert rsmclip.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
+    assert "built with other weights" in capsys.readouterr().err
