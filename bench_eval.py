@@ -92,7 +92,7 @@ def speed(images: int = typer.Option(10000, help="number of images (5 captions e
     rows = {}
     # stage by stage, one process: each number is that stage's own cost
     _, rows["decode + preprocess (1 process)"] = timed(
-        lambda: [None for _ in ev.image_batches(paths, pp, batch_size, workers=0)])
+        lambda: [None for _ in rsmclip.image_batches(paths, pp, batch_size, workers=0)])
     pixels = torch.stack([pp(p) for p in paths[:batch_size]]).to(device)
     with torch.inference_mode():
         batches = range(len(paths) // batch_size)

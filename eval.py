@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -170,55 +168,10 @@ def mean_metrics(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- encoding
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
-    raised as one report in the main process (a worker's exception would arrive as a traceback)."""
-
-    def __init__(self, paths: list[Path], preprocess: rsmclip.Preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.preprocess(self.paths[i]), ""
-        except rsmclip.ImageError as e:
-            return torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
-
-
-def image_batches(paths: list[Path], preprocess, batch_size: int, workers: int):
-    workers = min(workers, len(paths) // batch_size)  # a worker pool costs more than it saves on small sets
-    return torch.utils.data.DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
-                                       num_workers=workers, persistent_workers=False)
-
-
-def progress(what: str) -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-
-
-@torch.inference_mode()
 def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, device: str = "cpu",
                   workers: int = 2) -> torch.Tensor:
-    """[N, D] L2-normalised float32 image embeddings, on `device`; bf16 autocast on CUDA."""
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
-                        + (" ..." if len(missing) > 5 else ""))
-    feats, errors, done, start = [], [], 0, time.perf_counter()
-    with progress("images") as bar:
-        task = bar.add_task("", total=len(paths), rate="")
-        for pixels, messages in image_batches(paths, preprocess, batch_size, workers):
-            errors += [m for m in messages if m]
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-                x = model.encode_image(pixels.to(device, non_blocking=True))
-            feats.append(F.normalize(x.float(), dim=-1))
-            done += len(pixels)
-            bar.update(task, advance=len(pixels), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
-    if errors:
-        raise EvalError(f"{len(errors)} images cannot be read: {'; '.join(errors[:3])}")
-    return rsmclip.check_finite(torch.cat(feats), "image")
+    """[N, D] embeddings of every image, on `device`; an unreadable or missing image stops the evaluation."""
+    return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers, skip_unreadable=False)[0]
 
 
 def in_eval_mode(evaluate):

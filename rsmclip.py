@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from PIL import Image
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
@@ -912,8 +917,6 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 6
     """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
     checks, and an atomic rename. A dropped connection, or no byte for `timeout` seconds, is resumed
     up to `retries` times; after that the .part file stays and the same command continues from it."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
@@ -1045,33 +1048,61 @@ def display(path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
+    reported by the main process (a worker's exception would arrive as a traceback)."""
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.preprocess(self.paths[i]), ""
+        except ImageError as e:
+            return torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
+
+
+def image_batches(paths: list[Path], preprocess: Preprocess, batch_size: int, workers: int):
+    workers = min(workers, len(paths) // batch_size)  # a worker pool costs more than it saves on small sets
+    return torch.utils.data.DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
+                                       num_workers=workers, persistent_workers=False)
+
+
 @torch.inference_mode()
 def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_size: int = 64,
-                 device: str = "cpu") -> tuple[torch.Tensor, list[Path], list[str]]:
-    """Normalised embeddings of the readable images; unreadable ones are skipped and reported."""
-    from rich.progress import track
-
-    feats, ok, failed, batch = [], [], [], []
-
-    def flush():
-        if batch:
-            feats.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
-            batch.clear()
-
-    for p in track(paths, description="embedding images", transient=True, disable=len(paths) < 2 * batch_size):
-        try:
-            batch.append(preprocess(p))
-            ok.append(p)
-        except ImageError as e:
-            failed.append(str(e))
-            continue
-        if len(batch) == batch_size:
-            flush()
-    flush()
+                 device: str = "cpu", workers: int = 0,
+                 skip_unreadable: bool = True) -> tuple[torch.Tensor, list[Path], list[str]]:
+    """(embeddings [N, D] L2-normalised float32 on `device`, the N readable paths, the error messages),
+    decoded by `workers` processes, bf16 autocast on CUDA. An unreadable image is skipped and reported
+    on stderr (a folder being searched), or, with skip_unreadable=False, stops the whole call with one
+    message (an evaluation, whose numbers a silently smaller set would change)."""
+    if not skip_unreadable and (missing := [display(p) for p in paths if not Path(p).is_file()]):
+        raise ImageError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    feats, ok, failed, start = [], [], [], time.perf_counter()
+    with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=len(paths), rate="")
+        for first, (pixels, messages) in zip(range(0, len(paths), batch_size),
+                                             image_batches(paths, preprocess, batch_size, workers)):
+            good = [i for i, m in enumerate(messages) if not m]
+            failed += [m for m in messages if m]
+            ok += [paths[first + i] for i in good]
+            if good:
+                with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+                    x = model.encode_image(pixels[good].to(device, non_blocking=True))
+                feats.append(F.normalize(x.float(), dim=-1))
+            done = first + len(messages)
+            bar.update(task, advance=len(messages), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
+    if failed and not skip_unreadable:
+        raise ImageError(f"{len(failed)} images cannot be read: {'; '.join(map(display, failed[:3]))}")
     for message in failed:
         print(f"skipped: {display(message)}", file=sys.stderr)
-    dim = model.config.embed_dim
-    return check_finite(torch.cat(feats) if feats else torch.zeros(0, dim), "image"), ok, failed
+    out = torch.cat(feats) if feats else torch.zeros(0, model.config.embed_dim, device=device)
+    return check_finite(out, "image"), ok, failed
 
 
 @torch.inference_mode()
@@ -1156,6 +1187,7 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Path, ba
         else:
             todo.append(p)
     new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
+    new_feats = new_feats.cpu()
     added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns}
              for p in done]
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
@@ -1257,9 +1289,6 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
              device: str = typer.Option(default_device())):
     """Zero-shot classification: a table of class probabilities per image."""
-    from rich.console import Console
-    from rich.table import Table
-
     if lang not in PROMPTS and template is None:
         raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
     names = [n.strip() for n in labels.split(",") if n.strip()]
@@ -1268,6 +1297,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     prompt = check_template(template or PROMPTS[lang])
     model, preprocess, tok = load(model_path, tokenizer, device)
     feats, ok, _ = embed_images(model, preprocess, list_images(images), device=device)
+    feats = feats.cpu()
     if not ok:
         raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
     classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
@@ -1288,9 +1318,6 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
            device: str = typer.Option(default_device())):
     """Text-to-image search over a folder; the index is built once and updated when images change."""
-    from rich.console import Console
-    from rich.table import Table
-
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
     refuse_overwrite(out, [model_path, index, tokenizer])

@@ -371,10 +371,10 @@ def test_evaluate_retrieval_errors(models, spm_model, small_manifest):
     with pytest.raises(ev.EvalError, match=r"6 test images have no 'ko' captions.*available: en, pt"):
         run(langs=["ko"])
     (small_manifest.parent / "images" / "3.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ev.EvalError, match=r"1 images cannot be read: .*3\.png"):
+    with pytest.raises(rsmclip.ImageError, match=r"1 images cannot be read: .*3\.png"):
         run()
     (small_manifest.parent / "images" / "3.png").unlink()
-    with pytest.raises(ev.EvalError, match=r"1 of 5 images are missing: .*3\.png"):
+    with pytest.raises(rsmclip.ImageError, match=r"1 of 5 images are missing: .*3\.png"):
         run()
 
 
