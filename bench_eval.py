@@ -4,7 +4,7 @@ moves recall on a real caption set.
 
     python bench_eval.py speed [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
     python bench_eval.py ties --data datasets/ucm/captions.jsonl --split val \
-        --tokenizer ../shared/assets/xlmr/sentencepiece.bpe.model
+        --tokenizer weights/sentencepiece.bpe.model
 
 The images are 256x256 JPEGs (the size of UCM/RSITMD; RSICD's are 224), made once from the demo's
 renderer into --workdir: 200 distinct scenes written round-robin, as decoding cost does not depend on

@@ -119,7 +119,13 @@ def not_utf8(name: str) -> bool:
 
 
 def load_manifest(path: Path) -> list[dict]:
-    """Read and check a captions.jsonl (format: DESIGN.md); image paths are relative to its folder."""
+    """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md).
+
+    One JSON object per line, UTF-8, one line per image: {"id": "<dataset>/<name>", "image": path of the
+    image relative to this file's folder (POSIX, never absolute, never leaving the folder), "split":
+    "train" | "val" | "test", "dataset": name, "captions": {lang: [caption, ...]}}, the caption lists
+    aligned by index across languages (caption i in "pt" translates caption i in "en"). Other fields
+    (e.g. the demo's "scene") are kept and ignored. Ids are unique; every caption list is non-empty text."""
     records = read_jsonl(Path(path), {"id": str, "image": str, "split": str, "captions": dict})
     errors = []
     for r in records:
@@ -138,6 +144,8 @@ def load_manifest(path: Path) -> list[dict]:
 
 
 def load_labels(path: Path) -> list[dict]:
+    """Read a labels.jsonl: {"image": path relative to its folder, "label": class (folder) name, "split":
+    "train" | "val" | "test"} per line, UTF-8; zero-shot and the linear probe read it (data/README.md)."""
     records = read_jsonl(Path(path), {"image": str, "label": str, "split": str})
     if not records:
         raise DataError(f"{path}: no records")

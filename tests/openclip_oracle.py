@@ -1,7 +1,8 @@
 """Build open_clip's xlm-roberta ViT CLIP offline, for any rsmclip config, as a test oracle.
 
 open_clip would fetch the xlm-roberta-base config from the hub; we register a model config of the
-same shape and hand it a transformers XLMRobertaConfig built from ours (REFERENCE.md section 9)."""
+same shape and hand it a transformers XLMRobertaConfig built from ours (open_clip's hf_model.py builds its
+text tower from AutoConfig.from_pretrained(hf_model_name), which we patch)."""
 import json
 import tempfile
 from pathlib import Path

@@ -1,5 +1,16 @@
 """rsmclip.py against open_clip (model, weights, preprocessing) and the HF tokenizer, on seeded random
-weights. REFERENCE.md sections 1-4 are the spec; open_clip and transformers are the oracles."""
+weights. open_clip and transformers are the oracles; what must be equal:
+
+* the model: `encode_image`, `encode_text`, logits and the CLIP loss (and its gradients) of our CLIP equal
+  open_clip's `CLIP`/`CustomTextCLIP` for `xlm-roberta-base-ViT-B-32` (open_clip/model.py,
+  transformer.py's `VisionTransformer`, hf_model.py's `HFTextEncoder` with `MeanPooler` and the
+  "mlp" projection; loss.py's `ClipLoss`) on the same weights, in fp32;
+* the weights: every tensor maps one-to-one to open_clip's state-dict names (a strict load both ways),
+  parameter counts equal;
+* the tokenizer: ids equal open_clip's `HFTokenizer` (tokenizer.py: ftfy + whitespace cleaning, then
+  the XLM-R fast tokenizer: <s> pieces </s>, padding with id 1, 77 positions);
+* preprocessing: equal to open_clip's `image_transform(is_train=False)` (transform.py: bicubic resize of
+  the shorter side, centre crop, OpenAI CLIP mean/std)."""
 import io
 import shutil
 from pathlib import Path
