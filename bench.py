@@ -162,7 +162,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
                 (ta, ma), (tb, mb) = timed(a, device, repeats), timed(b, device, repeats)
                 print(f"{preset:9} {batch:5d} {task:12} {ta * 1e3:9.1f} {tb * 1e3:12.1f} {ta / tb:6.2f} "
                       f"{ma / 2**20:9.0f} {mb / 2**20:13.0f}", flush=True)
-        del ours, theirs
+        ours = theirs = None  # free both before the next preset (not del: the timed closures refer to them)
 
 
 # ----------------------------------------------------------------------------- training-step benchmark
@@ -257,7 +257,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     print(f"{'rsmclip train_step (CLIP only)':34} {t_ours * 1e3:9.1f} {batch_size / t_ours:9.1f} {m_ours / 2**20:9.0f}")
     print(f"{'open_clip model + ClipLoss':34} {t_theirs * 1e3:9.1f} {batch_size / t_theirs:9.1f} {m_theirs / 2**20:9.0f}")
     print(f"step-time ratio ours / open_clip: {t_ours / t_theirs:.2f}")
-    del theirs, optimizer
+    theirs = optimizer = None  # freed before the multi-crop part (not del: openclip_step refers to them)
 
     # the method's own cost: 2 global + N local crops, EMA teacher, DINO head and loss
     ours = paired_models(cfg)[0].train()

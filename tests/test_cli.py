@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from openclip_oracle import fill_with_noise
 from PIL import Image
 from safetensors import safe_open
 
 import rsmclip
-from openclip_oracle import fill_with_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from openclip_oracle import paired_models
 from PIL import Image
 from typer.testing import CliRunner
 
 import eval as ev
 import rsmclip
 from data import demo, prepare
-from openclip_oracle import paired_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"

@@ -20,12 +20,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import CORPUS
+from openclip_oracle import fill_with_noise, paired_models
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import rsmclip
-from conftest import CORPUS
-from openclip_oracle import fill_with_noise, paired_models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOL = 1e-4
@@ -102,7 +102,9 @@ def test_training_mode_has_text_dropout_only():
 
 
 def test_positional_embedding_interpolation_matches_timm():
-    from timm.layers import resample_abs_pos_embed  # an independent implementation (timm comes with open_clip)
+    from timm.layers import (
+        resample_abs_pos_embed,  # an independent implementation (timm comes with open_clip)
+    )
 
     model = fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"])).eval()
     vit = model.visual
