@@ -139,7 +139,8 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"), split: str = typ
                                    device=device, workers=0)["en"]
     print(f"queries whose match ties with a wrong candidate: i2t {result['tied_queries']['i2t']}, "
           f"t2i {result['tied_queries']['t2i']}")
-    print("| tie rule | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |\n|---|---|---|---|---|---|---|---|")
+    print("| tie rule | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |\n"
+          "|---|---|---|---|---|---|---|---|")
     for rule in ev.TIE_RULES:
         r = result["by_tie_rule"][rule]
         print(f"| {rule} | " + " | ".join(f"{r[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in ev.KS)

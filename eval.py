@@ -7,8 +7,8 @@
         --out z.json
     python eval.py report suite.json --model W1.safetensors [--model W2...] --out-json r.json --out-md r.md
 
-The protocol is fixed (retrieval_protocol(), ZEROSHOT_PROTOCOL, LINEAR_PROBE_PROTOCOL) and printed under every table and
-written into every JSON. train.py imports evaluate_retrieval() for periodic validation.
+The protocol is fixed (retrieval_protocol(), ZEROSHOT_PROTOCOL, LINEAR_PROBE_PROTOCOL) and printed under every
+table and written into every JSON. train.py imports evaluate_retrieval() for periodic validation.
 """
 from __future__ import annotations
 
@@ -158,9 +158,12 @@ def mean_metrics(rows: list[dict]) -> dict:
     def mean(get):
         return sum(get(r) for r in rows) / len(rows)
     out = {d: {f"R@{k}": mean(lambda r: r[d][f"R@{k}"]) for k in KS} for d in ("i2t", "t2i")}
-    out |= {"mR": mean(lambda r: r["mR"]), "chance_mR": mean(lambda r: r["chance_mR"]), "ties": rows[0]["ties"]}
-    out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"]) for k in KS}
-                                 for d in ("i2t", "t2i")} | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
+    out |= {"mR": mean(lambda r: r["mR"]), "chance_mR": mean(lambda r: r["chance_mR"]),
+            "ties": rows[0]["ties"]}
+    out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"])
+                                     for k in KS}
+                                 for d in ("i2t", "t2i")}
+                                | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
                           for rule in TIE_RULES}
     return out
 
@@ -171,7 +174,8 @@ def mean_metrics(rows: list[dict]) -> dict:
 def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, device: str = "cpu",
                   workers: int = 2) -> torch.Tensor:
     """[N, D] embeddings of every image, on `device`; an unreadable or missing image stops the evaluation."""
-    return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers, skip_unreadable=False)[0]
+    return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers,
+                                skip_unreadable=False)[0]
 
 
 def in_eval_mode(evaluate):
@@ -259,8 +263,9 @@ def ties_line(results: dict) -> str:
     r, counts = results[lang], [v for k, v in results.items() if k != "mean"][0]
     return (f"ties: {r['ties']}; {lang} mR {r['by_tie_rule']['against']['mR']:.2f} if every tie lost, "
             f"{r['by_tie_rule']['favour']['mR']:.2f} if every tie won. {next(iter(results))}: "
-            f"{counts['distinct_captions']} distinct captions of {counts['captions']}; queries whose match ties "
-            f"with a wrong candidate: i2t {counts['tied_queries']['i2t']}, t2i {counts['tied_queries']['t2i']}")
+            f"{counts['distinct_captions']} distinct captions of {counts['captions']}; queries whose match "
+            f"ties with a wrong candidate: i2t {counts['tied_queries']['i2t']}, "
+            f"t2i {counts['tied_queries']['t2i']}")
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -350,7 +355,8 @@ LINEAR_PROBE_PROTOCOL = (
     "chosen on a validation part of the train split (the val split, else a stratified 20% of train): a grid "
     "10^-6 ... 10^2 by decades, then quarter-decades around the best; then refit on train (full) or on the "
     "k shots (few-shot). k-shot: k train images per class, never val or test images, drawn with seeds "
-    "0 ... S-1 (S = 5 unless set); mean and standard deviation over the seeds. Top-1 accuracy in % on the test split.")
+    "0 ... S-1 (S = 5 unless set); mean and standard deviation over the seeds. Top-1 accuracy in % on the "
+    "test split.")
 
 
 def classification_items(data: Path) -> list[tuple[Path, str, str]]:
@@ -484,7 +490,8 @@ def evaluate_linear_probe(model, preprocess, data: Path, shots: tuple = SHOTS, s
     labels = [names.index(label) for _, label, _ in items]
     part = probe_splits(items, labels, test_fraction)
     for split in ("fit", "test"):
-        if missing := sorted({names[labels[i]] for i in part["fit"]} - {names[labels[i]] for i in part[split]}):
+        if missing := sorted({names[labels[i]] for i in part["fit"]}
+                             - {names[labels[i]] for i in part[split]}):
             raise EvalError(f"{data}: no {split} images of class {', '.join(missing[:5])}")
     feats = cached_image_features(model, preprocess, [p for p, _, _ in items], cache_key, batch_size, device,
                                   workers)
@@ -541,7 +548,8 @@ def check_suite(suite, suite_path: Path):
     for t in suite["tasks"]:
         peers = t.get("peers", {})
         if not isinstance(peers, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in peers.values()):
+                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+                for v in peers.values()):
             raise EvalError(f'{suite_path}: task {t["name"]!r}: "peers" must be {{peer: {{lang or setting: '
                             "number}}")
 
@@ -551,9 +559,9 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
     """Every task of a suite file against every checkpoint -> rows for the table and the full results.
 
     Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe", "data", "split",
-    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]}; paths
-    relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...), and
-    its peers are keyed by setting."""
+    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]};
+    paths relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...),
+    and its peers are keyed by setting."""
     suite = read_json(Path(suite_path))
     check_suite(suite, suite_path)
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
@@ -697,19 +705,22 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
 
 
 @app.command("linear-probe")
-def linear_probe(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
+def linear_probe(model_path: Path = MODEL,
+                 data: Path = typer.Option(..., help="class folders or labels.jsonl"),
                  shots: str = typer.Option(",".join(map(str, SHOTS)), help="comma-separated k of the k-shot "
                                            "probes, images per class (empty: full-data probe only)"),
                  seeds: int = typer.Option(PROBE_SEEDS, min=1, help="k-shot draws averaged per k"),
-                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99, help="share of each class held "
-                                                     "out for testing when the data has no train/test splits"),
+                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99,
+                                                     help="share of each class held out for testing "
+                                                          "when the data has no train/test splits"),
                  out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
                  batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
     """Linear-probe and few-shot top-1 accuracy: logistic regression on frozen image features."""
     try:
         ks = tuple(int(k) for k in shots.split(",") if k.strip())
     except ValueError:
-        raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as 1,2,4,8,16") from None
+        raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as "
+                        "1,2,4,8,16") from None
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
     rsmclip.refuse_overwrite(out, [model_path, data])

@@ -110,12 +110,15 @@ class CLIPConfig:
     def from_dict(cls, d, source: str = "config") -> "CLIPConfig":
         """A config read from a file, checked before anything is built from it: a 6 kB header that says
         layers=10**6 must not allocate (or loop) first and fail later."""
-        if not isinstance(d, dict) or not isinstance(d.get("vision"), dict) or not isinstance(d.get("text"), dict):
-            raise WeightsError(f"{source}: the config must be a JSON object with \"vision\" and \"text\" objects")
+        if (not isinstance(d, dict) or not isinstance(d.get("vision"), dict)
+                or not isinstance(d.get("text"), dict)):
+            raise WeightsError(f"{source}: the config must be a JSON object with \"vision\" and \"text\" "
+                               "objects")
         try:
             cfg = cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
         except TypeError as e:  # an unknown or missing key
-            raise WeightsError(f"{source}: config: {str(e).split('.', 1)[-1].replace('__init__()', '')}") from None
+            raise WeightsError(f"{source}: config: "
+                               f"{str(e).split('.', 1)[-1].replace('__init__()', '')}") from None
         if problems := cfg.problems():
             raise WeightsError(f"{source}: config values out of range: {'; '.join(problems)}")
         return cfg
@@ -131,13 +134,18 @@ class CLIPConfig:
             elif not lo <= value <= hi:
                 out.append(f"{name} {value} not in [{lo}, {hi}]")
 
-        for name, value, lo, hi in (("embed_dim", self.embed_dim, 1, 16384), ("context_length", self.context_length, 3, 8192),
-                                    ("vision.image_size", v.image_size, 1, 4096), ("vision.patch_size", v.patch_size, 1, 4096),
+        for name, value, lo, hi in (("embed_dim", self.embed_dim, 1, 16384),
+                                    ("context_length", self.context_length, 3, 8192),
+                                    ("vision.image_size", v.image_size, 1, 4096),
+                                    ("vision.patch_size", v.patch_size, 1, 4096),
                                     ("vision.width", v.width, 1, 16384), ("vision.layers", v.layers, 1, 200),
-                                    ("vision.head_width", v.head_width, 1, 16384), ("text.vocab_size", t.vocab_size, 4, 2 ** 22),
+                                    ("vision.head_width", v.head_width, 1, 16384),
+                                    ("text.vocab_size", t.vocab_size, 4, 2 ** 22),
                                     ("text.width", t.width, 1, 16384), ("text.layers", t.layers, 1, 200),
-                                    ("text.head_width", t.head_width, 1, 16384), ("text.intermediate", t.intermediate, 1, 2 ** 18),
-                                    ("text.max_positions", t.max_positions, 3, 2 ** 16), ("text.pad_id", t.pad_id, 0, 2 ** 22),
+                                    ("text.head_width", t.head_width, 1, 16384),
+                                    ("text.intermediate", t.intermediate, 1, 2 ** 18),
+                                    ("text.max_positions", t.max_positions, 3, 2 ** 16),
+                                    ("text.pad_id", t.pad_id, 0, 2 ** 22),
                                     ("text.proj_hidden", t.proj_hidden, 1, 2 ** 18)):
             need(name, value, lo, hi)
         need("vision.mlp_ratio", v.mlp_ratio, 0.01, 64, float)
@@ -283,10 +291,12 @@ class TextTransformer(nn.Module):
         # change nothing (their keys are masked and the mean skips them).
         last = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
         ids, keep = ids[:, :last], keep[:, :last]
-        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id  # XLM-R: 2, 3, ... for tokens, pad id for pads
+        # XLM-R: 2, 3, ... for tokens, pad id for pads
+        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         x = self.tok_embed(ids) + self.pos_embed(positions) + self.type_embed
         x = self.drop(self.ln_embed(x))
-        mask = None if bool(keep.all()) else keep[:, None, None, :]  # no mask lets SDPA pick its fastest kernel
+        # no mask lets SDPA pick its fastest kernel
+        mask = None if bool(keep.all()) else keep[:, None, None, :]
         x = _run_blocks(self.blocks, x, mask, self.grad_checkpointing)
         weights = keep.unsqueeze(-1).to(x.dtype)
         return self.proj((x * weights).sum(1) / weights.sum(1))
@@ -387,7 +397,8 @@ class DINOHead(nn.Module):
         for layer in self.mlp[::2]:
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
-        self.prototypes = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
+        self.prototypes = nn.Parameter(
+            nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
         self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -490,8 +501,8 @@ def open_image(path: str | Path) -> Image.Image:
         image = Image.open(path)
         w, h = image.size
         if w * h > MAX_PIXELS:
-            raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} megapixels; "
-                             "cut the scene into tiles")
+            raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} "
+                             "megapixels; cut the scene into tiles")
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise ImageError(f"{path}: {w} x {h} pixels, an aspect ratio above {MAX_ASPECT}:1; not a scene "
                              "this model can see (cut it into tiles)")
@@ -517,9 +528,9 @@ def sixteen_bit_bands(image: Image.Image, name: str) -> Optional[np.ndarray]:
         return None
     layout = rawmodes[0].split(";")[0]
     if any(t.codec_name != "raw" for t in image.tile) or len(layout) < 3 or len(set(rawmodes)) > 1:
-        raise ImageError(f"{name}: a compressed or band-separated TIFF with 16-bit {image.mode} samples, which "
-                         "PIL can only read as their top 8 bits; save it uncompressed (e.g. gdal_translate "
-                         "-co COMPRESS=NONE -co INTERLEAVE=PIXEL) or as 8-bit")
+        raise ImageError(f"{name}: a compressed or band-separated TIFF with 16-bit {image.mode} samples, "
+                         "which PIL can only read as their top 8 bits; save it uncompressed (e.g. "
+                         "gdal_translate -co COMPRESS=NONE -co INTERLEAVE=PIXEL) or as 8-bit")
     n, (w, h), mode = len(layout), image.size, "I;16B" if rawmodes[0].endswith("B") else "I;16"
     image._size, image._mode = (w * n, h), mode  # the same bytes, one 16-bit sample per "pixel"
     image.tile = [t._replace(extents=(0, t.extents[1], w * n, t.extents[3]), args=(mode, *t.args[1:]))
@@ -611,12 +622,14 @@ def _renames(cfg: CLIPConfig) -> list[tuple[str, str]]:
         for ours, theirs in vis:
             for p in wb:
                 theirs_p = f"{theirs}_{p}" if theirs == "attn.in_proj" else f"{theirs}.{p}"
-                pairs.append((f"visual.blocks.{i}.{ours}.{p}", f"visual.transformer.resblocks.{i}.{theirs_p}"))
+                pairs.append((f"visual.blocks.{i}.{ours}.{p}",
+                              f"visual.transformer.resblocks.{i}.{theirs_p}"))
     emb = "text.transformer.embeddings."
     pairs += [("text.tok_embed.weight", emb + "word_embeddings.weight"),
               ("text.pos_embed.weight", emb + "position_embeddings.weight"),
               ("text.type_embed", emb + "token_type_embeddings.weight"),
-              ("text.ln_embed.weight", emb + "LayerNorm.weight"), ("text.ln_embed.bias", emb + "LayerNorm.bias")]
+              ("text.ln_embed.weight", emb + "LayerNorm.weight"),
+              ("text.ln_embed.bias", emb + "LayerNorm.bias")]
     txt = [("attn.out", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
            ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"), ("ln_2", "output.LayerNorm")]
     for i in range(cfg.text.layers):
@@ -642,7 +655,8 @@ def from_openclip_state_dict(sd: dict, cfg: CLIPConfig) -> dict:
     for i in range(cfg.text.layers):
         for p in ("weight", "bias"):
             out[f"text.blocks.{i}.attn.qkv.{p}"] = torch.cat(
-                [sd[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"] for n in ("query", "key", "value")])
+                [sd[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"]
+                 for n in ("query", "key", "value")])
     return out
 
 
@@ -651,7 +665,8 @@ def clean_openclip_state_dict(sd: dict) -> dict:
     prefix, the stale `position_ids` buffer of old transformers, logit_scale saved as [1]."""
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if k.removeprefix("module.") not in OPENCLIP_DROPPED}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()
+          if k.removeprefix("module.") not in OPENCLIP_DROPPED}
     if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
         sd["logit_scale"] = sd["logit_scale"].reshape(())
     return sd
@@ -764,7 +779,8 @@ def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", r
         if not parent.is_dir():
             raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
     for given in map(Path, filter(None, inputs)):
-        if given.resolve() == out.resolve() or (out.exists() and given.exists() and os.path.samefile(given, out)):
+        if given.resolve() == out.resolve() or (out.exists() and given.exists()
+                                                and os.path.samefile(given, out)):
             raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
                                f"choose another {option}")
 
@@ -803,7 +819,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except OSError as e:  # disk full, no permission: the old file stays, the message names the file
         tmp.unlink(missing_ok=True)
-        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); an existing file is unchanged") from None
+        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); "
+                           "an existing file is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -862,7 +879,8 @@ def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
     """The tokenizer file, checked against the model: a model with XLM-R's vocabulary needs exactly
     XLM-R's; a smaller model trained here (the demo) needs one whose ids fit in its embedding table."""
     tok = Tokenizer(path, cfg.context_length)
-    if tok.vocab_size > cfg.text.vocab_size or (cfg.text.vocab_size == XLMR_VOCAB) != (tok.vocab_size == XLMR_VOCAB):
+    if (tok.vocab_size > cfg.text.vocab_size
+            or (cfg.text.vocab_size == XLMR_VOCAB) != (tok.vocab_size == XLMR_VOCAB)):
         raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size:,} ids but the model's vocabulary has "
                            f"{cfg.text.vocab_size:,}: it belongs to other weights")
     return tok
@@ -906,7 +924,8 @@ def remote_info(url: str, timeout: float = 60) -> Optional[dict]:
             return None
         if e.code not in (301, 302, 303, 307, 308):
             raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}"
-                               + (" (gated or private: set HF_TOKEN)" if e.code in (401, 403) else "")) from None
+                               + (" (gated or private: set HF_TOKEN)"
+                                  if e.code in (401, 403) else "")) from None
         resp = e
     except (urllib.error.URLError, OSError) as e:
         raise RsmclipError(f"{url}: cannot connect ({e})") from None
@@ -956,7 +975,8 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 6
             print(f"connection lost or stalled for {timeout:g} s ({e}), resuming", file=sys.stderr)
     size = part.stat().st_size
     if info["size"] is not None and size != info["size"]:
-        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; run again to resume")
+        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; "
+                           "run again to resume")
     if info["sha256"]:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -1020,10 +1040,12 @@ def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Pa
 
 # ----------------------------------------------------------------------------- inference helpers
 
-# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template sets in data/.
+# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
+# sets in data/.
 PROMPTS = {
-    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.", "es": "una imagen satelital de {}.",
-    "fr": "une image satellite de {}.", "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
+    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.",
+    "es": "una imagen satelital de {}.", "fr": "une image satellite de {}.",
+    "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
     "it": "un'immagine satellitare di {}.", "zh": "{}的卫星图像。", "ko": "{}의 위성 이미지.",
     "ru": "спутниковый снимок: {}.",
 }
@@ -1032,7 +1054,8 @@ PROMPTS = {
 def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
     """Embeddings with a NaN or inf would rank and score as numbers (nan scores, exit 0): an error."""
     if not torch.isfinite(feats).all():
-        raise RsmclipError(f"the model gives non-finite {what} embeddings (NaN or inf): its weights are damaged")
+        raise RsmclipError(f"the model gives non-finite {what} embeddings (NaN or inf): "
+                           "its weights are damaged")
     return feats
 
 
@@ -1041,11 +1064,11 @@ def check_template(template: str) -> str:
     try:
         filled = template.format("\0")
     except (KeyError, IndexError, ValueError) as e:
-        raise RsmclipError(f"template {template!r}: {type(e).__name__} {e}; use exactly one {{}} for the class "
-                           "name ({{ and }} for literal braces)") from None
+        raise RsmclipError(f"template {template!r}: {type(e).__name__} {e}; use exactly one {{}} "
+                           "for the class name ({{ and }} for literal braces)") from None
     if filled.count("\0") != 1:
-        raise RsmclipError(f"template {template!r} needs exactly one {{}} for the class name (without it every "
-                           "class gets the same text and the same score)")
+        raise RsmclipError(f"template {template!r} needs exactly one {{}} for the class name "
+                           "(without it every class gets the same text and the same score)")
     return template
 
 
@@ -1195,7 +1218,8 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Path, ba
             todo.append(p)
     new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
     new_feats = new_feats.cpu()
-    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns}
+    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+              "mtime": p.stat().st_mtime_ns}
              for p in done]
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
     removed = len(known) - len(kept)
@@ -1248,7 +1272,8 @@ def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.joi
 @app.command("convert")
 def convert_cmd(src: Path, dst: Path,
                 to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
-    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or back."""
+    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
+    back."""
     if dst.suffix != ".safetensors":
         raise RsmclipError(f"{dst}: the output must be a .safetensors file")
     refuse_overwrite(dst, [src], "the output")
@@ -1262,7 +1287,8 @@ def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
           images: list[Path] = typer.Option(None, help="image files or folders"),
           texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
           out: Path = typer.Option(..., help="output .safetensors"),
-          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                   "(default: next to weights)"),
           batch_size: int = 64, device: str = typer.Option(default_device())):
     """Write L2-normalised embeddings of images and/or texts to a safetensors file."""
     if not images and not texts:
@@ -1279,10 +1305,12 @@ def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
         try:
             lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
         except UnicodeDecodeError as e:
-            raise RsmclipError(f"{texts}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+            raise RsmclipError(f"{texts}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                               "save it as UTF-8") from None
         if not lines:
             raise RsmclipError(f"{texts}: no text lines to embed")
-        tensors["text_embeddings"], meta["texts"] = embed_texts(model, tok, lines, device=device), json.dumps(lines)
+        tensors["text_embeddings"], meta["texts"] = (embed_texts(model, tok, lines, device=device),
+                                                     json.dumps(lines))
     atomic_save(tensors, out, meta)
     print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
 
@@ -1292,8 +1320,10 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
              model_path: Path = typer.Option(..., "--model", help="weights file"),
              lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
-             template: Optional[str] = typer.Option(None, help="prompt with {} for the label (default per language)"),
-             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+             template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
+                                                    "(default per language)"),
+             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                      "(default: next to weights)"),
              device: str = typer.Option(default_device())):
     """Zero-shot classification: a table of class probabilities per image."""
     if lang not in PROMPTS and template is None:
@@ -1319,9 +1349,11 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
 def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
            queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
            model_path: Path = typer.Option(..., "--model", help="weights file"),
-           index: Optional[Path] = typer.Option(None, help="index file (default: FOLDER/.rsmclip-index.safetensors)"),
+           index: Optional[Path] = typer.Option(None, help="index file "
+                                                "(default: FOLDER/.rsmclip-index.safetensors)"),
            top_k: int = typer.Option(5, min=1), batch_size: int = 64,
-           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                    "(default: next to weights)"),
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
            device: str = typer.Option(default_device())):
     """Text-to-image search over a folder; the index is built once and updated when images change."""

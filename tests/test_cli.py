@@ -65,7 +65,8 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     images = tmp_path / "images"
     write_images(images, 4)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
-    (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n", encoding="utf-8")
+    (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n",
+                                        encoding="utf-8")
     result = run("embed", "--model", tiny_weights, "--images", images, "--texts", tmp_path / "texts.txt",
                  "--out", tmp_path / "emb.safetensors")
     assert result.returncode == 0, result.stderr
@@ -86,10 +87,13 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     assert "floresta" in result.stdout and "img01.tif" in result.stdout and "prediction" in result.stdout
 
     for args, message in [
-        (("classify", images, "--model", tmp_path / "nope.safetensors", "--labels", "a,b"), "no such weights file"),
-        (("classify", images, "--model", tiny_weights, "--labels", "a,b", "--lang", "xx"), "unknown language 'xx'"),
+        (("classify", images, "--model", tmp_path / "nope.safetensors", "--labels", "a,b"),
+         "no such weights file"),
+        (("classify", images, "--model", tiny_weights, "--labels", "a,b", "--lang", "xx"),
+         "unknown language 'xx'"),
         (("embed", "--model", tiny_weights, "--out", tmp_path / "e.safetensors"), "nothing to embed"),
-        (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"), "is a directory"),
+        (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"),
+         "is a directory"),
         (("search", tmp_path / "nowhere", "x", "--model", tiny_weights), "not a folder"),
     ]:
         result = run(*args)
@@ -108,9 +112,10 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     model, pp, tok = rsmclip.load(tiny_weights)
     with torch.no_grad():
         q = model.encode_text(tok(["aviões no aeroporto"]), normalize=True)[0]
-        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q) for p in images.iterdir()
-                  if not p.name.startswith(".")}
-    assert hits[0]["path"] == max(scores, key=scores.get) and abs(hits[0]["score"] - max(scores.values())) < 1e-4
+        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q)
+                  for p in images.iterdir() if not p.name.startswith(".")}
+    assert (hits[0]["path"] == max(scores, key=scores.get)
+            and abs(hits[0]["score"] - max(scores.values())) < 1e-4)
 
     write_images(images, 1, start=5)
     (images / "img00.png").unlink()
@@ -166,7 +171,8 @@ class FakeHub(BaseHTTPRequestHandler):
         if kind == "file" and name in self.lfs:
             self.send_response(302)
             self.send_header("Location", f"/cdn/{name}")
-            self.send_header("X-Linked-Etag", f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
+            self.send_header("X-Linked-Etag",
+                             f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
             self.send_header("X-Linked-Size", self.linked_size.get(name, str(len(data))))
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -194,7 +200,8 @@ def hub(tmp_path, spm_model):
     sd = rsmclip.to_openclip_state_dict(model.state_dict(), model.config)
     sd["text.transformer.embeddings.position_ids"] = torch.arange(514)[None]  # as in the public file
     torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
-    FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin": (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
+    FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin":
+                         (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
                      "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model": Path(spm_model).read_bytes()}
     FakeHub.lfs = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"}
     FakeHub.announced_sha, FakeHub.drop_once_after, FakeHub.requests = {}, {}, []
@@ -215,8 +222,10 @@ def test_download_converts_checks_and_resumes(hub, tmp_path):
     ranges = [r for method, path, r in FakeHub.requests if method == "GET" and path == f"/cdn/{name}"]
     assert ranges == [None, f"bytes={len(FakeHub.files[name]) // 3}-"]
     # safetensors was tried first (404), the pickle was converted, and no raw or partial file is left
-    assert ("HEAD", "/joaodaniel/RS-M-CLIP/resolve/main/open_clip_model.safetensors", None) in FakeHub.requests
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["rs-m-clip.safetensors", "sentencepiece.bpe.model"]
+    assert (("HEAD", "/joaodaniel/RS-M-CLIP/resolve/main/open_clip_model.safetensors", None)
+            in FakeHub.requests)
+    assert (sorted(p.name for p in (tmp_path / "w").iterdir())
+            == ["rs-m-clip.safetensors", "sentencepiece.bpe.model"])
     loaded, _, tok = rsmclip.load(tmp_path / "w/rs-m-clip.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -247,7 +256,8 @@ def test_download_checks_what_it_got_and_what_is_already_there(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "announced the size 'abc', not a number; no size check" in result.stderr
     result = run("download", "tokenizer", "--out", tmp_path / "x", "--endpoint", "notaurl")
-    assert result.returncode == 1 and "not an http(s) URL" in result.stderr and "Traceback" not in result.stderr
+    assert (result.returncode == 1 and "not an http(s) URL" in result.stderr
+            and "Traceback" not in result.stderr)
 
 
 def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
@@ -266,7 +276,8 @@ def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
     assert result.returncode == 1 and "differs from the announced" in result.stderr
     assert "Traceback" not in result.stderr and list((tmp_path / "w2").iterdir()) == []
     result = run("download", "laion", "--out", tmp_path / "w3", "--endpoint", endpoint)
-    assert result.returncode == 1 and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr
+    assert (result.returncode == 1
+            and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr)
 
 
 def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
@@ -299,8 +310,8 @@ def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
     rsmclip.atomic_save(tensors, path, meta)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16", "nan",
-                                  "no tensor", "no entries", "entries not json", "entries wrong type"])
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16",
+                                  "nan", "no tensor", "no entries", "entries not json", "entries wrong type"])
 def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
     index_file(tmp_path / "i.safetensors", kind, "fp")
     assert rsmclip.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []

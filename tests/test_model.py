@@ -199,7 +199,8 @@ def test_bad_weights_files_give_clear_errors(tmp_path, spm_model):
     # a tokenizer bigger than the model's vocabulary belongs to other weights
     big = tmp_path / "big.model"
     shutil.copy(spm_model, big)
-    small = rsmclip.CLIPConfig.from_dict({**rsmclip.asdict(cfg), "text": {**rsmclip.asdict(cfg.text), "vocab_size": 10}})
+    small = rsmclip.CLIPConfig.from_dict({**rsmclip.asdict(cfg),
+                                          "text": {**rsmclip.asdict(cfg.text), "vocab_size": 10}})
     rsmclip.save(rsmclip.CLIP(small), tmp_path / "small.safetensors")
     with pytest.raises(rsmclip.RsmclipError, match="belongs to other weights"):
         rsmclip.load(tmp_path / "small.safetensors", tokenizer=big)
@@ -219,7 +220,8 @@ def test_tokenizer_ids_equal_openclip_small_model(spm_model, tmp_path):
     from transformers import XLMRobertaTokenizer
 
     shutil.copy(spm_model, tmp_path / "sentencepiece.bpe.model")
-    oracle = openclip_tokenizer(XLMRobertaTokenizer.from_pretrained(tmp_path))  # converted to a fast tokenizer
+    # converted to a fast tokenizer
+    oracle = openclip_tokenizer(XLMRobertaTokenizer.from_pretrained(tmp_path))
     ours = rsmclip.Tokenizer(spm_model)
     expected = oracle(CORPUS)
     assert expected.shape == (len(CORPUS), 77) and (expected == rsmclip.UNK).any()
@@ -227,7 +229,8 @@ def test_tokenizer_ids_equal_openclip_small_model(spm_model, tmp_path):
     assert ours("x").tolist() == ours(["x"]).tolist()
 
 
-@pytest.mark.skipif(not (SHARED / "assets/xlmr/tokenizer.json").exists(), reason="../shared/assets/xlmr absent")
+@pytest.mark.skipif(not (SHARED / "assets/xlmr/tokenizer.json").exists(),
+                    reason="../shared/assets/xlmr absent")
 def test_tokenizer_ids_equal_openclip_real_xlmr_vocabulary(tmp_path):
     from transformers import XLMRobertaTokenizer
 
@@ -265,7 +268,8 @@ def noise_image(w, h, mode="RGB", seed=0):
     return Image.fromarray(a[..., 0] if channels == 1 else a, mode)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (300, 257), (257, 300), (100, 50), (1001, 37), (225, 224), (256, 256)])
+@pytest.mark.parametrize("size", [(224, 224), (300, 257), (257, 300), (100, 50), (1001, 37), (225, 224),
+                                  (256, 256)])
 def test_preprocess_equals_openclip(size):
     image = noise_image(*size)
     ours = rsmclip.Preprocess(224)(image)
@@ -321,7 +325,8 @@ def write_tiff(path: Path, a: np.ndarray, deflate: bool = False, big_endian: boo
     entries = [struct.pack(e + "HHII", 256, 4, 1, w), struct.pack(e + "HHII", 257, 4, 1, h),
                struct.pack(e + "HHII", 258, 3, c, 8 + len(data)), short(259, 8 if deflate else 1),
                short(262, 2), struct.pack(e + "HHII", 273, 4, 1, 8), short(277, c),
-               struct.pack(e + "HHII", 278, 4, 1, h), struct.pack(e + "HHII", 279, 4, 1, len(data)), short(284, 1)]
+               struct.pack(e + "HHII", 278, 4, 1, h), struct.pack(e + "HHII", 279, 4, 1, len(data)),
+               short(284, 1)]
     entries += [short(338, 0)] if c > 3 else []
     entries.append(struct.pack(e + "HHII", 339, 3, c, 8 + len(data) + len(bits)))
     ifd = struct.pack(e + "H", len(entries)) + b"".join(entries) + struct.pack(e + "I", 0)
@@ -342,7 +347,8 @@ def test_sixteen_bit_multiband_tiffs_are_stretched_per_band(tmp_path, bands, big
         lo, hi = np.percentile(a[..., b], [1, 99])
         ref = np.clip(np.round((a[..., b] - lo) * 255 / (hi - lo)), 0, 255)
         assert np.abs(out[..., b].astype(float) - ref).max() <= 1 and out[..., b].max() == 255
-    with pytest.raises(rsmclip.ImageError, match="compressed or band-separated TIFF with 16-bit.*COMPRESS=NONE"):
+    with pytest.raises(rsmclip.ImageError,
+                       match="compressed or band-separated TIFF with 16-bit.*COMPRESS=NONE"):
         rsmclip.open_image(write_tiff(tmp_path / "z.tif", a, deflate=True))
 
 

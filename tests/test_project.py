@@ -24,7 +24,8 @@ def test_toolkit_imports_no_test_oracle():
         path = ROOT / name
         if path.exists():
             source = path.read_text()
-            assert not re.search(r"^\s*(import|from)\s+(open_clip|transformers|tokenizers)\b", source, re.M), name
+            assert not re.search(r"^\s*(import|from)\s+(open_clip|transformers|tokenizers)\b",
+                                 source, re.M), name
 
 
 def test_package_dependencies_are_the_runtime_requirements():
