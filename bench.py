@@ -86,7 +86,8 @@ def caption_lengths(n: int, seed: int = 0) -> list[int]:
     """Token counts of real remote-sensing captions (UCM sample in ../shared with the real XLM-R
     vocabulary) or, without them, of 5-30-word captions at 1.3 pieces a word; <s> and </s> included."""
     g = torch.Generator().manual_seed(seed)
-    ucm, spm = SHARED / "datasets/ucm_captions_sample/dataset_ucm.json", SHARED / "assets/xlmr/sentencepiece.bpe.model"
+    ucm, spm = (SHARED / "datasets/ucm_captions_sample/dataset_ucm.json",
+                SHARED / "assets/xlmr/sentencepiece.bpe.model")
     if ucm.exists() and spm.exists():
         import json
         captions = [s["raw"] for im in json.loads(ucm.read_text())["images"] for s in im["sentences"]]
@@ -124,7 +125,8 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
     autocast = (torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
                 if precision != "fp32" else nullcontext())
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; precision {precision}; torch {torch.__version__}; open_clip {open_clip.__version__}")
+    print(f"device: {name}; precision {precision}; torch {torch.__version__}; "
+          f"open_clip {open_clip.__version__}")
     print(f"{'preset':9} {'batch':>5} {'task':12} {'ours ms':>9} {'open_clip ms':>12} {'ratio':>6} "
           f"{'ours MiB':>9} {'open_clip MiB':>13}")
     for preset in presets.split(","):
@@ -152,7 +154,8 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
                 return run
 
             tasks = {
-                "encode_image": (infer(lambda: ours.encode_image(pixels)), infer(lambda: theirs.encode_image(pixels))),
+                "encode_image": (infer(lambda: ours.encode_image(pixels)),
+                                 infer(lambda: theirs.encode_image(pixels))),
                 "encode_text": (infer(lambda: ours.encode_text(ids)), infer(lambda: theirs.encode_text(ids))),
                 "fwd+bwd": (step(ours.train(), rsmclip.clip_loss), step(theirs.train(), loss_ref)),
             }
@@ -162,7 +165,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
                 (ta, ma), (tb, mb) = timed(a, device, repeats), timed(b, device, repeats)
                 print(f"{preset:9} {batch:5d} {task:12} {ta * 1e3:9.1f} {tb * 1e3:12.1f} {ta / tb:6.2f} "
                       f"{ma / 2**20:9.0f} {mb / 2**20:13.0f}", flush=True)
-        del ours, theirs
+        ours = theirs = None  # free both before the next preset (not del: the timed closures refer to them)
 
 
 # ----------------------------------------------------------------------------- training-step benchmark
@@ -172,7 +175,8 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                 batch_size: int = typer.Option(32, help="images per step"),
                 steps: int = typer.Option(6, help="timed steps per side (median reported)"),
                 device: str = typer.Option(rsmclip.default_device(), help="cpu or cuda"),
-                precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
+                precision: str = typer.Option("auto",
+                                              help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
                 local_crops: int = typer.Option(8, help="local crops for the multi-crop measurement"),
                 threads: int = typer.Option(0, help="CPU threads (0: torch's default)")):
     """Training steps of our loop and of open_clip's (model + ClipLoss + the same AdamW, clipping and
@@ -194,14 +198,17 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     size = cfg.vision.image_size
     g = torch.Generator().manual_seed(0)
     batches = [{"views": torch.randn(batch_size, 3, size, size, generator=g),
-                "ids": make_ids(caption_lengths(batch_size, seed=i), cfg.text.vocab_size, seed=i), "locals": None}
+                "ids": make_ids(caption_lengths(batch_size, seed=i), cfg.text.vocab_size, seed=i),
+                "locals": None}
                for i in range(steps + 2)]
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; precision {precision}; preset {preset}; batch {batch_size}; torch {torch.__version__}")
+    print(f"device: {name}; precision {precision}; preset {preset}; batch {batch_size}; "
+          f"torch {torch.__version__}")
 
     ours, theirs = paired_models(cfg)
     ours.train(), theirs.train()
-    run_cfg = train.TrainConfig(distill_weight=0, batch_size=batch_size, steps=10_000, warmup=100, precision=precision)
+    run_cfg = train.TrainConfig(distill_weight=0, batch_size=batch_size, steps=10_000, warmup=100,
+                                precision=precision)
     run = train.build_run(run_cfg, ours, None, dev)
 
     # open_clip_train's step: lr, zero_grad, autocast forward, ClipLoss, backward, (unscale), global-norm
@@ -254,15 +261,18 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     del run
     t_theirs, m_theirs = timed_steps(openclip_step, batches)
     print(f"{'loop':34} {'ms/step':>9} {'images/s':>9} {'peak MiB':>9}")
-    print(f"{'rsmclip train_step (CLIP only)':34} {t_ours * 1e3:9.1f} {batch_size / t_ours:9.1f} {m_ours / 2**20:9.0f}")
-    print(f"{'open_clip model + ClipLoss':34} {t_theirs * 1e3:9.1f} {batch_size / t_theirs:9.1f} {m_theirs / 2**20:9.0f}")
+    print(f"{'rsmclip train_step (CLIP only)':34} {t_ours * 1e3:9.1f} {batch_size / t_ours:9.1f} "
+          f"{m_ours / 2**20:9.0f}")
+    print(f"{'open_clip model + ClipLoss':34} {t_theirs * 1e3:9.1f} {batch_size / t_theirs:9.1f} "
+          f"{m_theirs / 2**20:9.0f}")
     print(f"step-time ratio ours / open_clip: {t_ours / t_theirs:.2f}")
-    del theirs, optimizer
+    theirs = optimizer = None  # freed before the multi-crop part (not del: openclip_step refers to them)
 
     # the method's own cost: 2 global + N local crops, EMA teacher, DINO head and loss
     ours = paired_models(cfg)[0].train()
     crop_cfg = train.TrainConfig(batch_size=batch_size, steps=10_000, warmup=100, precision=precision,
-                                 local_crops=local_crops, local_size=size * 3 // 7, head_dim=65536 if preset != "tiny" else 1024)
+                                 local_crops=local_crops, local_size=size * 3 // 7,
+                                 head_dim=65536 if preset != "tiny" else 1024)
     run = train.build_run(crop_cfg, ours, None, dev)
     local = crop_cfg.local_size
     crop_batches = [{"views": torch.randn(2 * batch_size, 3, size, size, generator=g),

@@ -4,7 +4,7 @@ moves recall on a real caption set.
 
     python bench_eval.py speed [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
     python bench_eval.py ties --data datasets/ucm/captions.jsonl --split val \
-        --tokenizer ../shared/assets/xlmr/sentencepiece.bpe.model
+        --tokenizer weights/sentencepiece.bpe.model
 
 The images are 256x256 JPEGs (the size of UCM/RSITMD; RSICD's are 224), made once from the demo's
 renderer into --workdir: 200 distinct scenes written round-robin, as decoding cost does not depend on
@@ -92,7 +92,7 @@ def speed(images: int = typer.Option(10000, help="number of images (5 captions e
     rows = {}
     # stage by stage, one process: each number is that stage's own cost
     _, rows["decode + preprocess (1 process)"] = timed(
-        lambda: [None for _ in ev.image_batches(paths, pp, batch_size, workers=0)])
+        lambda: [None for _ in rsmclip.image_batches(paths, pp, batch_size, workers=0)])
     pixels = torch.stack([pp(p) for p in paths[:batch_size]]).to(device)
     with torch.inference_mode():
         batches = range(len(paths) // batch_size)
@@ -139,7 +139,8 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"), split: str = typ
                                    device=device, workers=0)["en"]
     print(f"queries whose match ties with a wrong candidate: i2t {result['tied_queries']['i2t']}, "
           f"t2i {result['tied_queries']['t2i']}")
-    print("| tie rule | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |\n|---|---|---|---|---|---|---|---|")
+    print("| tie rule | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |\n"
+          "|---|---|---|---|---|---|---|---|")
     for rule in ev.TIE_RULES:
         r = result["by_tie_rule"][rule]
         print(f"| {rule} | " + " | ".join(f"{r[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in ev.KS)

@@ -7,8 +7,8 @@
         --out z.json
     python eval.py report suite.json --model W1.safetensors [--model W2...] --out-json r.json --out-md r.md
 
-The protocol is fixed (retrieval_protocol(), ZEROSHOT_PROTOCOL, LINEAR_PROBE_PROTOCOL) and printed under every table and
-written into every JSON. train.py imports evaluate_retrieval() for periodic validation.
+The protocol is fixed (retrieval_protocol(), ZEROSHOT_PROTOCOL, LINEAR_PROBE_PROTOCOL) and printed under every
+table and written into every JSON. train.py imports evaluate_retrieval() for periodic validation.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -160,9 +158,12 @@ def mean_metrics(rows: list[dict]) -> dict:
     def mean(get):
         return sum(get(r) for r in rows) / len(rows)
     out = {d: {f"R@{k}": mean(lambda r: r[d][f"R@{k}"]) for k in KS} for d in ("i2t", "t2i")}
-    out |= {"mR": mean(lambda r: r["mR"]), "chance_mR": mean(lambda r: r["chance_mR"]), "ties": rows[0]["ties"]}
-    out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"]) for k in KS}
-                                 for d in ("i2t", "t2i")} | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
+    out |= {"mR": mean(lambda r: r["mR"]), "chance_mR": mean(lambda r: r["chance_mR"]),
+            "ties": rows[0]["ties"]}
+    out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"])
+                                     for k in KS}
+                                 for d in ("i2t", "t2i")}
+                                | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
                           for rule in TIE_RULES}
     return out
 
@@ -170,55 +171,11 @@ def mean_metrics(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- encoding
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
-    raised as one report in the main process (a worker's exception would arrive as a traceback)."""
-
-    def __init__(self, paths: list[Path], preprocess: rsmclip.Preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.preprocess(self.paths[i]), ""
-        except rsmclip.ImageError as e:
-            return torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
-
-
-def image_batches(paths: list[Path], preprocess, batch_size: int, workers: int):
-    workers = min(workers, len(paths) // batch_size)  # a worker pool costs more than it saves on small sets
-    return torch.utils.data.DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
-                                       num_workers=workers, persistent_workers=False)
-
-
-def progress(what: str) -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-
-
-@torch.inference_mode()
 def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, device: str = "cpu",
                   workers: int = 2) -> torch.Tensor:
-    """[N, D] L2-normalised float32 image embeddings, on `device`; bf16 autocast on CUDA."""
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
-                        + (" ..." if len(missing) > 5 else ""))
-    feats, errors, done, start = [], [], 0, time.perf_counter()
-    with progress("images") as bar:
-        task = bar.add_task("", total=len(paths), rate="")
-        for pixels, messages in image_batches(paths, preprocess, batch_size, workers):
-            errors += [m for m in messages if m]
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-                x = model.encode_image(pixels.to(device, non_blocking=True))
-            feats.append(F.normalize(x.float(), dim=-1))
-            done += len(pixels)
-            bar.update(task, advance=len(pixels), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
-    if errors:
-        raise EvalError(f"{len(errors)} images cannot be read: {'; '.join(errors[:3])}")
-    return torch.cat(feats)
+    """[N, D] embeddings of every image, on `device`; an unreadable or missing image stops the evaluation."""
+    return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers,
+                                skip_unreadable=False)[0]
 
 
 def in_eval_mode(evaluate):
@@ -306,8 +263,9 @@ def ties_line(results: dict) -> str:
     r, counts = results[lang], [v for k, v in results.items() if k != "mean"][0]
     return (f"ties: {r['ties']}; {lang} mR {r['by_tie_rule']['against']['mR']:.2f} if every tie lost, "
             f"{r['by_tie_rule']['favour']['mR']:.2f} if every tie won. {next(iter(results))}: "
-            f"{counts['distinct_captions']} distinct captions of {counts['captions']}; queries whose match ties "
-            f"with a wrong candidate: i2t {counts['tied_queries']['i2t']}, t2i {counts['tied_queries']['t2i']}")
+            f"{counts['distinct_captions']} distinct captions of {counts['captions']}; queries whose match "
+            f"ties with a wrong candidate: i2t {counts['tied_queries']['i2t']}, "
+            f"t2i {counts['tied_queries']['t2i']}")
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -341,10 +299,9 @@ def load_templates(lang: str, file: Optional[Path] = None) -> list[str]:
     templates = templates.get(lang) if isinstance(templates, dict) else templates
     if not templates:
         raise EvalError(f"no {lang!r} templates in {file or 'data/templates.json'}")
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
-    if bad:
-        raise EvalError(f"templates need exactly one {{}}: {bad[:3]}")
-    return templates
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise EvalError(f"{file or 'data/templates.json'}: expected a list of template strings for {lang!r}")
+    return [rsmclip.check_template(t) for t in templates]
 
 
 @torch.inference_mode()
@@ -398,7 +355,8 @@ LINEAR_PROBE_PROTOCOL = (
     "chosen on a validation part of the train split (the val split, else a stratified 20% of train): a grid "
     "10^-6 ... 10^2 by decades, then quarter-decades around the best; then refit on train (full) or on the "
     "k shots (few-shot). k-shot: k train images per class, never val or test images, drawn with seeds "
-    "0 ... S-1 (S = 5 unless set); mean and standard deviation over the seeds. Top-1 accuracy in % on the test split.")
+    "0 ... S-1 (S = 5 unless set); mean and standard deviation over the seeds. Top-1 accuracy in % on the "
+    "test split.")
 
 
 def classification_items(data: Path) -> list[tuple[Path, str, str]]:
@@ -532,7 +490,8 @@ def evaluate_linear_probe(model, preprocess, data: Path, shots: tuple = SHOTS, s
     labels = [names.index(label) for _, label, _ in items]
     part = probe_splits(items, labels, test_fraction)
     for split in ("fit", "test"):
-        if missing := sorted({names[labels[i]] for i in part["fit"]} - {names[labels[i]] for i in part[split]}):
+        if missing := sorted({names[labels[i]] for i in part["fit"]}
+                             - {names[labels[i]] for i in part[split]}):
             raise EvalError(f"{data}: no {split} images of class {', '.join(missing[:5])}")
     feats = cached_image_features(model, preprocess, [p for p, _, _ in items], cache_key, batch_size, device,
                                   workers)
@@ -589,7 +548,8 @@ def check_suite(suite, suite_path: Path):
     for t in suite["tasks"]:
         peers = t.get("peers", {})
         if not isinstance(peers, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in peers.values()):
+                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+                for v in peers.values()):
             raise EvalError(f'{suite_path}: task {t["name"]!r}: "peers" must be {{peer: {{lang or setting: '
                             "number}}")
 
@@ -599,9 +559,9 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
     """Every task of a suite file against every checkpoint -> rows for the table and the full results.
 
     Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe", "data", "split",
-    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]}; paths
-    relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...), and
-    its peers are keyed by setting."""
+    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]};
+    paths relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...),
+    and its peers are keyed by setting."""
     suite = read_json(Path(suite_path))
     check_suite(suite, suite_path)
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
@@ -662,8 +622,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 def write_json(obj: dict, path: Optional[Path]):
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         print(f"wrote {path}")
 
 
@@ -706,6 +666,7 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
     if ties not in TIE_RULES:
         raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     results = evaluate_retrieval(model, tok, preprocess, data, split,
                                  langs.split(",") if langs else None, batch_size, device, workers, ties)
@@ -728,6 +689,7 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
              tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
              device: str = DEVICE):
     """Zero-shot top-1 accuracy with per-language class names and templates."""
+    rsmclip.refuse_overwrite(out, [model_path, data, templates, tokenizer, Path(classes)])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
@@ -743,21 +705,25 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
 
 
 @app.command("linear-probe")
-def linear_probe(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
+def linear_probe(model_path: Path = MODEL,
+                 data: Path = typer.Option(..., help="class folders or labels.jsonl"),
                  shots: str = typer.Option(",".join(map(str, SHOTS)), help="comma-separated k of the k-shot "
                                            "probes, images per class (empty: full-data probe only)"),
                  seeds: int = typer.Option(PROBE_SEEDS, min=1, help="k-shot draws averaged per k"),
-                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99, help="share of each class held "
-                                                     "out for testing when the data has no train/test splits"),
+                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99,
+                                                     help="share of each class held out for testing "
+                                                          "when the data has no train/test splits"),
                  out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
                  batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
     """Linear-probe and few-shot top-1 accuracy: logistic regression on frozen image features."""
     try:
         ks = tuple(int(k) for k in shots.split(",") if k.strip())
     except ValueError:
-        raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as 1,2,4,8,16") from None
+        raise EvalError(f"--shots {shots!r}: expected comma-separated whole numbers such as "
+                        "1,2,4,8,16") from None
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
+    rsmclip.refuse_overwrite(out, [model_path, data])
     cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
     model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
@@ -777,11 +743,13 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
     if ties not in TIE_RULES:
         raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    for out, option in ((out_json, "--out-json"), (out_md, "--out-md")):
+        rsmclip.refuse_overwrite(out, [suite, tokenizer, *model_paths], option)
     result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)
-    out_md.write_text(markdown, encoding="utf-8")
+    rsmclip.atomic_write(out_md, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     print(f"wrote {out_md}")
 
 

@@ -23,7 +23,9 @@ import os
 import re
 import sys
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +39,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
@@ -95,8 +108,66 @@ class CLIPConfig:
     tokenizer: str = "sentencepiece.bpe.model"  # file name, looked up next to the weights
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPConfig":
-        return cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+    def from_dict(cls, d, source: str = "config") -> "CLIPConfig":
+        """A config read from a file, checked before anything is built from it: a 6 kB header that says
+        layers=10**6 must not allocate (or loop) first and fail later."""
+        if (not isinstance(d, dict) or not isinstance(d.get("vision"), dict)
+                or not isinstance(d.get("text"), dict)):
+            raise WeightsError(f"{source}: the config must be a JSON object with \"vision\" and \"text\" "
+                               "objects")
+        try:
+            cfg = cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+        except TypeError as e:  # an unknown or missing key
+            raise WeightsError(f"{source}: config: "
+                               f"{str(e).split('.', 1)[-1].replace('__init__()', '')}") from None
+        if problems := cfg.problems():
+            raise WeightsError(f"{source}: config values out of range: {'; '.join(problems)}")
+        return cfg
+
+    def problems(self) -> list[str]:
+        """What is out of range, from the few rules a ViT + XLM-R CLIP must follow; generous bounds (about
+        10x the largest public CLIP) keep a corrupt number from asking for terabytes."""
+        v, t, out = self.vision, self.text, []
+
+        def need(name, value, lo, hi, kind=int):
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                out.append(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+            elif not lo <= value <= hi:
+                out.append(f"{name} {value} not in [{lo}, {hi}]")
+
+        for name, value, lo, hi in (("embed_dim", self.embed_dim, 1, 16384),
+                                    ("context_length", self.context_length, 3, 8192),
+                                    ("vision.image_size", v.image_size, 1, 4096),
+                                    ("vision.patch_size", v.patch_size, 1, 4096),
+                                    ("vision.width", v.width, 1, 16384), ("vision.layers", v.layers, 1, 200),
+                                    ("vision.head_width", v.head_width, 1, 16384),
+                                    ("text.vocab_size", t.vocab_size, 4, 2 ** 22),
+                                    ("text.width", t.width, 1, 16384), ("text.layers", t.layers, 1, 200),
+                                    ("text.head_width", t.head_width, 1, 16384),
+                                    ("text.intermediate", t.intermediate, 1, 2 ** 18),
+                                    ("text.max_positions", t.max_positions, 3, 2 ** 16),
+                                    ("text.pad_id", t.pad_id, 0, 2 ** 22),
+                                    ("text.proj_hidden", t.proj_hidden, 1, 2 ** 18)):
+            need(name, value, lo, hi)
+        need("vision.mlp_ratio", v.mlp_ratio, 0.01, 64, float)
+        need("text.dropout", t.dropout, 0.0, 0.99, float)
+        if out:
+            return out
+        if v.patch_size > v.image_size:
+            out.append(f"vision.patch_size {v.patch_size} above image_size {v.image_size}")
+        for name, width, head in (("vision", v.width, v.head_width), ("text", t.width, t.head_width)):
+            if width % head:
+                out.append(f"{name}.width {width} is not a multiple of head_width {head}")
+        if t.pad_id >= t.vocab_size:
+            out.append(f"text.pad_id {t.pad_id} outside the vocabulary of {t.vocab_size}")
+        if self.context_length + t.pad_id + 1 > t.max_positions:
+            out.append(f"context_length {self.context_length} needs max_positions >= "
+                       f"{self.context_length + t.pad_id + 1} (XLM-R positions start after the pad id)")
+        if not isinstance(self.tokenizer, str) or Path(self.tokenizer).name != self.tokenizer or \
+                self.tokenizer in ("", ".", ".."):
+            out.append(f"tokenizer {self.tokenizer!r} must be a plain file name (it is looked up next to the "
+                       "weights, never elsewhere)")
+        return out
 
 
 PRESETS = {
@@ -221,10 +292,12 @@ class TextTransformer(nn.Module):
         # change nothing (their keys are masked and the mean skips them).
         last = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
         ids, keep = ids[:, :last], keep[:, :last]
-        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id  # XLM-R: 2, 3, ... for tokens, pad id for pads
+        # XLM-R: 2, 3, ... for tokens, pad id for pads
+        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         x = self.tok_embed(ids) + self.pos_embed(positions) + self.type_embed
         x = self.drop(self.ln_embed(x))
-        mask = None if bool(keep.all()) else keep[:, None, None, :]  # no mask lets SDPA pick its fastest kernel
+        # no mask lets SDPA pick its fastest kernel
+        mask = None if bool(keep.all()) else keep[:, None, None, :]
         x = _run_blocks(self.blocks, x, mask, self.grad_checkpointing)
         weights = keep.unsqueeze(-1).to(x.dtype)
         return self.proj((x * weights).sum(1) / weights.sum(1))
@@ -337,7 +410,8 @@ class DINOHead(nn.Module):
         for layer in self.mlp[::2]:
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
-        self.prototypes = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
+        self.prototypes = nn.Parameter(
+            nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
         self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
         self.fp32 = fp32
 
@@ -435,13 +509,32 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- images
 
+# Decoding is bounded before it starts: a 99-byte PNG can declare 1 x 10,000 pixels (2.6 GB once the
+# short side is resized to 224) and a scene of 12,000 x 12,000 needs 1.2 GB. Larger scenes are cut into
+# tiles first, as for any CLIP. PIL's own bomb check is set to the same limit.
+MAX_PIXELS = 100_000_000
+MAX_ASPECT = 20
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+STRETCH_PERCENTILES = (1, 99)
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB, or raise ImageError naming the file and the problem."""
+    """Read an image file as 8-bit RGB, or raise ImageError naming the file and the problem."""
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     try:
         image = Image.open(path)
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} "
+                             "megapixels; cut the scene into tiles")
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise ImageError(f"{path}: {w} x {h} pixels, an aspect ratio above {MAX_ASPECT}:1; not a scene "
+                             "this model can see (cut it into tiles)")
+        bands = sixteen_bit_bands(image, str(path))
+        if bands is not None:
+            return Image.fromarray(stretch(bands), "RGB")
         image.load()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
@@ -450,16 +543,51 @@ def open_image(path: str | Path) -> Image.Image:
     return to_rgb(image, name=str(path))
 
 
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any single-image PIL mode to 8-bit RGB.
+def sixteen_bit_bands(image: Image.Image, name: str) -> Optional[np.ndarray]:
+    """[H, W, bands] uint16 of a TIFF with 3 or 4 bands of 16 bits (common for 12- and 16-bit sensors),
+    else None. PIL opens those as 8-bit RGB holding only the top byte of each sample (12-bit data ends
+    at 15/255): here the same raw strips are decoded as 16-bit samples instead. PIL cannot do that for
+    compressed strips, so those are refused rather than read nearly black."""
+    rawmodes = [t.args[0] for t in image.tile if t.args and isinstance(t.args[0], str)]
+    if (image.format != "TIFF" or image.mode not in ("RGB", "RGBA", "RGBX", "CMYK") or not rawmodes
+            or not all(";16" in r for r in rawmodes)):
+        return None
+    layout = rawmodes[0].split(";")[0]
+    if any(t.codec_name != "raw" for t in image.tile) or len(layout) < 3 or len(set(rawmodes)) > 1:
+        raise ImageError(f"{name}: a compressed or band-separated TIFF with 16-bit {image.mode} samples, "
+                         "which PIL can only read as their top 8 bits; save it uncompressed (e.g. "
+                         "gdal_translate -co COMPRESS=NONE -co INTERLEAVE=PIXEL) or as 8-bit")
+    n, (w, h), mode = len(layout), image.size, "I;16B" if rawmodes[0].endswith("B") else "I;16"
+    image._size, image._mode = (w * n, h), mode  # the same bytes, one 16-bit sample per "pixel"
+    image.tile = [t._replace(extents=(0, t.extents[1], w * n, t.extents[3]), args=(mode, *t.args[1:]))
+                  for t in image.tile]
+    image.load()
+    return np.asarray(image).reshape(h, w, n)
 
-    16-bit and float images (common in remote sensing) are stretched linearly from their minimum to
-    their maximum: PIL's own conversion would clip them to 255 and return a white image."""
+
+def stretch(a: np.ndarray) -> np.ndarray:
+    """[H, W] or [H, W, bands] of any numbers -> [H, W, 3] uint8: each band linearly from its 1st to its
+    99th percentile of finite values (robust to a few hot or dead pixels); NaN and inf become 0. One band
+    is repeated as grey; of 4 or more bands the first three are taken as red, green, blue."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[..., None] if a.ndim == 2 else a[..., :3]
+    out = np.zeros(a.shape, dtype=np.uint8)
+    for b in range(a.shape[-1]):
+        band, finite = a[..., b], np.isfinite(a[..., b])
+        if not finite.any():
+            continue
+        lo, hi = np.percentile(band[finite], STRETCH_PERCENTILES)
+        if hi > lo:
+            scaled = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255)
+            out[..., b] = np.where(finite, np.round(np.nan_to_num(scaled)), 0)
+    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any single-image PIL mode to 8-bit RGB. 16-bit, 32-bit and float images (common in
+    remote sensing) are stretched per band (stretch()): PIL's own conversion would clip them to white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        image = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+        return Image.fromarray(stretch(np.asarray(image)), "RGB")
     if image.mode == "RGB":
         return image
     try:
@@ -520,12 +648,14 @@ def _renames(cfg: CLIPConfig) -> list[tuple[str, str]]:
         for ours, theirs in vis:
             for p in wb:
                 theirs_p = f"{theirs}_{p}" if theirs == "attn.in_proj" else f"{theirs}.{p}"
-                pairs.append((f"visual.blocks.{i}.{ours}.{p}", f"visual.transformer.resblocks.{i}.{theirs_p}"))
+                pairs.append((f"visual.blocks.{i}.{ours}.{p}",
+                              f"visual.transformer.resblocks.{i}.{theirs_p}"))
     emb = "text.transformer.embeddings."
     pairs += [("text.tok_embed.weight", emb + "word_embeddings.weight"),
               ("text.pos_embed.weight", emb + "position_embeddings.weight"),
               ("text.type_embed", emb + "token_type_embeddings.weight"),
-              ("text.ln_embed.weight", emb + "LayerNorm.weight"), ("text.ln_embed.bias", emb + "LayerNorm.bias")]
+              ("text.ln_embed.weight", emb + "LayerNorm.weight"),
+              ("text.ln_embed.bias", emb + "LayerNorm.bias")]
     txt = [("attn.out", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
            ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"), ("ln_2", "output.LayerNorm")]
     for i in range(cfg.text.layers):
@@ -551,7 +681,8 @@ def from_openclip_state_dict(sd: dict, cfg: CLIPConfig) -> dict:
     for i in range(cfg.text.layers):
         for p in ("weight", "bias"):
             out[f"text.blocks.{i}.attn.qkv.{p}"] = torch.cat(
-                [sd[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"] for n in ("query", "key", "value")])
+                [sd[f"text.transformer.encoder.layer.{i}.attention.self.{n}.{p}"]
+                 for n in ("query", "key", "value")])
     return out
 
 
@@ -560,7 +691,8 @@ def clean_openclip_state_dict(sd: dict) -> dict:
     prefix, the stale `position_ids` buffer of old transformers, logit_scale saved as [1]."""
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if k.removeprefix("module.") not in OPENCLIP_DROPPED}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()
+          if k.removeprefix("module.") not in OPENCLIP_DROPPED}
     if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
         sd["logit_scale"] = sd["logit_scale"].reshape(())
     return sd
@@ -625,16 +757,24 @@ def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            ours = meta.get("format") == "rsmclip"  # else open_clip names, our config riding along or not
+            text = meta.get("config") if ours else meta.get("rsmclip_config")
+            cfg = config_from_json(text, path) if ours or text is not None else None  # checked before loading
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt? ({e})") from None
-    if meta.get("format") == "rsmclip":
-        cfg = CLIPConfig.from_dict(json.loads(meta["config"]))
+    if ours:
         check_keys({k: v.shape for k, v in sd.items()}, cfg, openclip_names=False, source=str(path))
     else:
-        cfg = CLIPConfig.from_dict(json.loads(meta["rsmclip_config"])) if "rsmclip_config" in meta else None
         cfg, sd = _from_openclip(sd, cfg, str(path))
     return cfg, {k: v.float() for k, v in sd.items()}
+
+
+def config_from_json(text: Optional[str], path: Path) -> CLIPConfig:
+    try:
+        return CLIPConfig.from_dict(json.loads(text), f"{path}: metadata")
+    except (TypeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: the config in the metadata is not valid JSON ({e})") from None
 
 
 def _from_openclip(sd: dict, cfg: Optional[CLIPConfig], source: str) -> tuple[CLIPConfig, dict]:
@@ -651,6 +791,24 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
         model = CLIP(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     return model
+
+
+def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
+    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
+    symlink or a hard link too), which writing it would destroy."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
+    if parent := next((d for d in out.absolute().parents if d.exists()), None):
+        if not parent.is_dir():
+            raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
+    for given in map(Path, filter(None, inputs)):
+        if given.resolve() == out.resolve() or (out.exists() and given.exists()
+                                                and os.path.samefile(given, out)):
+            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
+                               f"choose another {option}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -670,8 +828,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
     before it could clean up (SIGKILL) is swept away by the next write of the same file."""
     path = Path(path)
-    if path.is_dir():
-        raise RsmclipError(f"{path}: is a folder; give a file name")
+    refuse_overwrite(path, [], "the output")
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = stale.name[len(path.name) + 2:].split(".")[0]
@@ -686,6 +843,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission: the old file stays, the message names the file
+        tmp.unlink(missing_ok=True)
+        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); "
+                           "an existing file is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -737,11 +898,17 @@ def load(weights: str | Path, tokenizer: str | Path | None = None, device: str |
     return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
 
 
+XLMR_VOCAB = 250002
+
+
 def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
+    """The tokenizer file, checked against the model: a model with XLM-R's vocabulary needs exactly
+    XLM-R's; a smaller model trained here (the demo) needs one whose ids fit in its embedding table."""
     tok = Tokenizer(path, cfg.context_length)
-    if tok.vocab_size > cfg.text.vocab_size:
-        raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only "
-                           f"{cfg.text.vocab_size}: it belongs to other weights")
+    if (tok.vocab_size > cfg.text.vocab_size
+            or (cfg.text.vocab_size == XLMR_VOCAB) != (tok.vocab_size == XLMR_VOCAB)):
+        raise RsmclipError(f"tokenizer {tok.path} has {tok.vocab_size:,} ids but the model's vocabulary has "
+                           f"{cfg.text.vocab_size:,}: it belongs to other weights")
     return tok
 
 
@@ -772,34 +939,36 @@ def _request(url: str, method: str = "GET", headers: Optional[dict] = None) -> u
     return req
 
 
-def remote_info(url: str) -> Optional[dict]:
+def remote_info(url: str, timeout: float = 60) -> Optional[dict]:
     """Size and sha256 the server announces for a file (None if it has no such file). The hub sends an
     LFS file's sha256 in X-Linked-Etag (ETag on direct answers); a git blob ETag is no sha256."""
     opener = urllib.request.build_opener(_NoRedirect)
     try:
-        resp = opener.open(_request(url, "HEAD"), timeout=30)
+        resp = opener.open(_request(url, "HEAD"), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return None
         if e.code not in (301, 302, 303, 307, 308):
             raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}"
-                               + (" (gated or private: set HF_TOKEN)" if e.code in (401, 403) else "")) from None
+                               + (" (gated or private: set HF_TOKEN)"
+                                  if e.code in (401, 403) else "")) from None
         resp = e
     except (urllib.error.URLError, OSError) as e:
         raise RsmclipError(f"{url}: cannot connect ({e})") from None
     h = resp.headers
     etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
-    size = h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None)
-    return {"size": int(size) if size else None,
+    size = (h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None) or "").strip()
+    if size and not size.isdigit():
+        print(f"warning: {url}: the server announced the size {size[:40]!r}, not a number; no size check",
+              file=sys.stderr)
+    return {"size": int(size) if size.isdigit() else None,
             "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None}
 
 
-def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
+def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 60) -> Path:
     """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
-    checks, and an atomic rename. A dropped connection is resumed up to `retries` times; after that
-    the .part file stays and the same command continues from it."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
+    checks, and an atomic rename. A dropped connection, or no byte for `timeout` seconds, is resumed
+    up to `retries` times; after that the .part file stays and the same command continues from it."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
@@ -809,7 +978,7 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
             have = 0
         try:
             resp = urllib.request.urlopen(_request(url, headers={"Range": f"bytes={have}-"} if have else {}),
-                                          timeout=60)
+                                          timeout=timeout)
             if have and resp.status != 206:  # the server ignored the range: start over
                 have = 0
             with open(part, "ab" if have else "wb") as f, Progress(
@@ -829,10 +998,11 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
             if attempt == retries:
                 raise RsmclipError(f"{url}: download interrupted ({e}); {part.stat().st_size} bytes are "
                                    f"kept in {part}: run the same command again to resume") from None
-            print(f"connection lost ({e}), resuming", file=sys.stderr)
+            print(f"connection lost or stalled for {timeout:g} s ({e}), resuming", file=sys.stderr)
     size = part.stat().st_size
     if info["size"] is not None and size != info["size"]:
-        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; run again to resume")
+        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; "
+                           "run again to resume")
     if info["sha256"]:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -846,21 +1016,47 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3) -> Path:
     return dest
 
 
-def download(name: str, out_dir: Path, endpoint: str) -> Path:
+def download_problem(name: str, path: Path) -> Optional[str]:
+    """Why a file in the download folder is not a usable `name` (None if it is): presence is not enough,
+    an HTML error page saved under the name, or an empty file, must not pass as "already present"."""
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty"
+        if name == "tokenizer":
+            Tokenizer(path)
+        else:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            config_from_json(meta.get("config"), path)
+    except (RsmclipError, SafetensorError, OSError, ValueError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Path:
     repo, candidates, saved_as = HUB_FILES[name]
     final = out_dir / saved_as
     if final.exists():
-        print(f"{final}: already present")
+        if problem := download_problem(name, final):
+            raise RsmclipError(f"{final}: present but not usable ({problem}); delete it and run again")
+        print(f"{final}: already present (checked)")
         return final
+    parsed = urllib.parse.urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise RsmclipError(f"--endpoint {endpoint!r}: not an http(s) URL such as https://huggingface.co")
     for filename in candidates:
         url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
-        if (info := remote_info(url)) is None:
+        if (info := remote_info(url, timeout)) is None:
             continue
         checks = " and ".join(c for c, v in (("size", info["size"]), ("sha256", info["sha256"])) if v) or "no"
-        print(f"{repo}/{filename} -> {final} ({checks} check)")
+        print(f"{repo}/{filename} -> {final} ({checks} check; {timeout:g} s without data counts as a stall)")
         if name == "tokenizer":
-            return fetch(url, final, info)
-        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info)
+            fetch(url, final, info, timeout=timeout)
+            if problem := download_problem(name, final):
+                final.unlink()
+                raise RsmclipError(f"{url}: the server sent no SentencePiece model ({problem}); deleted")
+            return final
+        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info, timeout=timeout)
         convert(raw, final)  # open_clip names (and maybe a pickle) -> our safetensors with its config
         raw.unlink()
         print(f"converted to {final}")
@@ -870,42 +1066,99 @@ def download(name: str, out_dir: Path, endpoint: str) -> Path:
 
 # ----------------------------------------------------------------------------- inference helpers
 
-# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template sets in data/.
+# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
+# sets in data/.
 PROMPTS = {
-    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.", "es": "una imagen satelital de {}.",
-    "fr": "une image satellite de {}.", "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
+    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.",
+    "es": "una imagen satelital de {}.", "fr": "une image satellite de {}.",
+    "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
     "it": "un'immagine satellitare di {}.", "zh": "{}的卫星图像。", "ko": "{}의 위성 이미지.",
     "ru": "спутниковый снимок: {}.",
 }
 
 
+def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
+    """Embeddings with a NaN or inf would rank and score as numbers (nan scores, exit 0): an error."""
+    if not torch.isfinite(feats).all():
+        raise RsmclipError(f"the model gives non-finite {what} embeddings (NaN or inf): "
+                           "its weights are damaged")
+    return feats
+
+
+def check_template(template: str) -> str:
+    """A prompt with exactly one {} for the class name and nothing else for str.format to fill."""
+    try:
+        filled = template.format("\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise RsmclipError(f"template {template!r}: {type(e).__name__} {e}; use exactly one {{}} "
+                           "for the class name ({{ and }} for literal braces)") from None
+    if filled.count("\0") != 1:
+        raise RsmclipError(f"template {template!r} needs exactly one {{}} for the class name "
+                           "(without it every class gets the same text and the same score)")
+    return template
+
+
+def display(path) -> str:
+    """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
+    UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
+    reported by the main process (a worker's exception would arrive as a traceback)."""
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.preprocess(self.paths[i]), ""
+        except ImageError as e:
+            return torch.zeros(3, self.preprocess.size, self.preprocess.size), str(e)
+
+
+def image_batches(paths: list[Path], preprocess: Preprocess, batch_size: int, workers: int):
+    workers = min(workers, len(paths) // batch_size)  # a worker pool costs more than it saves on small sets
+    return torch.utils.data.DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
+                                       num_workers=workers, persistent_workers=False)
+
+
 @torch.inference_mode()
 def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_size: int = 64,
-                 device: str = "cpu") -> tuple[torch.Tensor, list[Path], list[str]]:
-    """Normalised embeddings of the readable images; unreadable ones are skipped and reported."""
-    from rich.progress import track
-
-    feats, ok, failed, batch = [], [], [], []
-
-    def flush():
-        if batch:
-            feats.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
-            batch.clear()
-
-    for p in track(paths, description="embedding images", transient=True, disable=len(paths) < 2 * batch_size):
-        try:
-            batch.append(preprocess(p))
-            ok.append(p)
-        except ImageError as e:
-            failed.append(str(e))
-            continue
-        if len(batch) == batch_size:
-            flush()
-    flush()
+                 device: str = "cpu", workers: int = 0,
+                 skip_unreadable: bool = True) -> tuple[torch.Tensor, list[Path], list[str]]:
+    """(embeddings [N, D] L2-normalised float32 on `device`, the N readable paths, the error messages),
+    decoded by `workers` processes, bf16 autocast on CUDA. An unreadable image is skipped and reported
+    on stderr (a folder being searched), or, with skip_unreadable=False, stops the whole call with one
+    message (an evaluation, whose numbers a silently smaller set would change)."""
+    if not skip_unreadable and (missing := [display(p) for p in paths if not Path(p).is_file()]):
+        raise ImageError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    feats, ok, failed, start = [], [], [], time.perf_counter()
+    with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=len(paths), rate="")
+        for first, (pixels, messages) in zip(range(0, len(paths), batch_size),
+                                             image_batches(paths, preprocess, batch_size, workers)):
+            good = [i for i, m in enumerate(messages) if not m]
+            failed += [m for m in messages if m]
+            ok += [paths[first + i] for i in good]
+            if good:
+                with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+                    x = model.encode_image(pixels[good].to(device, non_blocking=True))
+                feats.append(F.normalize(x.float(), dim=-1))
+            done = first + len(messages)
+            bar.update(task, advance=len(messages), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
+    if failed and not skip_unreadable:
+        raise ImageError(f"{len(failed)} images cannot be read: {'; '.join(map(display, failed[:3]))}")
     for message in failed:
-        print(f"skipped: {message}", file=sys.stderr)
-    dim = model.config.embed_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim)), ok, failed
+        print(f"skipped: {display(message)}", file=sys.stderr)
+    out = torch.cat(feats) if feats else torch.zeros(0, model.config.embed_dim, device=device)
+    return check_finite(out, "image"), ok, failed
 
 
 @torch.inference_mode()
@@ -927,7 +1180,7 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
             with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 x = model.encode_text(unique[batch, :length].to(device))
             out[batch] = F.normalize(x.float(), dim=-1).cpu()
-    return out[inverse]
+    return check_finite(out, "text")[inverse]
 
 
 def weights_fingerprint(path: Path) -> str:
@@ -945,18 +1198,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
 
 
+def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
+    """(entries, embeddings) of a search index made with these weights; an index that is absent, made
+    with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
+    empty = [], torch.zeros(0, dim)
+    if not index.exists():
+        return empty
+    try:
+        with safe_open(str(index), "pt") as f:
+            meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
+        if meta.get("model") != fingerprint:
+            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
+            return empty
+        entries = json.loads(meta["entries"])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
+                and type(e.get("mtime")) is int for e in entries):
+            raise ValueError("entries are not a list of {path, size, mtime}")
+        if feats is None or feats.dtype != torch.float32 or tuple(feats.shape) != (len(entries), dim):
+            raise ValueError(f"embeddings {None if feats is None else tuple(feats.shape)}, expected "
+                             f"{(len(entries), dim)} float32")
+        if not torch.isfinite(feats).all():
+            raise ValueError("non-finite embeddings")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json's errors are ValueErrors
+        print(f"warning: {index}: damaged search index ({str(e)[:200]}); rebuilding it", file=sys.stderr)
+        return empty
+    return entries, feats
+
+
 def update_index(model, preprocess, weights: Path, folder: Path, index: Path, batch_size: int, device: str):
     """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
     The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
     fingerprint = weights_fingerprint(weights)
-    entries, feats = [], torch.zeros(0, model.config.embed_dim)
-    if index.exists():
-        with safe_open(str(index), "pt") as f:
-            meta = f.metadata()
-            if meta.get("model") == fingerprint:
-                entries, feats = json.loads(meta["entries"]), f.get_tensor("embeddings")
-            else:
-                print(f"{index}: built with other weights, rebuilding")
+    entries, feats = read_index(index, fingerprint, model.config.embed_dim)
     known = {e["path"]: (e, row) for row, e in enumerate(entries)}
     keep_rows, kept, todo = [], [], []
     for p in list_images([folder]):
@@ -969,7 +1243,9 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Path, ba
         else:
             todo.append(p)
     new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
-    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns}
+    new_feats = new_feats.cpu()
+    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+              "mtime": p.stat().st_mtime_ns}
              for p in done]
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
     removed = len(known) - len(kept)
@@ -1008,21 +1284,25 @@ def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.joi
                                                               "(default: rs-m-clip tokenizer)"),
                  out: Path = typer.Option(Path("weights"), help="folder for the files"),
                  endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                                              help="hub base URL (env HF_ENDPOINT)")):
+                                              help="hub base URL (env HF_ENDPOINT)"),
+                 timeout: float = typer.Option(60, min=1, help="seconds without data before a stalled "
+                                               "connection is dropped and resumed")):
     """Fetch public weights and the XLM-R vocabulary from the Hugging Face hub (resumable, checked)."""
     names = names or ["rs-m-clip", "tokenizer"]
     if unknown := [n for n in names if n not in HUB_FILES]:
         raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
     for name in names:
-        download(name, out, endpoint)
+        download(name, out, endpoint, timeout)
 
 
 @app.command("convert")
 def convert_cmd(src: Path, dst: Path,
                 to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
-    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or back."""
+    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
+    back."""
     if dst.suffix != ".safetensors":
         raise RsmclipError(f"{dst}: the output must be a .safetensors file")
+    refuse_overwrite(dst, [src], "the output")
     cfg = convert(src, dst, to_openclip)
     print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
           f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
@@ -1033,21 +1313,30 @@ def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
           images: list[Path] = typer.Option(None, help="image files or folders"),
           texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
           out: Path = typer.Option(..., help="output .safetensors"),
-          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                   "(default: next to weights)"),
           batch_size: int = 64, device: str = typer.Option(default_device())):
     """Write L2-normalised embeddings of images and/or texts to a safetensors file."""
     if not images and not texts:
         raise RsmclipError("nothing to embed: give --images and/or --texts")
+    refuse_overwrite(out, [model_path, texts, *(images or [])])
     model, preprocess, tok = load(model_path, tokenizer, device)
     tensors, meta = {}, {}
     if images:
         feats, ok, failed = embed_images(model, preprocess, list_images(images), batch_size, device)
-        tensors["image_embeddings"], meta["images"] = feats, json.dumps([str(p) for p in ok])
+        tensors["image_embeddings"], meta["images"] = feats, json.dumps([display(p) for p in ok])
     if texts:
         if not texts.is_file():
             raise RsmclipError(f"{texts}: no such text file")
-        lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
-        tensors["text_embeddings"], meta["texts"] = embed_texts(model, tok, lines, device=device), json.dumps(lines)
+        try:
+            lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except UnicodeDecodeError as e:
+            raise RsmclipError(f"{texts}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                               "save it as UTF-8") from None
+        if not lines:
+            raise RsmclipError(f"{texts}: no text lines to embed")
+        tensors["text_embeddings"], meta["texts"] = (embed_texts(model, tok, lines, device=device),
+                                                     json.dumps(lines))
     atomic_save(tensors, out, meta)
     print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
 
@@ -1057,26 +1346,28 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
              model_path: Path = typer.Option(..., "--model", help="weights file"),
              lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
-             template: Optional[str] = typer.Option(None, help="prompt with {} for the label (default per language)"),
-             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+             template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
+                                                    "(default per language)"),
+             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                      "(default: next to weights)"),
              device: str = typer.Option(default_device())):
     """Zero-shot classification: a table of class probabilities per image."""
-    from rich.console import Console
-    from rich.table import Table
-
     if lang not in PROMPTS and template is None:
         raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
     names = [n.strip() for n in labels.split(",") if n.strip()]
     if len(names) < 2:
         raise RsmclipError("give at least two comma-separated --labels")
-    prompt = template or PROMPTS[lang]
+    prompt = check_template(template or PROMPTS[lang])
     model, preprocess, tok = load(model_path, tokenizer, device)
     feats, ok, _ = embed_images(model, preprocess, list_images(images), device=device)
+    feats = feats.cpu()
+    if not ok:
+        raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
     classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
     probs = (100 * feats @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
     table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
     for path, row in zip(ok, probs):
-        table.add_row(str(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
+        table.add_row(display(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
     Console().print(table)
 
 
@@ -1084,17 +1375,17 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
 def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
            queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
            model_path: Path = typer.Option(..., "--model", help="weights file"),
-           index: Optional[Path] = typer.Option(None, help="index file (default: FOLDER/.rsmclip-index.safetensors)"),
+           index: Optional[Path] = typer.Option(None, help="index file "
+                                                "(default: FOLDER/.rsmclip-index.safetensors)"),
            top_k: int = typer.Option(5, min=1), batch_size: int = 64,
-           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: next to weights)"),
+           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
+                                                    "(default: next to weights)"),
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
            device: str = typer.Option(default_device())):
     """Text-to-image search over a folder; the index is built once and updated when images change."""
-    from rich.console import Console
-    from rich.table import Table
-
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
+    refuse_overwrite(out, [model_path, index, tokenizer])
     model, preprocess, tok = load(model_path, tokenizer, device)
     entries, feats = update_index(model, preprocess, model_path, folder,
                                   index or folder / ".rsmclip-index.safetensors", batch_size, device)
@@ -1104,14 +1395,16 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     results = {}
     for query, row in zip(queries, scores):
         top = row.topk(min(top_k, len(entries)))
-        results[query] = [{"path": entries[i]["path"], "score": round(s, 4)}
+        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)}
                           for s, i in zip(top.values.tolist(), top.indices.tolist())]
         table = Table("rank", "score", "image", title=query)
         for rank, hit in enumerate(results[query], 1):
             table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
         Console().print(table)
     if out:
-        out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        print(f"wrote {out}")
 
 
 def run_cli(app: typer.Typer, args: Optional[list[str]] = None):

@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import inspect
 import json
+import math
 import os
 import re
 import time
@@ -37,19 +38,20 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+import rsmclip  # its CLI error wrapper (run_cli) and atomic writer
 
 LANGS = {"pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
          "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian"}
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
-class TranslateError(Exception):
-    """A problem the user can fix (bad input, wrong folder, server refused): printed as one line."""
+class TranslateError(rsmclip.RsmclipError):
+    """A problem the user can fix (bad input, wrong folder, server refused): one line `error: ...`, exit 1."""
 
 
 def user_prompt(text: str, lang: str) -> str:
@@ -71,6 +73,14 @@ def read_json(path: Path, what: str) -> dict:
 
 
 # ----- model config -----
+
+# Bounds far above any Llama/Mistral translation model (Tower: 32,007 tokens, 4,096 wide, 32 layers, 4,096
+# positions), low enough that nothing sized by a wrong number can exhaust memory. The weights' own sizes
+# are checked against their safetensors headers before anything is allocated (load_model).
+SIZES = {"vocab_size": 1 << 20, "hidden_size": 1 << 15, "intermediate_size": 1 << 17,
+         "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 512,
+         "max_position_embeddings": 1 << 18,  # the rotary table, positions x head_dim, is held in memory
+         "sliding_window": 1 << 30}
 
 @dataclass
 class ModelConfig:
@@ -101,9 +111,13 @@ class ModelConfig:
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         if (kind := rope.get("rope_type", rope.get("type", "default"))) != "default":
             raise TranslateError(f"{where}: rope scaling {kind!r} is not supported (plain RoPE only)")
+        for key, most in SIZES.items():
+            if c.get(key) is not None and not (type(c[key]) is int and 1 <= c[key] <= most):
+                raise TranslateError(f"{where}: {key} is {c[key]!r}, expected a whole number from 1 to "
+                                     f"{most:,}")
         try:
             heads = c["num_attention_heads"]
-            return cls(arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"],
+            cfg = cls(arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"],
                        hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
                        n_kv_heads=c.get("num_key_value_heads") or heads,
                        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
@@ -114,6 +128,13 @@ class ModelConfig:
                        sliding_window=c.get("sliding_window") if arch == "MistralForCausalLM" else None)
         except KeyError as e:
             raise TranslateError(f"{where}: no {e.args[0]!r}") from None
+        if cfg.n_heads % cfg.n_kv_heads or cfg.head_dim % 2:
+            raise TranslateError(f"{where}: num_attention_heads ({cfg.n_heads}) must be a multiple of "
+                                 f"num_key_value_heads ({cfg.n_kv_heads}), head_dim ({cfg.head_dim}) even")
+        for key, v in (("rms_norm_eps", cfg.norm_eps), ("rope_theta", cfg.rope_theta)):
+            if type(v) not in (int, float) or not 0 < v < math.inf:
+                raise TranslateError(f"{where}: {key} is {v!r}, expected a positive number")
+        return cfg
 
 
 # ----- model -----
@@ -248,8 +269,9 @@ def hf_layout(c: ModelConfig) -> dict[str, tuple[str, int, tuple[int, ...]]]:
     return out
 
 
-def weight_files(model_dir: Path) -> dict[str, list[str]]:
-    """shard file -> tensor names, from model.safetensors.index.json or a single model.safetensors."""
+def weight_files(model_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """shard file -> {tensor name: shape}, from model.safetensors.index.json or a single model.safetensors;
+    the shapes come from the safetensors headers, nothing is loaded."""
     index, single = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
     if index.is_file():
         shards: dict[str, list[str]] = {}
@@ -258,12 +280,16 @@ def weight_files(model_dir: Path) -> dict[str, list[str]]:
         for shard in shards:
             if not (model_dir / shard).is_file():
                 raise TranslateError(f"{model_dir}: shard {shard} listed in {index.name} is missing")
-        return shards
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {single.name: list(f.keys())}
-    raise TranslateError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
-                         "(a Hugging Face model folder with safetensors weights is needed)")
+    elif single.is_file():
+        shards = {single.name: None}
+    else:
+        raise TranslateError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                             "(a Hugging Face model folder with safetensors weights is needed)")
+    out = {}
+    for shard, names in shards.items():
+        with safe_open(model_dir / shard, framework="pt") as f:
+            out[shard] = {n: tuple(f.get_slice(n).get_shape()) for n in (names or f.keys())}
+    return out
 
 
 def load_model(model_dir: Path, device: torch.device, pack: bool = True) -> Llama:
@@ -279,19 +305,25 @@ def load_model(model_dir: Path, device: torch.device, pack: bool = True) -> Llam
     try:
         shards = weight_files(model_dir)
         # rotary inverse frequencies are derived, not learned; some old checkpoints carry them
-        names = {n for ns in shards.values() for n in ns if not n.endswith("rotary_emb.inv_freq")}
-        missing, unexpected = sorted(layout.keys() - names), sorted(names - layout.keys())
+        shapes = {n: s for ns in shards.values() for n, s in ns.items()
+                  if not n.endswith("rotary_emb.inv_freq")}
+        missing, unexpected = sorted(layout.keys() - shapes.keys()), sorted(shapes.keys() - layout.keys())
         if missing or unexpected:
             raise TranslateError(f"{model_dir}: weights do not match config.json ({c.n_layers} layers):"
                                  f" missing {missing[:3]}{'...' * (len(missing) > 3)}, "
                                  f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
+        # before the model is allocated: a config that does not describe these files must not size it
+        if wrong := [f"{n} {shapes[n]} (config.json implies {shape})" for n, (_, _, shape) in layout.items()
+                     if shapes[n] != shape]:
+            raise TranslateError(f"{model_dir}: weights do not match config.json: {first(wrong, 3)}")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         return from_tensors(c, tensors(), device, dtype, pack)
     except SafetensorError as e:
         raise TranslateError(f"{model_dir}: unreadable safetensors file ({e})") from None
 
 
-def from_tensors(c: ModelConfig, tensors, device: torch.device, dtype: torch.dtype, pack: bool = True) -> Llama:
+def from_tensors(c: ModelConfig, tensors, device: torch.device, dtype: torch.dtype,
+                 pack: bool = True) -> Llama:
     """The model filled from (HF name, tensor, where it came from), each shape checked against the config.
     pack: reorder the matrices for oneDNN on CPUs (Llama.pack_for_cpu)."""
     layout = hf_layout(c)
@@ -482,6 +514,9 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int | list[
     out: list[list[int]] = [[] for _ in range(B)]
     rows, live = list(range(B)), [True] * B  # batch row -> prompt index; prompts still generating
     for t in range(max(budget)):
+        if not torch.isfinite(logits).all():  # NaN weights would decode as '⁇ ⁇', which is no translation
+            raise TranslateError("the model's logits are not finite (NaN or inf): its weights are broken, or "
+                                 "overflow in this precision")
         if seen is not None:
             logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty,
                                                    logits * repetition_penalty), logits)
@@ -577,10 +612,11 @@ class HttpBackend:
         r = self.post(body)
         try:
             choice = r["choices"][0]
-            content, finished = choice["message"]["content"] or "", choice.get("finish_reason") != "length"
-        except (KeyError, IndexError, TypeError):
+            text = (choice["message"]["content"] or "").strip()  # null: the server generated nothing
+            finished = choice.get("finish_reason") != "length"
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise TranslateError(f"{self.url}: unexpected response {json.dumps(r)[:200]}") from None
-        return [Result(content.strip(), (r.get("usage") or {}).get("completion_tokens") or 0, finished)]
+        return [Result(text, (r.get("usage") or {}).get("completion_tokens") or 0, finished)]
 
     def post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"}
@@ -616,28 +652,42 @@ class HttpBackend:
 
 # ----- cache and quality guards -----
 
+CACHE_FIELDS = {"model": str, "lang": str, "attempt": int, "src": str, "out": str, "tokens": int,
+                "finished": bool}
+
+
+def cache_record(line: bytes) -> dict | None:
+    """A cache line as written by Cache.add, or None if it is not one (bad UTF-8, bad JSON, a field
+    missing or of another type, an empty answer, which is never a translation)."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), t) for k, t in CACHE_FIELDS.items()):
+        return None
+    return rec if rec["attempt"] in (0, 1) and rec["out"].strip() else None
+
+
 class Cache:
     """Append-only JSONL, one line per translated string, keyed by (source, language, model id) and the
-    attempt (0, or 1 for --retry-flagged). Each line is flushed as it is written, so a kill loses at
-    most the line being written; that torn last line is cut off when the cache is opened again."""
+    attempt (0, or 1 for the retry decoding). Each line is flushed as it is written, so a kill loses at
+    most the line being written; that torn last line is cut off when the cache is opened again. Lines
+    that are not translations (corrupt, or an empty answer written by an older version) are skipped and
+    counted, so their strings are translated again and every good line is kept."""
 
     def __init__(self, path: Path, model_id: str):
-        self.model_id, self.entries, self.dropped = model_id, {}, 0
+        self.path, self.model_id, self.entries, self.dropped, self.skipped = path, model_id, {}, 0, []
         raw = path.read_bytes() if path.is_file() else b""
         if raw and not raw.endswith(b"\n"):
             self.dropped = len(raw) - (raw.rfind(b"\n") + 1)
             raw = raw[:len(raw) - self.dropped]
             with open(path, "r+b") as f:
                 f.truncate(len(raw))
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            try:
-                rec = json.loads(line)
-                key, attempt, _, _ = (rec["src"], rec["lang"]), rec["attempt"], rec["out"], rec["finished"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise TranslateError(f"{path}:{n}: corrupt cache line (delete the file to start over)") \
-                    from None
-            if rec.get("model") == model_id:  # other models' lines stay in the file, unused
-                self.entries.setdefault(key, {})[attempt] = rec
+        for n, line in enumerate(raw.splitlines(), 1):
+            if (rec := cache_record(line)) is None:
+                self.skipped.append(n)
+            elif rec["model"] == model_id:  # other models' lines stay in the file, unused
+                self.entries.setdefault((rec["src"], rec["lang"]), {})[rec["attempt"]] = rec
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
 
@@ -647,18 +697,24 @@ class Cache:
     def add(self, key: tuple[str, str], attempt: int, r: Result):
         rec = {"model": self.model_id, "lang": key[1], "attempt": attempt, "src": key[0], "out": r.text,
                "tokens": r.tokens, "finished": r.finished}
-        self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: name the file; a torn last line is cut off on the next run
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.entries.setdefault(key, {})[attempt] = rec
 
     def best(self, key: tuple[str, str]) -> dict:
-        # the retry replaces the first attempt unless it is flagged for more reasons
+        # the retry replaces the first attempt unless it is flagged for more reasons (or there is no first:
+        # its answer was empty)
         e, (src, lang) = self.entries[key], key
-        return e[1] if 1 in e and len(flags(src, e[1], lang)) <= len(flags(src, e[0], lang)) else e[0]
+        if 1 in e and (0 not in e or len(flags(src, e[1], lang)) <= len(flags(src, e[0], lang))):
+            return e[1]
+        return e[0]
 
 
 SCRIPTS = {"zh": ("CJK",), "ko": ("HANGUL",), "ru": ("CYRILLIC",)}  # the other six write in Latin letters
-FLAGS = ("empty", "same_as_source", "wrong_script", "too_long", "truncated")
+FLAGS = ("same_as_source", "wrong_script", "too_long", "truncated")  # empty answers are never kept
 
 
 def flags(src: str, rec: dict, lang: str) -> list[str]:
@@ -666,9 +722,7 @@ def flags(src: str, rec: dict, lang: str) -> list[str]:
     letters = [ch for ch in out if ch.isalpha()]
     in_script = sum(unicodedata.name(ch, "").startswith(SCRIPTS.get(lang, ("LATIN",))) for ch in letters)
     found = []
-    if not out.strip():
-        found.append("empty")
-    elif out.strip().casefold() == src.strip().casefold():
+    if out.strip().casefold() == src.strip().casefold():
         found.append("same_as_source")
     if letters and in_script < 0.5 * len(letters):
         found.append("wrong_script")
@@ -682,7 +736,7 @@ def flags(src: str, rec: dict, lang: str) -> list[str]:
 def read_manifest(path: Path) -> list[dict]:
     if not path.is_file():
         raise TranslateError(f"{path}: no such manifest")
-    records = []
+    records, empty = [], []
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -692,21 +746,23 @@ def read_manifest(path: Path) -> list[dict]:
                     raise TranslateError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
                 caps = rec.get("captions") if isinstance(rec, dict) else None
                 en = caps.get("en") if isinstance(caps, dict) else None
-                if not (isinstance(en, list) and all(isinstance(s, str) for s in en)):
-                    rid = rec.get("id") if isinstance(rec, dict) else None
+                rid = rec.get("id") if isinstance(rec, dict) else None
+                if not (isinstance(en, list) and en and all(isinstance(s, str) for s in en)):
                     raise TranslateError(f"{path}:{n}: record {rid!r} has no English captions "
                                          '(expected "captions": {"en": [...]})')
+                empty += [f"{rid!r} #{k}" for k, s in enumerate(en) if not s.strip()]
                 records.append(rec)
     except UnicodeDecodeError:
         raise TranslateError(f"{path}: not UTF-8 text") from None
+    if empty:  # there is nothing to translate, and an empty translation would be no caption either
+        raise TranslateError(f"{path}: {len(empty)} English captions are empty: {first(empty)}. None was "
+                             "sent for translation: remove them (prepare captions --drop-empty does)")
     return records
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+def first(items: list, n: int = 5) -> str:
+    """The first n items of a listing in a message, and how many there are in all."""
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def parse_langs(s: str) -> list[str]:
@@ -736,6 +792,8 @@ class TranslateConfig:
     cache: Annotated[Path | None, typer.Option(help="cache file (default: OUT.cache.jsonl)")] = None
     report: Annotated[Path | None, typer.Option(help="quality report (default: OUT.report.json)")] = None
     retry_flagged: Annotated[bool, typer.Option(help="translate flagged strings again")] = False
+    overwrite: Annotated[bool, typer.Option(help="translate anew the --langs a record already has "
+                                                 "(default: keep them)")] = False
     timeout: Annotated[float, typer.Option(help="http: seconds per request")] = 120.0
     max_retries: Annotated[int, typer.Option(min=0, help="http: retries on 5xx, 429, timeouts")] = 5
     device: Annotated[str, typer.Option(help="local: auto, cpu, cuda, cuda:1, ...")] = "auto"
@@ -766,7 +824,8 @@ def run_pass(backend, items, cache: Cache, attempt: int, progress: Progress, lab
     def record(batch, results):
         nonlocal done, tokens
         for it, r in zip(batch, results):
-            if not cache.has(it, attempt):  # a batch may hold strings cached before a kill
+            # a batch may hold strings cached before a kill; an empty answer is never a translation
+            if r.text and not cache.has(it, attempt):
                 cache.add(it, attempt, r)
                 done, tokens = done + 1, tokens + r.tokens
         dt = time.perf_counter() - t0
@@ -786,29 +845,75 @@ def run_pass(backend, items, cache: Cache, attempt: int, progress: Progress, lab
                 fut.cancel()
 
 
+def output_paths(cfg: TranslateConfig) -> tuple[Path, Path]:
+    """-> (cache, report). Refused before any work: an output that is a folder, or the same file as the
+    manifest or as another output (one write would destroy the other file)."""
+    cache = cfg.cache or cfg.out.with_name(cfg.out.name + ".cache.jsonl")
+    report = cfg.report or cfg.out.with_name(cfg.out.name + ".report.json")
+    earlier = []
+    for what, path in (("--out", cfg.out), ("--cache", cache), ("--report", report)):
+        rsmclip.refuse_overwrite(path, [cfg.manifest], what, "the input manifest")
+        rsmclip.refuse_overwrite(path, earlier, what, "also the output")
+        earlier.append(path)
+    return cache, report
+
+
 def run(cfg: TranslateConfig, console: Console) -> dict:
     langs, records = parse_langs(cfg.langs), read_manifest(cfg.manifest)
+    cache_path, report_path = output_paths(cfg)
+    # a language a record already has is kept unless --overwrite; an empty or malformed one is no
+    # translation to keep, and replacing it unasked could lose what the user meant to write there
+    todo, kept, broken = [], dict.fromkeys(langs, 0), []
+    for rec in records:
+        for lang in langs:
+            have = rec["captions"].get(lang)
+            if cfg.overwrite or have is None:
+                todo.append((rec, lang))
+            elif isinstance(have, list) and have and all(isinstance(s, str) and s.strip() for s in have):
+                kept[lang] += 1
+            else:
+                broken.append(f"{rec.get('id')!r} {lang}")
+    if broken:
+        raise TranslateError(f"{cfg.manifest}: {len(broken)} existing translations are empty or not lists of "
+                             f"text: {first(broken)}. Fix or remove them, or pass --overwrite to translate "
+                             "every record anew")
     backend = make_backend(cfg)
-    cache = Cache(cfg.cache or cfg.out.with_name(cfg.out.name + ".cache.jsonl"), backend.model_id)
+    cache = Cache(cache_path, backend.model_id)
     if cache.dropped:
         console.print(f"cache: dropped a truncated last line ({cache.dropped} bytes) of an interrupted run")
+    if cache.skipped:
+        console.print(f"cache: skipped {len(cache.skipped)} lines that hold no translation (corrupt, or an "
+                      f"empty answer): line {first(cache.skipped)}; their strings are translated again",
+                      markup=False, highlight=False)
+    for lang, n in kept.items():
+        if n:
+            console.print(f"{lang}: kept the existing captions of {n} records (--overwrite: translate anew)")
     # identical captions are translated once: remote-sensing caption sets repeat many sentences
+    wanted = {(s, lang) for rec, lang in todo for s in rec["captions"]["en"]}
     sources = list(dict.fromkeys(s for rec in records for s in rec["captions"]["en"]))
-    items = [(s, lang) for lang in langs for s in sources]
+    items = [(s, lang) for lang in langs for s in sources if (s, lang) in wanted]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[cps]:.1f} captions/s {task.fields[tps]:.0f} tokens/s"))
     try:
         with Progress(*columns, console=console) as progress:
-            run_pass(backend, items, cache, 0, progress, "translate")
-            if cfg.retry_flagged:
-                flagged = [it for it in items if flags(it[0], cache.entries[it][0], it[1])]
-                run_pass(backend, flagged, cache, 1, progress, "retry flagged")
+            # a string whose first answer was empty but whose retry was not is done
+            run_pass(backend, [it for it in items if not cache.has(it, 1)], cache, 0, progress, "translate")
+            # an empty answer is never kept: its string gets the retry decoding at once (a repetition penalty,
+            # at least one token), and so does every flagged string with --retry-flagged
+            retry = [it for it in items if not cache.has(it, 0)
+                     or cfg.retry_flagged and flags(it[0], cache.entries[it][0], it[1])]
+            if retry:
+                run_pass(backend, retry, cache, 1, progress, "retry")
     finally:
         cache.file.close()
-    for rec in records:
-        for lang in langs:
-            rec["captions"][lang] = [cache.best((s, lang))["out"] for s in rec["captions"]["en"]]
-    write_atomic(cfg.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if missing := [f"{lang} {src!r}" for src, lang in items if (src, lang) not in cache.entries]:
+        raise TranslateError(f"{len(missing)} of {len(items)} strings got only empty answers, from the retry "
+                             f"decoding too: {first(missing)}. Nothing was written; the cache keeps the "
+                             "finished translations: run the same command again, or try another model")
+    for rec, lang in todo:
+        rec["captions"][lang] = [cache.best((s, lang))["out"] for s in rec["captions"]["en"]]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    rsmclip.atomic_write(cfg.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     # report: counts per language and flag, and every flagged string
     counts = {lang: dict.fromkeys(("strings", *FLAGS), 0) for lang in langs}
     flagged_list = []
@@ -822,10 +927,10 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
                                  "retried": best["attempt"] == 1})
     report = {"model": backend.model_id, "config": {k: v if not isinstance(v, Path) else str(v)
                                                     for k, v in vars(cfg).items()},
-              "records": len(records), "unique_sources": len(sources), "counts": counts,
+              "records": len(records), "unique_sources": len(sources), "kept": kept, "counts": counts,
               "flagged": flagged_list}
-    write_atomic(cfg.report or cfg.out.with_name(cfg.out.name + ".report.json"),
-                 json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
+    rsmclip.atomic_write(report_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     table = Table(title=f"{cfg.out}: {len(records)} records, {len(sources)} unique English captions")
     for name in ("lang", "strings", *FLAGS):
         table.add_column(name.replace("_", " "), justify="left" if name == "lang" else "right")
@@ -844,9 +949,6 @@ def main(**options):
     cfg, console = TranslateConfig(**options), Console(stderr=True)
     try:
         run(cfg, console)
-    except TranslateError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted: the cache keeps every finished translation; the same command goes on")
         raise typer.Exit(130) from None
@@ -856,4 +958,4 @@ main.__signature__ = inspect.signature(TranslateConfig, eval_str=True)  # the op
 app.command(help="Translate the English captions of a captions.jsonl manifest into --langs.")(main)
 
 if __name__ == "__main__":
-    app()
+    rsmclip.run_cli(app)

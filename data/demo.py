@@ -197,14 +197,16 @@ TEXT = {
                    ("{ground}有{np}。",) * 2]),
     "ko": dict(
         np="{col} {noun} {num}", cls={"building": "채", "tank": "개", "airplane": "대"},
-        nouns={"building": ["건물", "건물"], "tank": ["저장 탱크", "저장 탱크"], "airplane": ["비행기", "비행기"]},
+        nouns={"building": ["건물", "건물"], "tank": ["저장 탱크", "저장 탱크"],
+               "airplane": ["비행기", "비행기"]},
         nums={m: [f"{n} {m}" for n in ("한", "두", "세", "네")] for m in ("채", "개", "대")},
         cols={c: {m: [w, w] for m in ("채", "개", "대")}
               for c, w in {"red": "빨간", "white": "흰", "blue": "파란", "yellow": "노란"}.items()},
         pos={"top left": "왼쪽 위", "top right": "오른쪽 위", "bottom left": "왼쪽 아래",
              "bottom right": "오른쪽 아래", "middle": "이미지 중앙"},
         ground={"grass": "초원", "farmland": "농경지", "desert": "사막"},
-        road={"none": "도로는 보이지 않습니다.", "horizontal": "도로 하나가 이미지를 왼쪽에서 오른쪽으로 가로지릅니다.",
+        road={"none": "도로는 보이지 않습니다.",
+              "horizontal": "도로 하나가 이미지를 왼쪽에서 오른쪽으로 가로지릅니다.",
               "vertical": "도로 하나가 이미지를 위에서 아래로 가로지릅니다."},
         # every counter (채, 개, 대) ends in a vowel, so the particles are always 가 and 는
         templates=[("{ground}의 {pos}에 {np}가 있습니다.",) * 2,

@@ -38,7 +38,9 @@ class DataError(rsmclip.RsmclipError):
 
 
 def listing(items: list) -> str:
-    head = ", ".join(str(i) for i in items[:SHOW])
+    # a file name that is not UTF-8 comes as lone surrogates, which stdout cannot print: show its bytes
+    head = ", ".join(str(i).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                     for i in items[:SHOW])
     return head + (f", ... ({len(items)} in all)" if len(items) > SHOW else "")
 
 
@@ -65,6 +67,8 @@ def bad_relative(path: str) -> Optional[str]:
         return "absolute or not POSIX"
     if ".." in PurePosixPath(path).parts:
         return "leaves the dataset folder"
+    if path.rsplit("/", 1)[-1] in ("", "."):
+        return "names a folder, not a file"
     return None
 
 
@@ -105,8 +109,23 @@ def read_jsonl(path: Path, required: dict) -> list[dict]:
     return records
 
 
+def not_utf8(name: str) -> bool:
+    """Whether a file name came from bytes that are not UTF-8 (Python keeps those as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def load_manifest(path: Path) -> list[dict]:
-    """Read and check a captions.jsonl (format: DESIGN.md); image paths are relative to its folder."""
+    """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md).
+
+    One JSON object per line, UTF-8, one line per image: {"id": "<dataset>/<name>", "image": path of the
+    image relative to this file's folder (POSIX, never absolute, never leaving the folder), "split":
+    "train" | "val" | "test", "dataset": name, "captions": {lang: [caption, ...]}}, the caption lists
+    aligned by index across languages (caption i in "pt" translates caption i in "en"). Other fields
+    (e.g. the demo's "scene") are kept and ignored. Ids are unique; every caption list is non-empty text."""
     records = read_jsonl(Path(path), {"id": str, "image": str, "split": str, "captions": dict})
     errors = []
     for r in records:
@@ -125,6 +144,8 @@ def load_manifest(path: Path) -> list[dict]:
 
 
 def load_labels(path: Path) -> list[dict]:
+    """Read a labels.jsonl: {"image": path relative to its folder, "label": class (folder) name, "split":
+    "train" | "val" | "test"} per line, UTF-8; zero-shot and the linear probe read it (data/README.md)."""
     records = read_jsonl(Path(path), {"image": str, "label": str, "split": str})
     if not records:
         raise DataError(f"{path}: no records")
@@ -132,13 +153,9 @@ def load_labels(path: Path) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: Path):
-    """Write to a temporary file, then rename: a crash never leaves half a manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Whole or not at all (rsmclip.atomic_write): a crash or a full disk never leaves half a manifest."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def unreadable_images(paths: list[Path], what: str) -> dict[Path, str]:
@@ -155,8 +172,8 @@ def unreadable_images(paths: list[Path], what: str) -> dict[Path, str]:
 # ----------------------------------------------------------------------------- caption datasets
 
 
-def parse_annotations(doc, source: Path) -> tuple[str, list[tuple[str, str, str, list[str]]]]:
-    """-> (format, [(id suffix, relative image path, split, raw captions)]) for the two public layouts.
+def parse_annotations(doc, source: Path) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """-> (format, [(relative image path, split, raw captions)]) for the two public layouts.
 
     Karpathy style (RSICD, RSITMD, UCM, Sydney): {"images": [{"filename", "split", "sentences": [{"raw"}]}]},
     other fields ignored. NWPU-Captions: {category: [{"filename", "split", "raw", "raw_1" ... "raw_4"}]},
@@ -169,8 +186,7 @@ def parse_annotations(doc, source: Path) -> tuple[str, list[tuple[str, str, str,
             if not isinstance(im.get("filename"), str) or not isinstance(sentences, list) \
                     or not all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
                 raise DataError(f"{source}: images[{n}] lacks filename/split/sentences[].raw (Karpathy)")
-            stem = str(PurePosixPath(im["filename"]).with_suffix(""))
-            items.append((stem, im["filename"], im.get("split"), [s["raw"] for s in im["sentences"]]))
+            items.append((im["filename"], im.get("split"), [s["raw"] for s in im["sentences"]]))
         return "karpathy", items
     if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
         items = []
@@ -181,20 +197,20 @@ def parse_annotations(doc, source: Path) -> tuple[str, list[tuple[str, str, str,
                 raws = [r[k] for k in ["raw"] + [f"raw_{i}" for i in range(1, 10)] if k in r]
                 if not all(isinstance(c, str) for c in raws):
                     raise DataError(f"{source}: {category}[{n}]: captions must be strings")
-                rel = f"{category}/{r['filename']}"
-                items.append((str(PurePosixPath(rel).with_suffix("")), rel, r.get("split"), raws))
+                items.append((f"{category}/{r['filename']}", r.get("split"), raws))
         return "nwpu", items
     raise DataError(f"{source}: unrecognised annotation format; expected Karpathy-style JSON "
                     "({\"images\": [...]}) or NWPU-Captions ({category: [records]})")
 
 
-def count_report(name: str, items: list) -> list[str]:
-    """Differences between an annotation file and the published dataset, as report lines."""
+def count_report(name: str, splits: list[str]) -> list[str]:
+    """Differences between an annotation file (the split of each image) and the published dataset, as
+    report lines."""
     if name not in EXPECTED:
         return [f"no published counts known for {name!r} (known: {', '.join(EXPECTED)}): not checked"]
     images, test = EXPECTED[name]
-    got_test = sum(1 for it in items if it[2] == "test")
-    diffs = [f"images {len(items):,} (published {images:,})"] if len(items) != images else []
+    got_test = splits.count("test")
+    diffs = [f"images {len(splits):,} (published {images:,})"] if len(splits) != images else []
     if test is not None and got_test != test:
         diffs.append(f"test images {got_test:,} (published {test:,})")
     if not diffs:
@@ -207,9 +223,15 @@ def count_report(name: str, items: list) -> list[str]:
 def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional[str] = None,
                    drop_missing: bool = False, drop_empty: bool = False) -> list[str]:
     """Convert one annotation file; -> the report lines. DataError on anything not explicitly allowed."""
+    rsmclip.refuse_overwrite(out, [annotations])
     doc = read_json(annotations)
     fmt, items = parse_annotations(doc, annotations)
-    name = (dataset or (doc.get("dataset") if fmt == "karpathy" else "nwpu") or annotations.stem).lower()
+    if not items:  # an empty manifest would only fail later, in training
+        raise DataError(f"{annotations}: lists no images: nothing to write")
+    field = doc.get("dataset") if fmt == "karpathy" else "nwpu"
+    if not dataset and field is not None and not isinstance(field, str):
+        raise DataError(f'{annotations}: "dataset" is {field!r}, not a name: pass --dataset NAME')
+    name = (dataset or field or annotations.stem).lower()
     prefix = inside(images, out.parent)
     if prefix is None:
         raise DataError(f"--images {images} is not inside {out.parent}, the folder of --out: image paths are "
@@ -217,11 +239,15 @@ def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional
                         f"--out {images.parent / 'captions.jsonl'}) or link the images folder next to it.")
     if not images.is_dir():
         raise DataError(f"--images {images}: no such folder")
-    report = [f"{annotations.name}: {fmt} format, dataset {name!r}"] + count_report(name, items)
+    report = [f"{annotations.name}: {fmt} format, dataset {name!r}"]
+    report += count_report(name, [split for _, split, _ in items])
 
-    unsafe = [f"{rel!r} ({bad_relative(rel)})" for _, rel, _, _ in items if bad_relative(rel)]
+    unsafe = [f"{rel!r} ({bad_relative(rel)})" for rel, _, _ in items if bad_relative(rel)]
     if unsafe:
         raise DataError(f"{annotations}: {len(unsafe)} image paths are unsafe: {listing(unsafe)}")
+    rsmclip.refuse_overwrite(out, [images / rel for rel, _, _ in items])
+    # ids are the image paths without their extension (NWPU's carry the category folder)
+    items = [(str(PurePosixPath(rel).with_suffix("")), rel, split, caps) for rel, split, caps in items]
     dup = [i for i, n in Counter(i for i, _, _, _ in items).items() if n > 1]
     if dup:
         raise DataError(f"{annotations}: {len(dup)} images are listed more than once: {listing(dup)}")
@@ -253,8 +279,9 @@ def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional
                             "them.")
         report.append(f"dropped {len(bad)} of {len(items)} images that are missing or unreadable: {shown}")
         items = [it for it in items if images / it[1] not in bad]
-        if not items:
-            raise DataError(f"no readable images left under {images}: nothing to write")
+    if not items:
+        raise DataError(f"{annotations}: no image left once the empty and the unreadable ones are dropped: "
+                        "nothing to write")
 
     records = [{"id": f"{name}/{i}", "image": f"{prefix}/{rel}" if prefix != "." else rel, "split": split,
                 "dataset": name, "captions": {"en": caps}} for i, rel, split, caps in items]
@@ -309,11 +336,15 @@ def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bo
                         f"relative to it. Write them into the dataset folder (--out {root}/labels.jsonl).")
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    rsmclip.refuse_overwrite(out, [])  # the images lie below the folder of --out: it cannot be one of them
     items, ignored = scan_image_folder(root)
     report = [f"{root}: {len(items):,} images in {len({lab for _, lab in items})} classes"]
     if ignored:
         report.append(f"ignored {len(ignored)} files that are not images: {listing(ignored)}")
-    bad = unreadable_images([root / rel for rel, _ in items], "images")
+    # a manifest is UTF-8 JSON: a name whose bytes are not UTF-8 cannot be stored in it, like an
+    # unreadable image it stops the run unless --drop-unreadable
+    misnamed = {root / rel: "file name not UTF-8: rename it" for rel, _ in items if not_utf8(rel)}
+    bad = misnamed | unreadable_images([root / r for r, _ in items if root / r not in misnamed], "images")
     if bad:
         shown = listing([f"{p.relative_to(root).as_posix()} ({why})" for p, why in bad.items()])
         if not drop_unreadable:
@@ -321,6 +352,8 @@ def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bo
                             "Pass --drop-unreadable to leave them out.")
         report.append(f"dropped {len(bad)} unreadable images: {shown}")
         items = [(rel, lab) for rel, lab in items if root / rel not in bad]
+        if not items:
+            raise DataError(f"{root}: no readable image left: nothing to write")
     records = [{"image": rel if prefix == "." else f"{prefix}/{rel}", "label": lab, "split": split}
                for rel, lab in items]
     write_jsonl(records, out)
@@ -361,6 +394,7 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
     """Train and val records of `inputs` -> one manifest at `out`, without any image that duplicates an
     image of the `exclude_splits` of `excludes`. Test records are never carried over: each dataset's test
     split is evaluated from its own manifest. -> the report lines."""
+    rsmclip.refuse_overwrite(out, [*inputs, *excludes])
     report = []
     test_ids, test_sha, hashes, thumbs = [], {}, [], []
     for m in excludes:
@@ -385,6 +419,9 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
             raise DataError(f"{m} is not inside {out.parent}, the folder of --out: image paths are stored "
                             "relative to it. Write the merged manifest into a folder holding every dataset.")
         recs = load_manifest(m)
+        captionless = [r["id"] for r in recs if not r["captions"]]
+        if captionless:
+            raise DataError(f"{m}: {len(captionless)} records have no captions: {listing(captionless)}")
         for r in track(recs, description=f"checking {m}", transient=True, disable=len(recs) < 200):
             name = r.get("dataset") or m.parent.name
             if r["split"] == "test":

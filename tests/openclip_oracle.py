@@ -1,7 +1,8 @@
 """Build open_clip's xlm-roberta ViT CLIP offline, for any rsmclip config, as a test oracle.
 
 open_clip would fetch the xlm-roberta-base config from the hub; we register a model config of the
-same shape and hand it a transformers XLMRobertaConfig built from ours (REFERENCE.md section 9)."""
+same shape and hand it a transformers XLMRobertaConfig built from ours (open_clip's hf_model.py builds its
+text tower from AutoConfig.from_pretrained(hf_model_name), which we patch)."""
 import json
 import tempfile
 from pathlib import Path
@@ -29,13 +30,15 @@ def make_openclip_model(cfg: rsmclip.CLIPConfig):
     name = f"rsmclip-oracle-{abs(hash(json.dumps(rsmclip.asdict(cfg), sort_keys=True)))}"
     model_cfg = {"embed_dim": cfg.embed_dim,
                  "vision_cfg": {"image_size": v.image_size, "layers": v.layers, "width": v.width,
-                                "patch_size": v.patch_size, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio},
+                                "patch_size": v.patch_size, "head_width": v.head_width,
+                                "mlp_ratio": v.mlp_ratio},
                  "text_cfg": {"hf_model_name": "xlm-roberta-base", "hf_tokenizer_name": "xlm-roberta-base",
                               "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"}}
     with tempfile.TemporaryDirectory() as d:
         Path(d, f"{name}.json").write_text(json.dumps(model_cfg))
         open_clip.add_model_config(d)
-    with mock.patch.object(open_clip.hf_model.AutoConfig, "from_pretrained", return_value=hf_text_config(cfg)):
+    with mock.patch.object(open_clip.hf_model.AutoConfig, "from_pretrained",
+                           return_value=hf_text_config(cfg)):
         return open_clip.create_model(name, pretrained=None, pretrained_text=False)
 
 

@@ -8,6 +8,7 @@ The entry points run in this process (their Typer apps through rsmclip.run_cli, 
 the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import sentencepiece
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import eval as ev
 import rsmclip
@@ -45,6 +48,42 @@ def images(tmp: Path, n: int = 3) -> Path:
     return folder
 
 
+def config_file(tmp: Path, config: str, name: str = "bad.safetensors") -> Path:
+    """Tiny weights whose metadata config is `config` (a JSON text, edited by the row)."""
+    torch.manual_seed(0)
+    tensors = {k: v.contiguous() for k, v in rsmclip.CLIP(TINY).state_dict().items()}
+    save_file(tensors, tmp / name, {"format": "rsmclip", "config": config})
+    return tmp / name
+
+
+def tiny_config(**changes) -> str:
+    """The tiny preset's config as JSON, with top-level or "vision.x"/"text.x" keys changed."""
+    d = rsmclip.asdict(TINY)
+    for key, value in changes.items():
+        part, _, name = key.rpartition("__")
+        (d[part] if part else d)[name] = value
+    return json.dumps(d)
+
+
+def nan_weights(tmp: Path) -> Path:
+    torch.manual_seed(0)
+    model = rsmclip.CLIP(TINY)
+    with torch.no_grad():
+        model.visual.proj.weight.fill_(float("nan"))
+    rsmclip.save(model, tmp / "nan.safetensors")
+    return tmp / "nan.safetensors"
+
+
+def damaged_index(tmp: Path):
+    images(tmp)
+    (tmp / "index.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+
+
+def odd_names(tmp: Path):
+    folder = images(tmp)
+    os.rename(folder / "0.png", os.fsencode(folder) + b"/caf\xe9.png")  # a Latin-1 file name
+
+
 def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
     """A captions.jsonl of n test images, each with `captions`."""
     folder = images(tmp, n)
@@ -54,6 +93,56 @@ def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
     shutil.move(str(folder), tmp / "ds" / "imgs")
     prepare.write_jsonl(records, tmp / "ds" / "captions.jsonl")
     return tmp / "ds" / "captions.jsonl"
+
+
+def annotations(tmp: Path, filenames=("0.png", "1.png"), **fields) -> Path:
+    """ds/ann.json, Karpathy style, naming `filenames` as test images, beside the images in ds/imgs."""
+    (tmp / "ds").mkdir(exist_ok=True)
+    shutil.move(str(images(tmp)), tmp / "ds" / "imgs")
+    doc = {"images": [{"filename": f, "split": "test", "sentences": [{"raw": "a photo"}]} for f in filenames],
+           **fields}
+    (tmp / "ds" / "ann.json").write_text(json.dumps(doc))
+    return tmp / "ds" / "ann.json"
+
+
+def latin1_tree(tmp: Path) -> Path:
+    """tree/beach/ with three images, one of them named in Latin-1 bytes (caf\xe9.png), not UTF-8."""
+    (tmp / "tree").mkdir()
+    shutil.move(str(images(tmp)), tmp / "tree" / "beach")
+    os.rename(tmp / "tree" / "beach" / "2.png", os.fsencode(tmp / "tree" / "beach") + b"/caf\xe9.png")
+    return tmp / "tree"
+
+
+def tower(tmp: Path, fill: str = "random", **config) -> Path:
+    """ds/captions.jsonl to translate and tower/, a tiny Tower-shaped model folder (Llama weights, a
+    SentencePiece model, the ChatML tokens). fill: "random" (seeded), "nan" (one NaN weight) or "empty":
+    every layer zero, so the model answers <|im_end|> at once, and <s>, which decodes to no text, when
+    that is forbidden (the retry decoding). config: entries written over config.json's."""
+    from conftest import CORPUS, train_spm
+
+    import translate
+
+    manifest(tmp, {"en": ["many planes at the airport"]})
+    folder = tmp / "tower"
+    folder.mkdir()
+    n = sentencepiece.SentencePieceProcessor(
+        model_file=str(train_spm(folder / "tokenizer.model", CORPUS[:17] * 20))).get_piece_size()
+    im_end = n + 1
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(n): {"content": "<|im_start|>"}, str(im_end): {"content": "<|im_end|>"}}}))
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": n + 2, "hidden_size": 8,
+           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    torch.manual_seed(0)
+    layout = translate.hf_layout(translate.ModelConfig.from_hf(cfg))
+    w = {name: torch.randn(shape) * (fill != "empty") for name, (_, _, shape) in layout.items()}
+    if fill == "nan":
+        w["model.norm.weight"][0] = float("nan")
+    if fill == "empty":  # the last hidden state is all ones: each logit is its lm_head row's sum
+        w["model.embed_tokens.weight"][:], w["model.norm.weight"][:] = 1, 1
+        w["lm_head.weight"][im_end], w["lm_head.weight"][1] = 0.25, 0.125
+    save_file(w, str(folder / "model.safetensors"))
+    return folder
 
 
 # ----------------------------------------------------------------------------- the table
@@ -71,16 +160,123 @@ class Case:
     absent: tuple[str, ...] = ()  # globs under tmp that must match nothing afterwards
 
 
+CAPTIONS = ["captions", "{tmp}/ds/ann.json", "--images", "{tmp}/ds/imgs", "--out"]  # + the output
+MANIFEST = "{tmp}/ds/captions.jsonl"  # made by manifest()
+TRANSLATE = [MANIFEST, "--langs", "pt", "--out", "{tmp}/out.jsonl", "--max-new-tokens", "4"]
+LOCAL = TRANSLATE + ["--model", "{tmp}/tower", "--device", "cpu"]  # the model made by tower()
+NOWHERE = TRANSLATE + ["--backend", "http", "--base-url", "http://127.0.0.1:9", "--api-model", "x"]  # unasked
 CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
          words=("no such weights file",)),
+    Case("config: bad JSON", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, "{not json"), words=("config in the metadata is not valid JSON",)),
+    Case("config: an unknown key", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(colour="red")),
+         words=("unexpected keyword argument",)),
+    Case("config: head_width 0", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(vision__head_width=0)),
+         words=("vision.head_width 0 not in [1, 16384]",)),
+    Case("config: a million layers, checked before any allocation", "rsmclip",
+         ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(text__layers=10 ** 6)),
+         words=("text.layers 1000000",)),
+    Case("config: a tokenizer path outside the weights' folder", "rsmclip", ["info", "{tmp}/bad.safetensors"],
+         make=lambda tmp: config_file(tmp, tiny_config(tokenizer="../../etc/passwd")),
+         words=("must be a plain file name",)),
+    Case("classify: template {x}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}",
+                                               "--template", "a {x}"], make=images, words=("KeyError",)),
+    Case("classify: template {0} {1}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                                   "{w}", "--template", "{0} {1}"], make=images,
+         words=("IndexError",)),
+    Case("classify: template {}}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}",
+                                               "--template", "{}}"], make=images, words=("ValueError",)),
+    Case("classify: template without {}", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                                      "{w}", "--template", "a photo"], make=images,
+         words=("needs exactly one {} for the class name",)),
+    Case("classify: a folder named x.jpg without images", "rsmclip",
+         ["classify", "{tmp}/x.jpg", "--labels", "a,b", "--model", "{w}"],
+         make=lambda tmp: (tmp / "x.jpg").mkdir(), words=("no readable images",)),
+    Case("classify: NaN weights", "rsmclip", ["classify", "{tmp}/imgs", "--labels", "a,b", "--model",
+                                              "{tmp}/nan.safetensors", "--tokenizer", "{spm}"],
+         make=lambda tmp: (images(tmp), nan_weights(tmp)), words=("non-finite image embeddings",)),
+    Case("embed: Latin-1 --texts", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt", "--out",
+                                               "{tmp}/e.safetensors"],
+         make=lambda tmp: (tmp / "t.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")),
+         words=("not UTF-8 text",), absent=("e.safetensors",)),
+    Case("embed: --out is the --texts file", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt",
+                                                          "--out", "{tmp}/t.txt"],
+         make=lambda tmp: (tmp / "t.txt").write_text("a road\n"), words=("is the input",),
+         unchanged=("t.txt",)),
+    Case("embed: --out under a file", "rsmclip", ["embed", "--model", "{w}", "--texts", "{tmp}/t.txt",
+                                                   "--out", "{tmp}/t.txt/e.safetensors"],
+         make=lambda tmp: (tmp / "t.txt").write_text("a road\n"), words=("is a file, not a folder",)),
+    Case("embed: a 1 x 10000 image is skipped, not 2.6 GB", "rsmclip",
+         ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
+         make=lambda tmp: (images(tmp), Image.new("1", (1, 10000)).save(tmp / "imgs" / "thin.png")),
+         words=("skipped:", "aspect ratio above 20:1")),
+    Case("search: a damaged index is rebuilt", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/index.safetensors"], code=0,
+         make=damaged_index, words=("damaged search index", "rebuilding it")),
+    Case("search: a file name not UTF-8, written to --out", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--out",
+          "{tmp}/hits.json"], code=0, make=odd_names),
+    Case("download: --endpoint notaurl", "rsmclip", ["download", "tokenizer", "--out", "{tmp}/w",
+                                                     "--endpoint", "notaurl"], words=("not an http(s) URL",)),
     # --- eval.py
+    Case("retrieval: --out under a file", "eval",
+         ["retrieval", "--model", "{w}", "--data", MANIFEST, "--workers", "0", "--out", MANIFEST + "/r.json"],
+         make=lambda tmp: manifest(tmp, {"en": ["a road"]}), words=("is a file, not a folder",)),
+    Case("zeroshot: a template {x}", "eval",
+         ["zeroshot", "--model", "{w}", "--data", "{tmp}/tree", "--classes", "RSSCN7", "--templates",
+          "{tmp}/t.json", "--workers", "0"],
+         make=lambda tmp: (tmp / "t.json").write_text('["a {x} from above"]'), words=("KeyError",)),
     Case("retrieval without captions in any language", "eval",
          ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
          make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),
     # --- data/prepare.py
+    Case("captions --out the annotation file", "prepare", CAPTIONS + ["{tmp}/ds/ann.json"], make=annotations,
+         words=("is the input", "ann.json"), unchanged=("ds/ann.json",)),
+    Case("captions --out a folder", "prepare", CAPTIONS + ["{tmp}/ds/imgs"], make=annotations,
+         words=("is a folder",), absent=("**/.*tmp*",)),
+    Case('annotations with "dataset": 5', "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, dataset=5), words=('"dataset" is 5',), absent=("ds/c.jsonl",)),
+    Case("annotations naming the file '.'", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, ["0.png", "."]), words=("'.' (names a folder",),
+         absent=("ds/c.jsonl",)),
+    Case("annotations listing no image", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=lambda tmp: annotations(tmp, []), words=("lists no images",), absent=("ds/c.jsonl",)),
+    Case("classes: a file name not UTF-8", "prepare", ["classes", "{tmp}/tree", "--out", "{tmp}/l.jsonl"],
+         make=latin1_tree, words=("caf\\xe9.png (file name not UTF-8", "--drop-unreadable"),
+         absent=("l.jsonl",)),
+    Case("merge x --exclude x --out x", "prepare",
+         ["merge", MANIFEST, "--exclude", MANIFEST, "--out", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["x"]}), words=("is the input",),
+         unchanged=("ds/captions.jsonl",)),
+    Case("merge records without captions", "prepare", ["merge", MANIFEST, "--out", "{tmp}/train.jsonl"],
+         make=lambda tmp: manifest(tmp, {}), words=("2 records have no captions: d/0, d/1",),
+         absent=("train.jsonl",)),
     # --- translate.py
+    Case("translate: an empty English caption", "translate", NOWHERE,
+         make=lambda tmp: manifest(tmp, {"en": ["a", " "]}), words=("2 English captions are empty",),
+         absent=("out.jsonl*",)),
+    Case("translate: --cache is the input manifest", "translate", NOWHERE + ["--cache", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("is the input manifest",),
+         unchanged=("ds/captions.jsonl",)),
+    Case("translate: a language the manifest has", "translate", NOWHERE, code=0,
+         make=lambda tmp: manifest(tmp, {"en": ["a"], "pt": ["b"]}),
+         words=("pt: kept the existing captions of 2 records",), unchanged=("ds/captions.jsonl",)),
+    Case("translate: config.json vocab_size 4e9", "translate", LOCAL,
+         make=lambda tmp: tower(tmp, vocab_size=4e9), words=("vocab_size is 4000000000.0",),
+         absent=("out*",)),
+    Case("translate: NaN weights", "translate", LOCAL, make=lambda tmp: tower(tmp, "nan"),
+         words=("logits are not finite",), absent=("out.jsonl",)),
+    Case("translate: the model answers nothing", "translate", LOCAL, make=lambda tmp: tower(tmp, "empty"),
+         words=("1 of 1 strings got only empty answers", "pt 'many planes at the airport'"),
+         absent=("out.jsonl",)),
+    Case("translate: cache lines of bad UTF-8 or a non-string out", "translate", LOCAL, code=0,
+         make=lambda tmp: (tower(tmp), (tmp / "out.jsonl.cache.jsonl").write_bytes(b'\xff\n{"out": 5}\n')),
+         words=("skipped 2 lines that hold no translation",)),
     # --- train.py
 ]
 
@@ -92,9 +288,11 @@ def entry_app(name: str):
         return ev.app
     if name == "prepare":
         return prepare.app
+    if name == "translate":  # each imported only when needed: a row runs without the other
+        import translate
+        return translate.app
     import train
-    import translate
-    return {"train": train.app, "translate": translate.app}[name]
+    return train.app
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -102,9 +300,11 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     case.make(tmp_path)
-    w = weights(tmp_path, spm_model) if any("{w}" in a for a in case.args) else None
+    w = weights(tmp_path, spm_model) if any("{w}" in a or "{spm}" in a for a in case.args) else None
     before = {f: (tmp_path / f).read_bytes() for f in case.unchanged}
-    args = [a.format(tmp=tmp_path, w=w) for a in case.args]
+    fill = {"{tmp}": tmp_path, "{w}": w, "{spm}": tmp_path / TINY.tokenizer}
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{w}", str(w)).replace("{spm}", str(fill["{spm}"]))
+            for a in case.args]  # not str.format: rows pass braces of their own (templates)
     with pytest.raises(SystemExit) as exit_:
         rsmclip.run_cli(entry_app(case.entry), args)
     out = capsys.readouterr()
@@ -133,7 +333,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
         tmp.write_text("partial")
         raise OSError(28, "No space left on device", str(tmp))
 
-    with pytest.raises(OSError):
+    with pytest.raises(rsmclip.RsmclipError, match="out.json: cannot write it .No space left on device."):
         rsmclip.atomic_write(target, fail)
     assert target.read_text() == "old" and not stale.exists() and mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])

@@ -6,17 +6,18 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from openclip_oracle import fill_with_noise
 from PIL import Image
 from safetensors import safe_open
 
 import rsmclip
-from openclip_oracle import fill_with_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,8 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     images = tmp_path / "images"
     write_images(images, 4)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
-    (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n", encoding="utf-8")
+    (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n",
+                                        encoding="utf-8")
     result = run("embed", "--model", tiny_weights, "--images", images, "--texts", tmp_path / "texts.txt",
                  "--out", tmp_path / "emb.safetensors")
     assert result.returncode == 0, result.stderr
@@ -85,10 +87,13 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     assert "floresta" in result.stdout and "img01.tif" in result.stdout and "prediction" in result.stdout
 
     for args, message in [
-        (("classify", images, "--model", tmp_path / "nope.safetensors", "--labels", "a,b"), "no such weights file"),
-        (("classify", images, "--model", tiny_weights, "--labels", "a,b", "--lang", "xx"), "unknown language 'xx'"),
+        (("classify", images, "--model", tmp_path / "nope.safetensors", "--labels", "a,b"),
+         "no such weights file"),
+        (("classify", images, "--model", tiny_weights, "--labels", "a,b", "--lang", "xx"),
+         "unknown language 'xx'"),
         (("embed", "--model", tiny_weights, "--out", tmp_path / "e.safetensors"), "nothing to embed"),
-        (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"), "is a directory"),
+        (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"),
+         "is a directory"),
         (("search", tmp_path / "nowhere", "x", "--model", tiny_weights), "not a folder"),
     ]:
         result = run(*args)
@@ -107,9 +112,10 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     model, pp, tok = rsmclip.load(tiny_weights)
     with torch.no_grad():
         q = model.encode_text(tok(["aviões no aeroporto"]), normalize=True)[0]
-        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q) for p in images.iterdir()
-                  if not p.name.startswith(".")}
-    assert hits[0]["path"] == max(scores, key=scores.get) and abs(hits[0]["score"] - max(scores.values())) < 1e-4
+        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q)
+                  for p in images.iterdir() if not p.name.startswith(".")}
+    assert (hits[0]["path"] == max(scores, key=scores.get)
+            and abs(hits[0]["score"] - max(scores.values())) < 1e-4)
 
     write_images(images, 1, start=5)
     (images / "img00.png").unlink()
@@ -123,7 +129,7 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     other = tiny_weights.with_name("other.safetensors")
     rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=2), other)
     result = run("search", images, "forest", "--model", other)
-    assert "built with other weights, rebuilding" in result.stdout and "5 added" in result.stdout
+    assert "built with other weights, rebuilding" in result.stderr and "5 added" in result.stdout
 
 
 # ----------------------------------------------------------------------------- download from a local hub
@@ -165,8 +171,9 @@ class FakeHub(BaseHTTPRequestHandler):
         if kind == "file" and name in self.lfs:
             self.send_response(302)
             self.send_header("Location", f"/cdn/{name}")
-            self.send_header("X-Linked-Etag", f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
-            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Linked-Etag",
+                             f'"{self.announced_sha.get(name, hashlib.sha256(data).hexdigest())}"')
+            self.send_header("X-Linked-Size", self.linked_size.get(name, str(len(data))))
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -179,6 +186,7 @@ class FakeHub(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
+        time.sleep(self.stall_once.pop(name, 0))  # headers sent, then nothing: a stalled connection
         cut = self.drop_once_after.pop(name, None)
         self.wfile.write(data[start:cut] if cut else data[start:])
         if cut:
@@ -192,10 +200,12 @@ def hub(tmp_path, spm_model):
     sd = rsmclip.to_openclip_state_dict(model.state_dict(), model.config)
     sd["text.transformer.embeddings.position_ids"] = torch.arange(514)[None]  # as in the public file
     torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
-    FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin": (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
+    FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin":
+                         (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
                      "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model": Path(spm_model).read_bytes()}
     FakeHub.lfs = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"}
     FakeHub.announced_sha, FakeHub.drop_once_after, FakeHub.requests = {}, {}, []
+    FakeHub.linked_size, FakeHub.stall_once = {}, {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", model
@@ -212,13 +222,42 @@ def test_download_converts_checks_and_resumes(hub, tmp_path):
     ranges = [r for method, path, r in FakeHub.requests if method == "GET" and path == f"/cdn/{name}"]
     assert ranges == [None, f"bytes={len(FakeHub.files[name]) // 3}-"]
     # safetensors was tried first (404), the pickle was converted, and no raw or partial file is left
-    assert ("HEAD", "/joaodaniel/RS-M-CLIP/resolve/main/open_clip_model.safetensors", None) in FakeHub.requests
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["rs-m-clip.safetensors", "sentencepiece.bpe.model"]
+    assert (("HEAD", "/joaodaniel/RS-M-CLIP/resolve/main/open_clip_model.safetensors", None)
+            in FakeHub.requests)
+    assert (sorted(p.name for p in (tmp_path / "w").iterdir())
+            == ["rs-m-clip.safetensors", "sentencepiece.bpe.model"])
     loaded, _, tok = rsmclip.load(tmp_path / "w/rs-m-clip.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint).stdout.endswith(
-        "already present\n")
+        "already present (checked)\n")
+
+
+def test_download_checks_what_it_got_and_what_is_already_there(hub, tmp_path):
+    endpoint, _ = hub
+    tok = "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model"
+    good = FakeHub.files[tok]
+    FakeHub.files[tok] = b"<html><body>502 Bad Gateway</body></html>"  # a proxy's error page, status 200
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 1 and "the server sent no SentencePiece model" in result.stderr
+    assert not list((tmp_path / "w").iterdir())
+    (tmp_path / "w" / "sentencepiece.bpe.model").write_bytes(b"")  # an empty or foreign file is not "present"
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 1 and "present but not usable (it is empty); delete it" in result.stderr
+    (tmp_path / "w" / "sentencepiece.bpe.model").unlink()
+    FakeHub.files[tok] = good
+    FakeHub.stall_once[tok] = 3
+    result = run("download", "tokenizer", "--out", tmp_path / "w", "--endpoint", endpoint, "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1 s without data counts as a stall" in result.stdout and "stalled for 1 s" in result.stderr
+    assert (tmp_path / "w" / "sentencepiece.bpe.model").read_bytes() == good
+    FakeHub.linked_size["joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"] = "abc"
+    result = run("download", "rs-m-clip", "--out", tmp_path / "w", "--endpoint", endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "announced the size 'abc', not a number; no size check" in result.stderr
+    result = run("download", "tokenizer", "--out", tmp_path / "x", "--endpoint", "notaurl")
+    assert (result.returncode == 1 and "not an http(s) URL" in result.stderr
+            and "Traceback" not in result.stderr)
 
 
 def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
@@ -237,4 +276,48 @@ def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
     assert result.returncode == 1 and "differs from the announced" in result.stderr
     assert "Traceback" not in result.stderr and list((tmp_path / "w2").iterdir()) == []
     result = run("download", "laion", "--out", tmp_path / "w3", "--endpoint", endpoint)
-    assert result.returncode == 1 and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr
+    assert (result.returncode == 1
+            and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr)
+
+
+def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
+    """A search index damaged in one way."""
+    entries = [{"path": "a.png", "size": 1, "mtime": 2}, {"path": "b.png", "size": 3, "mtime": 4}]
+    feats = torch.nn.functional.normalize(torch.randn(2, dim), dim=-1)
+    meta = {"model": fingerprint, "entries": json.dumps(entries)}
+    if kind in ("truncated", "random", "empty"):
+        rsmclip.atomic_save({"embeddings": feats}, path, meta)
+        data = {"truncated": path.read_bytes()[:-7], "random": os.urandom(300), "empty": b""}[kind]
+        path.write_bytes(data)
+        return
+    tensors = {"embeddings": feats}
+    if kind == "wrong dim":
+        tensors = {"embeddings": torch.randn(2, dim + 1)}
+    elif kind == "wrong count":
+        tensors = {"embeddings": torch.randn(3, dim)}
+    elif kind == "float16":
+        tensors = {"embeddings": feats.half()}
+    elif kind == "nan":
+        tensors = {"embeddings": feats.fill_(float("nan"))}
+    elif kind == "no tensor":
+        tensors = {"other": feats}
+    elif kind == "no entries":
+        del meta["entries"]
+    elif kind == "entries not json":
+        meta["entries"] = "[{"
+    elif kind == "entries wrong type":
+        meta["entries"] = json.dumps([{"path": 5, "size": "1", "mtime": 2}] * 2)
+    rsmclip.atomic_save(tensors, path, meta)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16",
+                                  "nan", "no tensor", "no entries", "entries not json", "entries wrong type"])
+def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
+    index_file(tmp_path / "i.safetensors", kind, "fp")
+    assert rsmclip.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
+    assert "damaged search index" in capsys.readouterr().err
+    index_file(tmp_path / "ok.safetensors", "fine", "fp")
+    entries, feats = rsmclip.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
+    assert len(entries) == 2 and feats.shape == (2, 4)
+    assert rsmclip.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
+    assert "built with other weights" in capsys.readouterr().err

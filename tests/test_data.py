@@ -2,6 +2,7 @@
 leakage check of `merge`, the demo dataset, and the zero-shot class names and templates."""
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,7 @@ def test_karpathy_rsitmd_style_with_extra_fields(tmp_path):
                                                        ["Terminal \u201cbuildings\u201d."]]
     assert [r["id"] for r in records] == ["rsitmd/airport_0", "rsitmd/airport_1", "rsitmd/airport_2"]
     assert "karpathy format, dataset 'rsitmd'" in report[0] and "images 3 (published 4,743)" in report[1]
+    assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~rsmclip.UMASK  # as any tool
 
 
 def test_nwpu_per_category_layout(tmp_path):
@@ -184,6 +186,8 @@ GOOD = [("0.png", "train", ["a"]), ("1.png", "val", ["b"]), ("2.png", "test", ["
     (GOOD + [("../outside.png", "train", ["d"])], None,
      r"unsafe: '\.\./outside\.png' \(leaves the dataset folder\)"),
     (GOOD + [("/etc/passwd", "train", ["d"])], None, r"unsafe: '/etc/passwd' \(absolute or not POSIX\)"),
+    (GOOD + [("/", "train", ["d"])], None, r"unsafe: '/' \(absolute or not POSIX\)"),
+    (GOOD + [("images/", "train", ["d"])], None, r"unsafe: 'images/' \(names a folder, not a file\)"),
     ([("0.png", "train", ["a", "   "])] + GOOD[1:], None, r"1 captions are empty: 0\.png #1.*--drop-empty"),
     ([("0.png", "train", [])] + GOOD[1:], None, r"1 images have no caption: 0\.png"),
     ([("0.png", "restval", ["a"])] + GOOD[1:], None,
@@ -192,6 +196,8 @@ GOOD = [("0.png", "train", ["a"]), ("1.png", "val", ["b"]), ("2.png", "test", ["
      r"not UTF-8 \(byte 0xe9 at offset"),
     (None, b'{"images": [', r"not valid JSON \(line 1"),
     (None, b'{"something": 1}', r"unrecognised annotation format"),
+    (None, b'{"images": []}', r"lists no images: nothing to write"),
+    (None, b'{"airport": []}', r"lists no images: nothing to write"),  # NWPU, one empty category
     (None, b'{"images": [{"filename": "0.png"}]}', r"images\[0\] lacks filename/split/sentences\[\]\.raw"),
 ])
 def test_bad_annotations_are_reported(dataset, tmp_path, entries, raw, message):
@@ -219,6 +225,10 @@ def test_empty_captions_dropped_only_on_request(dataset, tmp_path):
     assert "dropped 1 images left without captions: 1.png" in report
     assert {r["id"]: r["captions"]["en"] for r in prepare.load_manifest(tmp_path / "captions.jsonl")} == \
         {"toy/0": ["a"], "toy/2": ["c"]}
+    ann = annotate([(f"{i}.png", "train", [" "]) for i in range(3)])
+    with pytest.raises(DataError, match="no image left once the empty and the unreadable ones are dropped"):
+        prepare.build_captions(ann, images, tmp_path / "none.jsonl", drop_empty=True)
+    assert not (tmp_path / "none.jsonl").exists()  # never a manifest of 0 records
 
 
 @pytest.mark.parametrize("line, message", [
@@ -264,6 +274,20 @@ def test_classes_tree_checks(tmp_path):
         prepare.build_labels(root, tmp_path / "labels.jsonl")
     with pytest.raises(DataError, match="is not inside"):
         prepare.build_labels(root, tmp_path / "other" / "labels.jsonl")
+
+
+def test_classes_file_names_not_utf8_stop_the_run_or_are_dropped(tmp_path):
+    root = tmp_path / "tree"
+    save(scene_image(0), root / "beach" / "ok.png")
+    save(scene_image(1), Path(os.fsdecode(os.fsencode(root / "beach") + b"/caf\xe9.png")))  # Latin-1 bytes
+    with pytest.raises(DataError, match=r"1 of 2 images are unreadable: beach/caf\\xe9\.png \(file name not"):
+        prepare.build_labels(root, tmp_path / "labels.jsonl")
+    report = prepare.build_labels(root, tmp_path / "labels.jsonl", drop_unreadable=True)
+    assert "dropped 1 unreadable images: beach/caf\\xe9.png (file name not UTF-8: rename it)" in report
+    assert [r["image"] for r in prepare.load_labels(tmp_path / "labels.jsonl")] == ["tree/beach/ok.png"]
+    (root / "beach" / "ok.png").unlink()
+    with pytest.raises(DataError, match="no readable image left: nothing to write"):
+        prepare.build_labels(root, tmp_path / "labels.jsonl", drop_unreadable=True)
 
 
 def test_two_level_tree_uses_the_leaf_folder_as_label(tmp_path):
@@ -358,6 +382,9 @@ def test_merge_needs_a_common_folder_and_unique_ids(tmp_path):
     with pytest.raises(DataError, match="hold no test images"):
         prepare.merge([m], [m], tmp_path / "train.jsonl")
     assert "WARNING: no --exclude manifest given" in prepare.merge([m], [], tmp_path / "train.jsonl")[0]
+    (tmp_path / "link.jsonl").symlink_to(m)  # the input by another name
+    with pytest.raises(rsmclip.RsmclipError, match="link.jsonl is the input .*x/captions.jsonl"):
+        prepare.merge([m], [], tmp_path / "link.jsonl")
 
 
 # ----------------------------------------------------------------------------- the demo dataset

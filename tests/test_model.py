@@ -1,5 +1,16 @@
 """rsmclip.py against open_clip (model, weights, preprocessing) and the HF tokenizer, on seeded random
-weights. REFERENCE.md sections 1-4 are the spec; open_clip and transformers are the oracles."""
+weights. open_clip and transformers are the oracles; what must be equal:
+
+* the model: `encode_image`, `encode_text`, logits and the CLIP loss (and its gradients) of our CLIP equal
+  open_clip's `CLIP`/`CustomTextCLIP` for `xlm-roberta-base-ViT-B-32` (open_clip/model.py,
+  transformer.py's `VisionTransformer`, hf_model.py's `HFTextEncoder` with `MeanPooler` and the
+  "mlp" projection; loss.py's `ClipLoss`) on the same weights, in fp32;
+* the weights: every tensor maps one-to-one to open_clip's state-dict names (a strict load both ways),
+  parameter counts equal;
+* the tokenizer: ids equal open_clip's `HFTokenizer` (tokenizer.py: ftfy + whitespace cleaning, then
+  the XLM-R fast tokenizer: <s> pieces </s>, padding with id 1, 77 positions);
+* preprocessing: equal to open_clip's `image_transform(is_train=False)` (transform.py: bicubic resize of
+  the shorter side, centre crop, OpenAI CLIP mean/std)."""
 import io
 import shutil
 from pathlib import Path
@@ -9,12 +20,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import CORPUS
+from openclip_oracle import fill_with_noise, paired_models
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import rsmclip
-from conftest import CORPUS
-from openclip_oracle import fill_with_noise, paired_models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOL = 1e-4
@@ -91,7 +102,9 @@ def test_training_mode_has_text_dropout_only():
 
 
 def test_positional_embedding_interpolation_matches_timm():
-    from timm.layers import resample_abs_pos_embed  # an independent implementation (timm comes with open_clip)
+    from timm.layers import (
+        resample_abs_pos_embed,  # an independent implementation (timm comes with open_clip)
+    )
 
     model = fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"])).eval()
     vit = model.visual
@@ -186,7 +199,8 @@ def test_bad_weights_files_give_clear_errors(tmp_path, spm_model):
     # a tokenizer bigger than the model's vocabulary belongs to other weights
     big = tmp_path / "big.model"
     shutil.copy(spm_model, big)
-    small = rsmclip.CLIPConfig.from_dict({**rsmclip.asdict(cfg), "text": {**rsmclip.asdict(cfg.text), "vocab_size": 10}})
+    small = rsmclip.CLIPConfig.from_dict({**rsmclip.asdict(cfg),
+                                          "text": {**rsmclip.asdict(cfg.text), "vocab_size": 10}})
     rsmclip.save(rsmclip.CLIP(small), tmp_path / "small.safetensors")
     with pytest.raises(rsmclip.RsmclipError, match="belongs to other weights"):
         rsmclip.load(tmp_path / "small.safetensors", tokenizer=big)
@@ -206,7 +220,8 @@ def test_tokenizer_ids_equal_openclip_small_model(spm_model, tmp_path):
     from transformers import XLMRobertaTokenizer
 
     shutil.copy(spm_model, tmp_path / "sentencepiece.bpe.model")
-    oracle = openclip_tokenizer(XLMRobertaTokenizer.from_pretrained(tmp_path))  # converted to a fast tokenizer
+    # converted to a fast tokenizer
+    oracle = openclip_tokenizer(XLMRobertaTokenizer.from_pretrained(tmp_path))
     ours = rsmclip.Tokenizer(spm_model)
     expected = oracle(CORPUS)
     assert expected.shape == (len(CORPUS), 77) and (expected == rsmclip.UNK).any()
@@ -214,7 +229,8 @@ def test_tokenizer_ids_equal_openclip_small_model(spm_model, tmp_path):
     assert ours("x").tolist() == ours(["x"]).tolist()
 
 
-@pytest.mark.skipif(not (SHARED / "assets/xlmr/tokenizer.json").exists(), reason="../shared/assets/xlmr absent")
+@pytest.mark.skipif(not (SHARED / "assets/xlmr/tokenizer.json").exists(),
+                    reason="../shared/assets/xlmr absent")
 def test_tokenizer_ids_equal_openclip_real_xlmr_vocabulary(tmp_path):
     from transformers import XLMRobertaTokenizer
 
@@ -252,7 +268,8 @@ def noise_image(w, h, mode="RGB", seed=0):
     return Image.fromarray(a[..., 0] if channels == 1 else a, mode)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (300, 257), (257, 300), (100, 50), (1001, 37), (225, 224), (256, 256)])
+@pytest.mark.parametrize("size", [(224, 224), (300, 257), (257, 300), (100, 50), (1001, 37), (225, 224),
+                                  (256, 256)])
 def test_preprocess_equals_openclip(size):
     image = noise_image(*size)
     ours = rsmclip.Preprocess(224)(image)
@@ -289,3 +306,64 @@ def test_preprocess_files_and_modes(tmp_path):
     (tmp_path / "cut.png").write_bytes(buf.getvalue()[:400])
     with pytest.raises(rsmclip.ImageError, match="cut.png: cannot read image"):
         pp(tmp_path / "cut.png")
+
+
+def write_tiff(path: Path, a: np.ndarray, deflate: bool = False, big_endian: bool = False):
+    """A baseline TIFF of a [H, W, bands] array, pixel-interleaved, one strip: PIL writes no 16-bit
+    multi-band or float multi-band TIFF, which is what sensors ship."""
+    import struct
+    import zlib
+
+    h, w, c = a.shape
+    e = ">" if big_endian else "<"
+    data = a.astype(a.dtype.newbyteorder(e)).tobytes()
+    data = zlib.compress(data) if deflate else data
+    bits = struct.pack(e + "H" * c, *[a.dtype.itemsize * 8] * c)
+    kinds = struct.pack(e + "H" * c, *[3 if a.dtype.kind == "f" else 1] * c)
+    ifd_at = 8 + len(data) + 2 * len(bits)
+    short = lambda tag, v: struct.pack(e + "HHIHH", tag, 3, 1, v, 0)  # noqa: E731
+    entries = [struct.pack(e + "HHII", 256, 4, 1, w), struct.pack(e + "HHII", 257, 4, 1, h),
+               struct.pack(e + "HHII", 258, 3, c, 8 + len(data)), short(259, 8 if deflate else 1),
+               short(262, 2), struct.pack(e + "HHII", 273, 4, 1, 8), short(277, c),
+               struct.pack(e + "HHII", 278, 4, 1, h), struct.pack(e + "HHII", 279, 4, 1, len(data)),
+               short(284, 1)]
+    entries += [short(338, 0)] if c > 3 else []
+    entries.append(struct.pack(e + "HHII", 339, 3, c, 8 + len(data) + len(bits)))
+    ifd = struct.pack(e + "H", len(entries)) + b"".join(entries) + struct.pack(e + "I", 0)
+    head = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", ifd_at)
+    path.write_bytes(head + data + bits + kinds + ifd)
+    return path
+
+
+@pytest.mark.parametrize("bands,big_endian", [(3, False), (3, True), (4, False)])
+def test_sixteen_bit_multiband_tiffs_are_stretched_per_band(tmp_path, bands, big_endian):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4096, (40, 50, bands)).astype(np.uint16)  # 12-bit data in 16-bit samples
+    a[..., 1] //= 4  # a dim band stays visible: each band has its own stretch
+    image = rsmclip.open_image(write_tiff(tmp_path / "s.tif", a, big_endian=big_endian))
+    out = np.asarray(image)
+    assert image.mode == "RGB" and out.shape == (40, 50, 3)
+    for b in range(3):  # each band from its 1st to its 99th percentile (PIL alone gives at most 15)
+        lo, hi = np.percentile(a[..., b], [1, 99])
+        ref = np.clip(np.round((a[..., b] - lo) * 255 / (hi - lo)), 0, 255)
+        assert np.abs(out[..., b].astype(float) - ref).max() <= 1 and out[..., b].max() == 255
+    with pytest.raises(rsmclip.ImageError,
+                       match="compressed or band-separated TIFF with 16-bit.*COMPRESS=NONE"):
+        rsmclip.open_image(write_tiff(tmp_path / "z.tif", a, deflate=True))
+
+
+def test_float_images_with_nan_and_inf_are_not_black():
+    a = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    a[0, 0], a[0, 1], a[0, 2] = np.nan, np.inf, -np.inf
+    out = np.asarray(rsmclip.to_rgb(Image.fromarray(a, "F")))
+    assert out[..., 0].max() == 255 and out[16:, :, 0].mean() > 150  # the bright half is bright
+    assert (out[0, :3] == 0).all()  # non-finite pixels are black, the rest keeps its scale
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # raised while making the file
+@pytest.mark.parametrize("size,words", [((1, 10000), "aspect ratio above 20:1"),
+                                        ((12000, 12000), "above the limit of 100 megapixels")])
+def test_huge_or_thin_images_are_refused_before_decoding(tmp_path, size, words):
+    Image.new("1", size).save(tmp_path / "x.png")  # a few kB on disk
+    with pytest.raises(rsmclip.ImageError, match=words):
+        rsmclip.open_image(tmp_path / "x.png")

@@ -1,5 +1,9 @@
-"""Project files that must agree with each other."""
+"""Project files that must agree with each other, and the package that pip installs."""
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,4 +24,30 @@ def test_toolkit_imports_no_test_oracle():
         path = ROOT / name
         if path.exists():
             source = path.read_text()
-            assert not re.search(r"^\s*(import|from)\s+(open_clip|transformers|tokenizers)\b", source, re.M), name
+            assert not re.search(r"^\s*(import|from)\s+(open_clip|transformers|tokenizers)\b",
+                                 source, re.M), name
+
+
+def test_package_dependencies_are_the_runtime_requirements():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d)[0] for d in declared}
+    assert names == {p.split("==")[0] for p in pins((ROOT / "requirements.txt").read_text())}
+
+
+def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "rsmclip.py", "README.md", "LICENSE"):  # what the build reads
+        shutil.copy(ROOT / name, src / name)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import rsmclip; print(rsmclip.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where) == target / "rsmclip.py"
+    command = subprocess.run([sys.executable, str(target / "bin" / "rsmclip"), "info", "--preset", "tiny"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert command.returncode == 0 and "parameters:" in command.stdout, command.stderr

@@ -1,5 +1,8 @@
 """translate.py: decoder and generation against transformers, tokenizer against transformers' tokenizer,
 the HTTP backend against a fake server on 127.0.0.1, resume after SIGKILL, and bad input."""
+import contextlib
+import errno
+import io
 import json
 import os
 import shutil
@@ -19,6 +22,7 @@ from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import rsmclip  # noqa: E402
 import translate as T  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -419,18 +423,24 @@ def test_cli_http_end_to_end_with_quality_report(tmp_path, connections):
     finally:
         server.close()
     unique = list(dict.fromkeys(c for r in records for c in r["captions"]["en"]))
-    assert n_first == 2 * len(unique)  # identical captions are translated once per language
+    # identical captions are translated once per language; the two empty answers ('empty me' in pt and zh)
+    # are asked again at once with the retry decoding, which the fake server answers
+    assert n_first == 2 * len(unique) + 2
+    assert [r["body"].get("repetition_penalty") for r in server.requests[n_first - 2:n_first]] == [1.2, 1.2]
+    cache = [json.loads(line) for line in (tmp_path / "out.jsonl.cache.jsonl").read_text().splitlines()]
+    assert all(c["out"] for c in cache)  # an empty answer is never kept
+    assert len(cache) == 2 * len(unique) - 2 + 2 + 5  # first answers, retries of the empty, of the flagged
     assert "captions/s" in first.output and "wrong script" in first.output  # progress and summary table
-    # planted faults: pt empty + copy; zh empty + copy (also wrong script) + 3 'planes ...' in Latin letters
+    # planted faults: pt copy; zh copy (also wrong script) + 3 'planes ...' in Latin letters
     counts = report1["counts"]
-    assert counts["pt"] == {"strings": len(unique), "empty": 1, "same_as_source": 1, "wrong_script": 0,
-                            "too_long": 0, "truncated": 0}
-    assert counts["zh"] == {"strings": len(unique), "empty": 1, "same_as_source": 1, "wrong_script": 4,
-                            "too_long": 0, "truncated": 0}
+    assert counts["pt"] == {"strings": len(unique), "same_as_source": 1, "wrong_script": 0, "too_long": 0,
+                            "truncated": 0}
+    assert counts["zh"] == {"strings": len(unique), "same_as_source": 1, "wrong_script": 4, "too_long": 0,
+                            "truncated": 0}
     flagged = {(f["lang"], f["src"]) for f in report1["flagged"]}
     assert flagged >= {("pt", "copy me"), ("zh", "planes 0 near a runway")}
-    retries = server.requests[n_first:]  # only the 7 flagged strings, with the retry decoding
-    assert len(retries) == 7 and all(r["body"]["repetition_penalty"] == T.RETRY_PENALTY for r in retries)
+    retries = server.requests[n_first:]  # only the 5 flagged strings, with the retry decoding
+    assert len(retries) == 5 and all(r["body"]["repetition_penalty"] == T.RETRY_PENALTY for r in retries)
     report2 = json.loads(report.read_bytes())
     assert report2["flagged"] == []
     assert sum(sum(c.values()) for c in report2["counts"].values()) == 2 * len(unique)  # strings only
@@ -440,7 +450,7 @@ def test_cli_http_end_to_end_with_quality_report(tmp_path, connections):
         assert {k: v for k, v in got.items() if k != "captions"} == \
             {k: v for k, v in src.items() if k != "captions"}
         assert got["captions"]["de"] == ["kept as is"] and list(got["captions"]) == ["en", "de", "pt", "zh"]
-        assert got["captions"]["pt"] == [f"pt:{c[::-1]}" for c in src["captions"]["en"]]
+        assert got["captions"]["pt"] == [f"pt:{c[::-1]}" for c in src["captions"]["en"]]  # 'empty me' too
         assert got["captions"]["zh"] == ["飞机"] * len(src["captions"]["en"])
     assert set(connections) == {"127.0.0.1"}
 
@@ -448,7 +458,6 @@ def test_cli_http_end_to_end_with_quality_report(tmp_path, connections):
 def test_quality_flags():
     def f(src, out, lang, finished=True):
         return T.flags(src, {"out": out, "finished": finished}, lang)
-    assert f("a farm", "", "pt") == ["empty"]
     assert f("Airport", "airport", "de") == ["same_as_source"]
     assert f("two planes", "two planes", "zh") == ["same_as_source", "wrong_script"]
     assert f("two planes", "два самолёта", "ru") == [] and f("two planes", "비행기 두 대", "ko") == []
@@ -503,7 +512,7 @@ def test_resume_after_sigkill_is_byte_identical(tiny_model, tmp_path):
     assert cache.read_bytes() == full_cache  # nothing lost, nothing twice, same order
 
 
-# ----- bad input: one clear message, exit code 2, no traceback -----
+# ----- bad input: one clear message, exit code 1, no traceback -----
 
 @pytest.fixture
 def bad_inputs(tiny_model, tmp_path):
@@ -511,13 +520,18 @@ def bad_inputs(tiny_model, tmp_path):
     return tmp_path
 
 
+def cli(*args, code: int = 1) -> str:
+    """translate.py's command line as the script runs it (rsmclip.run_cli) -> what it printed to stderr."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
+        rsmclip.run_cli(T.app, [str(a) for a in args])
+    assert exit_.value.code == code and "Traceback" not in err.getvalue(), err.getvalue()
+    return " ".join(err.getvalue().split())
+
+
 def invoke(folder, *args, manifest="ok.jsonl", model=None):
     model_args = ["--model", str(model)] if model else []
-    result = CliRunner().invoke(T.app, [str(folder / manifest), "--out", str(folder / "out.jsonl"),
-                                        "--device", "cpu", *model_args, *args])
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
-    return " ".join(result.output.split())
+    return cli(folder / manifest, "--out", folder / "out.jsonl", "--device", "cpu", *model_args, *args)
 
 
 def copy_model(src: Path, dst: Path, drop=(), edit_config=None):
@@ -567,6 +581,144 @@ def test_bad_model_folders(bad_inputs, tiny_model):
     assert "tokenizer has no <|im_start|> token" in invoke(d, "--langs", "pt", model=no_chat)
     no_config = copy_model(tiny_model, d / "no_config", drop=("config.json",))
     assert "no config.json" in invoke(d, "--langs", "pt", model=no_config)
-    (d / "corrupt.cache.jsonl").write_text('{"model": 1}\n{"oops\n{"model": 2}\n')
-    assert "corrupt.cache.jsonl:1: corrupt cache line" in invoke(
-        d, "--langs", "pt", "--cache", str(d / "corrupt.cache.jsonl"), model=tiny_model)
+
+
+def test_config_numbers_are_checked_before_anything_is_allocated(tmp_path, monkeypatch):
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    for key, value, message in [
+            ("vocab_size", 4e9, "vocab_size is 4000000000.0, expected a whole number from 1 to 1,048,576"),
+            ("hidden_size", -8, "hidden_size is -8"), ("num_attention_heads", 0, "num_attention_heads is 0"),
+            ("num_hidden_layers", 10**6, "num_hidden_layers is 1000000"),
+            ("head_dim", "4", "head_dim is '4'"),
+            ("num_key_value_heads", 3, r"\(2\) must be a multiple of num_key_value_heads \(3\)"),
+            ("rms_norm_eps", float("nan"), "rms_norm_eps is nan"),
+            ("rope_theta", -1.0, "rope_theta is -1.0")]:
+        with pytest.raises(T.TranslateError, match=message):
+            T.ModelConfig.from_hf({**base, key: value})
+    # numbers in range that do not describe the weights: refused from the safetensors headers alone
+    hf_model("llama", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1 << 20}))
+    monkeypatch.setattr(T, "from_tensors", lambda *a, **k: pytest.fail("allocated before the shapes checks"))
+    with pytest.raises(T.TranslateError, match=r"do not match config.json: model.embed_tokens.weight "
+                                               r"\(300, 64\) \(config.json implies \(1048576, 64\)\)"):
+        T.load_model(tmp_path, torch.device("cpu"))
+
+
+def test_non_finite_logits_are_an_error(tmp_path):
+    hf_model("llama", tmp_path)
+    ours = T.load_model(tmp_path, torch.device("cpu"), pack=False)
+    with torch.no_grad():
+        ours.norm.weight[0] = float("nan")  # what decoded as '⁇ ⁇' and counted as a translation
+    with pytest.raises(T.TranslateError, match="logits are not finite"):
+        T.generate(ours, PROMPTS, 4, {299})
+
+
+def http_args(folder: Path, url: str, *extra):
+    return [folder / "captions.jsonl", "--out", folder / "out.jsonl", "--backend", "http", "--base-url", url,
+            "--api-model", "tower", "--max-retries", "0", *extra]
+
+
+def test_empty_answers_are_retried_reported_and_never_kept(tmp_path, connections):
+    write_manifest(tmp_path / "captions.jsonl", n=3)  # 8 unique captions, one of them 'empty me'
+    state = {"null": True}
+
+    def script(n, body):  # `content: null` for 'empty me', with either decoding, until the server recovers
+        if state["null"] and "\nEnglish: empty me\n" in body["messages"][0]["content"]:
+            return 200, reply(None), 0
+        return 200, fake_translation(body), 0
+    server = FakeServer(script)
+    try:
+        message = cli(*http_args(tmp_path, server.url, "--langs", "pt,zh"))
+        assert ("2 of 16 strings got only empty answers, from the retry decoding too: pt 'empty me', "
+                "zh 'empty me'. Nothing was written") in message
+        assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.report.json").exists()
+        cache = [json.loads(line) for line in (tmp_path / "out.jsonl.cache.jsonl").read_text().splitlines()]
+        assert len(cache) == 14 and all(c["out"] for c in cache)
+        n = len(server.requests)
+        state["null"] = False  # the same command asks only for what is missing, and finishes
+        cli(*http_args(tmp_path, server.url, "--langs", "pt,zh"), code=0)
+    finally:
+        server.close()
+    assert len(server.requests) == n + 4  # 'empty me' x 2 languages x (first decoding: "", retry: text)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[2]["captions"]["pt"][2] == "pt:em ytpme" and rows[2]["captions"]["zh"][2] == "飞机"
+    assert set(connections) == {"127.0.0.1"}
+
+
+def test_cache_lines_that_hold_no_translation_are_skipped_and_redone(tmp_path, connections):
+    write_manifest(tmp_path / "captions.jsonl", n=1)
+    good = {"model": "http:tower", "lang": "pt", "attempt": 0, "src": CAPTIONS[0], "out": "já traduzido",
+            "tokens": 3, "finished": True}
+    lines = [json.dumps(good).encode(), b'{"model": "http:tower", "out": "\xff\xfe not UTF-8"}',
+             json.dumps({**good, "src": CAPTIONS[1], "out": 5}).encode(),
+             json.dumps({**good, "src": "planes 0 near a runway", "out": ""}).encode()]  # an older version's
+    (tmp_path / "out.jsonl.cache.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    server = FakeServer(lambda n, body: (200, fake_translation(body), 0))
+    try:
+        message = cli(*http_args(tmp_path, server.url, "--langs", "pt"), code=0)
+    finally:
+        server.close()
+    assert ("cache: skipped 3 lines that hold no translation (corrupt, or an empty answer): line 2, 3, 4; "
+            "their strings are translated again") in message
+    assert len(server.requests) == 2  # the good line is used
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["captions"]["pt"] == ["já traduzido", "pt:yawnur a raen 0 senalp", f"pt:{CAPTIONS[1][::-1]}"]
+
+
+def test_existing_translations_are_kept_unless_overwrite(tmp_path, connections):
+    records = write_manifest(tmp_path / "captions.jsonl", n=2)  # each record has "de": ["kept as is"]
+    server = FakeServer(lambda n, body: (200, fake_translation(body), 0))
+    try:
+        message = cli(*http_args(tmp_path, server.url, "--langs", "de,pt"), code=0)
+        assert "de: kept the existing captions of 2 records (--overwrite: translate anew)" in message
+        assert all("into Portuguese" in r["body"]["messages"][0]["content"] for r in server.requests)
+        rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert [r["captions"]["de"] for r in rows] == [["kept as is"]] * 2
+        assert json.loads((tmp_path / "out.jsonl.report.json").read_text())["kept"] == {"de": 2, "pt": 0}
+        cli(*http_args(tmp_path, server.url, "--langs", "de", "--overwrite"), code=0)
+    finally:
+        server.close()
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["captions"]["de"] for r in rows] == [[c if c == "copy me" else f"de:{c[::-1]}"  # a planted copy
+                                                     for c in r["captions"]["en"]] for r in records]
+    records[1]["captions"]["pt"] = ["", "x", "y"]  # e.g. the output of an older version
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert ("1 existing translations are empty or not lists of text: 'demo/001' pt. Fix or remove them, or "
+            "pass --overwrite") in cli(*http_args(tmp_path, "http://127.0.0.1:9", "--langs", "pt"))
+
+
+def test_outputs_never_overwrite_the_manifest_or_each_other(tmp_path):
+    write_manifest(tmp_path / "captions.jsonl", n=1)
+    before = (tmp_path / "captions.jsonl").read_bytes()
+    manifest = tmp_path / "captions.jsonl"
+
+    def refused(*extra):  # every case stops before a request: nobody listens on port 9
+        return cli(*http_args(tmp_path, "http://127.0.0.1:9", "--langs", "pt", *extra))
+    assert f"--cache {manifest} is the input manifest" in refused("--cache", manifest)
+    assert f"--report {manifest} is the input manifest" in refused("--report", manifest)
+    assert "is also the output" in refused("--cache", tmp_path / "out.jsonl")
+    assert "--out" in refused("--out", tmp_path) and "is a folder" in refused("--out", tmp_path)
+    assert manifest.read_bytes() == before
+    manifest.write_text('{"id": "x", "captions": {"en": ["a", " ", ""]}}\n')
+    assert "2 English captions are empty: 'x' #1, 'x' #2. None was sent for translation" in refused()
+    assert list(tmp_path.iterdir()) == [tmp_path / "captions.jsonl"]
+
+
+def test_disk_full_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path, connections, monkeypatch):
+    write_manifest(tmp_path / "captions.jsonl", n=1)
+    (tmp_path / "out.jsonl").write_text("an earlier run's output\n")
+    server = FakeServer(lambda n, body: (200, fake_translation(body), 0))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)  # atomic_write flushes the finished temporary file to disk
+    try:
+        assert "error: No space left on device" in cli(*http_args(tmp_path, server.url, "--langs", "pt"))
+    finally:
+        server.close()
+    assert (tmp_path / "out.jsonl").read_text() == "an earlier run's output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "out.jsonl",
+                                                          "out.jsonl.cache.jsonl"]  # no temporary file
+    assert len((tmp_path / "out.jsonl.cache.jsonl").read_text().splitlines()) == 3  # every translation kept
