@@ -53,16 +53,19 @@ class TrainError(rsmclip.RsmclipError):
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=list, metadata={"help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
     init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
     model: str = field(default="tiny", metadata={"help": "architecture when starting from random init"})
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece model; empty: next to --init, or the demo's"})
+    tokenizer: str = field(default="", metadata={
+        "help": "SentencePiece model; empty: next to --init, or the demo's"})
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
     val_data: str = field(default="", metadata={"help": "manifest for validation; empty: the first --data"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step and process"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (linear warm-up, then cosine to 0)"})
+    lr: float = field(default=5e-4, metadata={
+        "help": "peak learning rate (linear warm-up, then cosine to 0)"})
     head_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the DINO head (same form)"})
     warmup: int = field(default=60, metadata={"help": "warm-up steps"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay for tensors of 2+ dims"})
@@ -96,7 +99,8 @@ class TrainConfig:
     hue: float = field(default=0.1, metadata={"help": "colour jitter hue range"})
     grayscale: float = field(default=0.2, metadata={"help": "greyscale probability"})
     solarize: float = field(default=0.2, metadata={"help": "solarisation probability, second global crop"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"})
     fp32_logits: bool = field(default=True, metadata={"help": "CLIP logits, prototypes: fp32 under autocast"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -104,9 +108,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
-    ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
-    strict_images: bool = field(default=False, metadata={"help": "stop on an unreadable image instead of skipping it"})
-    deterministic: bool = field(default=False, metadata={"help": "torch deterministic algorithms (exact resume on CPU)"})
+    ckpt_every: int = field(default=100, metadata={
+        "help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
+    strict_images: bool = field(default=False, metadata={
+        "help": "stop on an unreadable image instead of skipping it"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "torch deterministic algorithms (exact resume on CPU)"})
 
 
 PRESETS = {
@@ -114,8 +121,8 @@ PRESETS = {
     # Demo captions name colours and corners: no hue jitter, greyscale, solarisation or flips, and
     # global crops that keep most of the scene.
     # A head the size of the tiny model, not of ViT-B's.
-    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0), head_hidden=512,
-                        head_bottleneck=128),
+    "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0),
+                        head_hidden=512, head_bottleneck=128),
     # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
     # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see README).
     "rs-m-clip": TrainConfig(
@@ -195,7 +202,8 @@ def light_view(image: Image.Image, size: int, rng: random.Random) -> torch.Tenso
     return to_tensor(random_resized_crop(image, size, (0.9, 1.0), rng))
 
 
-def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random, model_size: int) -> torch.Tensor:
+def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random,
+            model_size: int) -> torch.Tensor:
     """One DINO view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, CLIP mean/std."""
     x = random_resized_crop(image, size, scale, rng)
     if rng.random() < cfg.flip:
@@ -208,7 +216,7 @@ def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Ra
             x = op(x, factor)
     if rng.random() < cfg.grayscale:
         x = x.convert("L").convert("RGB")
-    if rng.random() < blur:  # DINO's radius 0.1-2 px is for 224-px models: keep it relative to the model's size
+    if rng.random() < blur:  # DINO's radius 0.1-2 px is for 224-px models: relative to the model's size
         x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * model_size / 224))
     if rng.random() < solarize:
         x = ImageOps.solarize(x, 128)
@@ -290,7 +298,8 @@ class StepSampler:
         for step in range(self.start, self.steps):
             if step // self.per_epoch != epoch:
                 epoch = step // self.per_epoch
-                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                order = torch.randperm(self.n, generator=generator)
             pos = (step % self.per_epoch) * self.batch * self.world + self.rank * self.batch
             yield [(int(i), (self.seed * 1_000_003 + step) * 4096 + self.rank * self.batch + j)
                    for j, i in enumerate(order[pos:pos + self.batch])]
@@ -415,8 +424,8 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
         run.core.clip.logit_scale.clamp_(0, math.log(100))
     momentum = ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
     if run.teacher is not None:
-        rsmclip.ema_update(run.teacher, nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head}),
-                           momentum)
+        student = nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head})
+        rsmclip.ema_update(run.teacher, student, momentum)
     lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
         {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.core.head is not None else {})
     parts = {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}
@@ -439,7 +448,8 @@ def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
         tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
     meta = {"step": step, "skipped": skipped, "param_groups": optim["param_groups"],
             "scaler": run.scaler.state_dict() if run.scaler else None}
-    rsmclip.atomic_save({k: v.detach().clone() for k, v in tensors.items()}, path, {"state": json.dumps(meta)})
+    tensors = {k: v.detach().clone() for k, v in tensors.items()}
+    rsmclip.atomic_save(tensors, path, {"state": json.dumps(meta)})
 
 
 def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:
@@ -449,7 +459,10 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # any failure here means the file is not a checkpoint of ours
         raise TrainError(f"{path}: unreadable checkpoint ({e})") from None
-    section = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+
+    def section(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
     run.core.load_state_dict(section("student."), strict=True)
     if run.teacher is not None:
         run.teacher.load_state_dict(section("teacher."), strict=True)
@@ -485,9 +498,10 @@ def barrier():
 
 
 def teardown_distributed():
-    """Destroy the process group once every rank is done with it. Callers first drop what holds it (the DDP
-    wrapper, graphs with collectives): freed later, during interpreter shutdown, gloo's objects can abort the
-    process ("terminate called without an active exception"), so they are collected here while Python is alive."""
+    """Destroy the process group once every rank is done with it. Callers first drop what holds it (the
+    DDP wrapper, graphs with collectives): freed later, during interpreter shutdown, gloo's objects can
+    abort the process ("terminate called without an active exception"), so they are collected here while
+    Python is alive."""
     gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -516,7 +530,8 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
     return model, rsmclip.tokenizer_for(model.config, tokenizer_path)
 
 
-def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer, device: torch.device) -> Run:
+def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer,
+              device: torch.device) -> Run:
     torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
     head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, cfg.head_hidden, cfg.head_bottleneck,
                              cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
@@ -530,7 +545,8 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     student = core
     if rsmclip.world()[1] > 1:  # DDP's constructor broadcasts rank 0's parameters into every rank's `core`
-        student = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        student = nn.parallel.DistributedDataParallel(core, device_ids=device_ids)
     teacher = Teacher(core).to(device) if head else None  # after the broadcast: equal on all ranks
     if cfg.compile:
         student = torch.compile(student)
@@ -548,8 +564,9 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
         return None
     model = run.core.clip.eval()
     try:
-        return evaluation.evaluate_retrieval(model, run.tokenizer, rsmclip.Preprocess(model.config.vision.image_size),
-                                             Path(manifest), split, langs, 128, str(run.device), workers=0)
+        preprocess = rsmclip.Preprocess(model.config.vision.image_size)
+        return evaluation.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs,
+                                             128, str(run.device), workers=0)
     finally:
         model.train()
 
@@ -599,12 +616,15 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     val_manifest = cfg.val_data or cfg.data[0]
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # a kill during a checkpoint write leaves its temporary file
+        # A kill during a write leaves a temporary file: atomic_write's (.NAME.PID.XXXX.tmp) or the one
+        # safetensors itself writes and renames (.tmpXXXXXX, Rust's tempfile)
+        for stale in [*out.glob(".*.tmp"), *out.glob(".tmp??????")]:
             stale.unlink()
         cut_metrics(out / "metrics.jsonl", start)
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        (out / "config.json").write_text(json.dumps({"config": asdict(cfg), "argv": argv, "git_commit": commit,
-                                                     "world_size": world}, indent=2) + "\n")
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        saved = {"config": asdict(cfg), "argv": argv, "git_commit": commit, "world_size": world}
+        (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}")
@@ -615,8 +635,9 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     # ----- loop -----
     dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
     sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
@@ -630,7 +651,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         for batch in loader:
             if batch["failures"]:
                 if cfg.strict_images:
-                    raise TrainError(f"unreadable training image: {batch['failures'][0]} (drop --strict-images to skip)")
+                    raise TrainError(f"unreadable training image: {batch['failures'][0]} "
+                                     "(drop --strict-images to skip)")
                 skipped += len(batch["failures"])
                 for failure in batch["failures"]:
                     bar.console.print(f"warning: skipped {failure} ({skipped} so far)")
@@ -709,7 +731,8 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
         saved = saved.get("config", saved)
         if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
             raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
-        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v for k, v in saved.items()})
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v
+                              for k, v in saved.items()})
     given = {k: v for k, v in given.items() if v is not None and v != []}
     if "data" in given:
         given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
@@ -717,7 +740,8 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if cfg.clip_view not in ("global", "light"):
         raise TrainError(f"unknown --clip-view {cfg.clip_view!r}; choose global or light")
     if not cfg.data:  # the built-in demo
-        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")], tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
+        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
+                      tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
     return cfg
 
 
@@ -744,14 +768,17 @@ def _cli_signature():
     """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
     demo, paper = asdict(PRESETS["demo"]), asdict(PRESETS["rs-m-clip"])
     params = [inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                                default=typer.Option("demo", help=f"defaults to start from: {', '.join(PRESETS)}")),
+                                default=typer.Option("demo",
+                                                     help=f"defaults to start from: {', '.join(PRESETS)}")),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, help="re-run a saved run's config.json"))]
     for f in fields(TrainConfig):
         hint = f.metadata.get("help", f.name.replace("_", " "))
-        default = demo[f.name] if demo[f.name] == paper[f.name] else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}"
-        annotation = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}.get(
-            type(demo[f.name]), Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
+        default = (demo[f.name] if demo[f.name] == paper[f.name]
+                   else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}")
+        scalar = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}
+        annotation = scalar.get(type(demo[f.name]),
+                                Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(None, help=f"{hint} (default: {default})",
                                                              show_default=False)))
