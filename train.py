@@ -59,7 +59,7 @@ class TrainConfig:
     init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
     model: str = field(default="tiny", metadata={"help": "architecture when starting from random init"})
     tokenizer: str = field(default="", metadata={
-        "help": "SentencePiece model; empty: next to --init, or the demo's"})
+        "help": "SentencePiece model; empty: the one next to --init (the demo: its own)"})
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
     val_data: str = field(default="", metadata={"help": "manifest for validation; empty: the first --data"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
@@ -577,8 +577,7 @@ def mean_recall(result: Optional[dict]) -> str:
 
 
 def check_languages(items: list[dict], langs: list[str]):
-    if unknown := [lang for lang in langs if lang not in rsmclip.LANGS]:
-        raise TrainError(f"unknown language {', '.join(unknown)}; choose from {', '.join(rsmclip.LANGS)}")
+    """The manifests hold captions in each language (their codes were checked with the other settings)."""
     present = {lang for item in items for lang, caps in item["captions"].items() if caps}
     if missing := [lang for lang in langs if lang not in present]:
         raise TrainError(f"no {', '.join(missing)} captions in the training manifests (they have "
@@ -624,7 +623,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         saved = {"config": asdict(cfg), "argv": argv, "git_commit": commit, "world_size": world}
-        (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        text = json.dumps(saved, indent=2) + "\n"
+        rsmclip.atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}")
@@ -719,6 +719,58 @@ def memory_mb(device: torch.device) -> float:
 
 # ===================================================================== command line: the config is the CLI
 
+def check_config(cfg: TrainConfig):
+    """Every setting checked before any work (a bad flag must not fail after the model is built and the
+    first validation has run): one message listing every problem."""
+    bad = []
+
+    def need(name, ok, what):
+        if not ok:
+            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {what}")
+
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "head_dim", "head_hidden",
+                 "head_bottleneck"):
+        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 1, "a whole number >= 1")
+    for name in ("warmup", "val_every", "workers", "local_crops", "teacher_temp_steps", "freeze_last_layer",
+                 "seed"):
+        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 0, "a whole number >= 0")
+    for name, lo, hi, open_lo in (("lr", 0, math.inf, True), ("head_lr", 0, math.inf, False),
+                                  ("weight_decay", 0, math.inf, False), ("eps", 0, 1, True),
+                                  ("grad_clip", 0, math.inf, False), ("distill_weight", 0, math.inf, False),
+                                  ("student_temp", 0, math.inf, True), ("teacher_temp", 0, math.inf, True),
+                                  ("warmup_teacher_temp", 0, math.inf, True), ("beta1", 0, 1, False),
+                                  ("beta2", 0, 1, False), ("text_dropout", 0, 1, False),
+                                  ("center_momentum", 0, 1, False), ("ema_momentum", 0, 1, False),
+                                  ("flip", 0, 1, False), ("jitter_prob", 0, 1, False), ("hue", 0, 0.5, False),
+                                  ("grayscale", 0, 1, False), ("solarize", 0, 1, False)):
+        value = getattr(cfg, name)
+        need(name, isinstance(value, (int, float)) and math.isfinite(value)
+             and (lo < value if open_lo else lo <= value) and value <= hi,
+             f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = (tuple(getattr(cfg, name)) + (None, None))[:2]
+        numbers = len(getattr(cfg, name)) == 2 and all(isinstance(v, (int, float)) for v in (lo, hi))
+        need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
+    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")),
+                          ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
+                          ("model", tuple(rsmclip.PRESETS))):
+        need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
+    langs = [lang for lang in cfg.langs.split(",") if lang]
+    unknown = [lang for lang in langs if lang not in rsmclip.LANGS]
+    need("langs", langs and not unknown, f"unknown language {', '.join(unknown) or '(none given)'}; choose "
+         f"comma-separated from {','.join(rsmclip.LANGS)}")
+    demo = cfg.data == [str(DEMO_DIR / "captions.jsonl")]  # the run makes it, tokenizer included
+    for name in ("init", "tokenizer", "val_data"):
+        given = getattr(cfg, name)
+        need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
+    missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
+    need("data", not missing, f"no such file: {', '.join(missing)}")
+    need("tokenizer", cfg.tokenizer or cfg.init, "training a new model from --data needs --tokenizer "
+         "(the SentencePiece model for its vocabulary; with --init it is the one next to the weights)")
+    if bad:
+        raise TrainError("bad settings, nothing was started:\n  " + "\n  ".join(bad))
+
+
 def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> TrainConfig:
     """Preset defaults, then a saved config.json, then the flags given on the command line."""
     if preset not in PRESETS:
@@ -727,8 +779,7 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if config_file:
         if not config_file.is_file():
             raise TrainError(f"{config_file}: no such config file")
-        saved = json.loads(config_file.read_text())
-        saved = saved.get("config", saved)
+        saved = read_config_json(config_file)
         if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
             raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
         cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v
@@ -737,12 +788,23 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if "data" in given:
         given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
     cfg = replace(cfg, **given)
-    if cfg.clip_view not in ("global", "light"):
-        raise TrainError(f"unknown --clip-view {cfg.clip_view!r}; choose global or light")
     if not cfg.data:  # the built-in demo
         cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
                       tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
     return cfg
+
+
+def read_config_json(path: Path) -> dict:
+    """The settings of a run's config.json (or of a bare settings file), or one message why not."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path}: unreadable ({e}); a run directory with a damaged config.json cannot be "
+                         "resumed: use another --out") from None
+    saved = doc.get("config", doc) if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: expected a JSON object of settings")
+    return saved
 
 
 def resolved(key: str, value):
@@ -755,11 +817,14 @@ def resolved(key: str, value):
 def check_resume(cfg: TrainConfig):
     """An existing run directory is resumed with its own config: other settings would not be a resume."""
     saved = Path(cfg.out) / "config.json"
-    if not (Path(cfg.out) / "checkpoint.safetensors").exists() or not saved.exists():
+    if not (Path(cfg.out) / "checkpoint.safetensors").exists():
         return
-    old = json.loads(saved.read_text())["config"]
+    if not saved.exists():
+        raise TrainError(f"{cfg.out} holds a checkpoint but no config.json, so its settings are unknown and "
+                         "a resume could silently change them; use another --out")
+    old = read_config_json(saved)
     now = json.loads(json.dumps(asdict(cfg)))
-    if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now[k])]:
+    if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now.get(k))]:
         raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
                          "use another --out, or the same settings to resume")
 
@@ -789,18 +854,15 @@ def main(**options):
     """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo."""
     preset, config_file = options.pop("preset"), options.pop("config")
     cfg = resolve_config(preset, config_file, options)
+    check_config(cfg)
     check_resume(cfg)
     train(cfg, sys.argv)
 
 
 main.__signature__ = _cli_signature()
 main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command()(main)
 
 if __name__ == "__main__":
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(main)
-    try:
-        app()
-    except rsmclip.RsmclipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rsmclip.run_cli(app)

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import sentencepiece
@@ -165,6 +165,17 @@ MANIFEST = "{tmp}/ds/captions.jsonl"  # made by manifest()
 TRANSLATE = [MANIFEST, "--langs", "pt", "--out", "{tmp}/out.jsonl", "--max-new-tokens", "4"]
 LOCAL = TRANSLATE + ["--model", "{tmp}/tower", "--device", "cpu"]  # the model made by tower()
 NOWHERE = TRANSLATE + ["--backend", "http", "--base-url", "http://127.0.0.1:9", "--api-model", "x"]  # unasked
+TRAIN = ["--data", MANIFEST, "--tokenizer", "{spm}", "--out", "{tmp}/run"]
+
+
+def run_dir(tmp: Path, config: Optional[str]):
+    """A run directory with a checkpoint and the given config.json text (None: no config.json)."""
+    (tmp / "run").mkdir()
+    (tmp / "run" / "checkpoint.safetensors").write_bytes(b"a checkpoint")
+    if config is not None:
+        (tmp / "run" / "config.json").write_text(config)
+
+
 CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
@@ -277,7 +288,33 @@ CASES = [
     Case("translate: cache lines of bad UTF-8 or a non-string out", "translate", LOCAL, code=0,
          make=lambda tmp: (tower(tmp), (tmp / "out.jsonl.cache.jsonl").write_bytes(b'\xff\n{"out": 5}\n')),
          words=("skipped 2 lines that hold no translation",)),
-    # --- train.py
+    # --- train.py (every setting is checked before any work: these rows take milliseconds)
+    Case("train: --data without --tokenizer", "train", ["--data", MANIFEST, "--out", "{tmp}/run"],
+         make=lambda tmp: manifest(tmp, {"en": ["a road"]}), words=("needs --tokenizer",)),
+    *(Case(f"train: {' '.join(flag)}", "train", TRAIN + list(flag),
+           make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=(words,), absent=("run",))
+      for flag, words in ((("--ckpt-every", "0"), "--ckpt-every 0: a whole number >= 1"),
+                          (("--log-every", "0"), "--log-every 0: a whole number >= 1"),
+                          (("--batch-size", "-3"), "--batch-size -3: a whole number >= 1"),
+                          (("--steps", "-5"), "--steps -5: a whole number >= 1"),
+                          (("--workers", "-1"), "--workers -1: a whole number >= 0"),
+                          (("--local-crops", "-1"), "--local-crops -1: a whole number >= 0"),
+                          (("--lr", "nan"), "--lr nan: a number in (0, inf]"),
+                          (("--global-scale", "0", "0"), "--global-scale (0.0, 0.0): two area fractions"),
+                          (("--precision", "bogus"), "--precision 'bogus': choose auto, fp32, bf16, fp16"),
+                          (("--ema-schedule", "bogus"), "--ema-schedule 'bogus': choose fixed, cosine"),
+                          (("--model", "bogus"), "--model 'bogus': choose xlmr-b32, tiny"),
+                          (("--val-data", "{tmp}/none.jsonl"), "--val-data '"),
+                          (("--langs", "en,xx"), "unknown language xx"))),
+    Case("train: a --config that is not JSON", "train", TRAIN + ["--config", "{tmp}/c.json"],
+         make=lambda tmp: (manifest(tmp, {"en": ["a"]}), (tmp / "c.json").write_text('{"steps": 3')),
+         words=("c.json: unreadable",), absent=("run",)),
+    Case("train: resuming a run whose config.json is cut", "train", TRAIN,
+         make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, '{"config": {"steps"')),
+         words=("config.json: unreadable", "use another --out"), unchanged=("run/config.json",)),
+    Case("train: resuming a run without its config.json", "train", TRAIN + ["--batch-size", "7"],
+         make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, None)),
+         words=("no config.json", "use another --out"), unchanged=("run/checkpoint.safetensors",)),
 ]
 
 
