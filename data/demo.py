@@ -401,10 +401,9 @@ def main(out: Path = typer.Option(Path(__file__).resolve().parents[1] / "demo_da
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
+    import rsmclip  # only for its one CLI error path: the generator itself needs nothing of it
+
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    try:
-        app()
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rsmclip.run_cli(app)
