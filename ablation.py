@@ -1,6 +1,6 @@
 """The training-recipe ablation in README: real UCM-Captions, trained on `train`, measured on `val`.
 
-    python ablation.py                 # ../shared/datasets/ucm_captions_trainval, runs under runs/ablation
+    python ablation.py --ucm datasets/ucm_captions_trainval   # runs under runs/ablation
     python ablation.py --seeds 0,1,2 --steps 300
 
 The tiny model from scratch (64 px, 1.4M parameters: minutes per run on one CPU core), bf16 autocast as
@@ -25,7 +25,7 @@ from data.demo import train_tokenizer
 from data.prepare import build_captions, load_manifest
 
 ROOT = Path(__file__).resolve().parent
-UCM = ROOT.parent / "shared/datasets/ucm_captions_trainval"
+UCM = ROOT / "datasets/ucm_captions_trainval"  # UCM-Captions' Karpathy file and images/
 
 # The rs-m-clip recipe (DINO's augmentation, 2 global + 8 local crops) at the tiny model's scale: a head the
 # size of the demo's, teacher temperature warm-up over 30% of the steps as in the rs-m-clip preset.
@@ -49,11 +49,14 @@ def prepare(work: Path, ucm: Path) -> tuple[Path, Path]:
     folder = work / "ucm"
     manifest, tokenizer = folder / "captions.jsonl", folder / "spm.model"
     if not manifest.exists():
-        if not (ucm / "dataset_ucm_trainval.json").is_file():
-            raise SystemExit(f"error: {ucm}/dataset_ucm_trainval.json not found (UCM-Captions train + val)")
+        annotations = next((ucm / n for n in ("dataset_ucm_trainval.json", "dataset.json", "dataset_ucm.json")
+                            if (ucm / n).is_file()), None)
+        if annotations is None or not (ucm / "images").is_dir():
+            raise rsmclip.RsmclipError(f"{ucm}: expected UCM-Captions' Karpathy file (dataset_ucm_trainval"
+                                       ".json, dataset.json or dataset_ucm.json) and images/")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "images").symlink_to((ucm / "images").resolve())
-        build_captions(ucm / "dataset_ucm_trainval.json", folder / "images", manifest, dataset="ucm")
+        build_captions(annotations, folder / "images", manifest, dataset="ucm")
     if not tokenizer.exists():
         train = [r for r in load_manifest(manifest) if r["split"] == "train"]
         tokenizer.write_bytes(train_tokenizer([c for r in train for c in r["captions"]["en"]]))
@@ -67,7 +70,7 @@ def train_once(out: Path, args: list[str]) -> float:
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(out), *args],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"error: training {out} failed:\n{result.stderr[-3000:]}")
+        raise rsmclip.RsmclipError(f"training {out} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -77,7 +80,7 @@ def val_recall(out: Path, manifest: Path) -> dict:
                                          workers=0)["en"]
 
 
-def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: dataset_ucm_trainval.json and images/"),
+def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: its Karpathy file and images/"),
          work: Path = typer.Option(ROOT / "runs/ablation", help="data and run directories"),
          seeds: str = typer.Option("0,1,2", help="seeds per row"),
          steps: int = typer.Option(300, help="optimizer steps per run")):
@@ -113,4 +116,6 @@ def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: dataset_ucm_trainval.
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(main)
+    rsmclip.run_cli(app)

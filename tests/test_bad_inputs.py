@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pytest
 import sentencepiece
 import torch
@@ -72,6 +73,14 @@ def nan_weights(tmp: Path) -> Path:
         model.visual.proj.weight.fill_(float("nan"))
     rsmclip.save(model, tmp / "nan.safetensors")
     return tmp / "nan.safetensors"
+
+
+def sixteen_bit(tmp: Path):
+    """12-bit sensor data in a deflate-compressed 16-bit RGB TIFF (PIL reads only the top byte of those)."""
+    from test_model import write_tiff
+
+    data = np.random.default_rng(0).integers(0, 4096, (20, 20, 3)).astype(np.uint16)
+    write_tiff(images(tmp) / "s.tif", data, deflate=True)
 
 
 def damaged_index(tmp: Path):
@@ -226,6 +235,9 @@ CASES = [
          ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
          make=lambda tmp: (images(tmp), Image.new("1", (1, 10000)).save(tmp / "imgs" / "thin.png")),
          words=("skipped:", "aspect ratio above 20:1")),
+    Case("embed: a compressed 16-bit RGB TIFF is skipped, not read nearly black", "rsmclip",
+         ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
+         make=sixteen_bit, words=("skipped:", "compressed or band-separated TIFF with 16-bit")),
     Case("search: a damaged index is rebuilt", "rsmclip",
          ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/index.safetensors"], code=0,
          make=damaged_index, words=("damaged search index", "rebuilding it")),

@@ -16,6 +16,7 @@ import torch
 from openclip_oracle import fill_with_noise
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import rsmclip
 
@@ -321,3 +322,49 @@ def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind
     assert len(entries) == 2 and feats.shape == (2, 4)
     assert rsmclip.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
     assert "built with other weights" in capsys.readouterr().err
+
+
+def test_the_weights_fingerprint_sees_an_edit_to_any_tensor(tiny_weights, tmp_path):
+    """The search index and the feature cache are keyed by it: a fine-tuned last tensor (visual.proj sits
+    at the end of the file) must change it, which a sampled hash missed."""
+    tensors = load_file(tiny_weights)
+    with safe_open(str(tiny_weights), "pt") as f:
+        meta = f.metadata()
+    before = rsmclip.weights_fingerprint(tiny_weights)
+    for name in ("visual.proj.weight", "logit_scale", "text.tok_embed.weight"):
+        edited = {**tensors, name: tensors[name].clone()}
+        edited[name].view(-1)[-1] += 1e-3
+        save_file(edited, str(tmp_path / "edited.safetensors"), meta)
+        assert rsmclip.weights_fingerprint(tmp_path / "edited.safetensors") != before, name
+
+
+def test_a_full_disk_leaves_the_old_search_results_and_a_clear_message(tiny_weights, tmp_path, monkeypatch,
+                                                                       capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (20, 80, 200)).save(images / "a.png")
+    hits = tmp_path / "hits.json"
+    hits.write_text("old results")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    search = ["search", str(images), "water", "--model", str(tiny_weights), "--index", str(tmp_path / "i")]
+    with pytest.raises(SystemExit):
+        rsmclip.run_cli(rsmclip.app, search)  # the index is built while the disk has room
+    capsys.readouterr()
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as exit_:
+        rsmclip.run_cli(rsmclip.app, search + ["--out", str(hits)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "hits.json: cannot write it (No space left on device)" in err
+    assert hits.read_text() == "old results" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_foreign_tokenizer_is_refused(spm_model):
+    xlmr_sized = rsmclip.PRESETS["xlmr-b32"]
+    with pytest.raises(rsmclip.RsmclipError, match="has .* ids but the model's vocabulary has 250,002"):
+        rsmclip.tokenizer_for(xlmr_sized, spm_model)  # a 400-piece model for XLM-R's vocabulary
+    tiny = rsmclip.PRESETS["tiny"]
+    assert rsmclip.tokenizer_for(tiny, spm_model).vocab_size <= tiny.text.vocab_size  # fits: the demo's case

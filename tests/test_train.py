@@ -472,3 +472,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         rsmclip.clip_loss(*model(pixels, ids)).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_validation_during_training_equals_eval_py(demo_manifest):
+    """train.validate (batch 128) and eval.py's retrieval command path (its default batch 64) give the same
+    table: a caption's embedding depends on the caption alone."""
+    import eval as ev
+
+    run, _ = tiny_run(langs="en,zh")
+    run.tokenizer = rsmclip.Tokenizer(demo_manifest.parent / "spm.model")
+    during = train.validate(run, str(demo_manifest), "test")
+    model = run.core.clip
+    after = ev.evaluate_retrieval(model, run.tokenizer, rsmclip.Preprocess(64), demo_manifest, "test",
+                                  ["en", "zh"], workers=0)
+    assert list(during) == ["en", "zh", "mean"]
+    for lang in during:
+        assert during[lang]["by_tie_rule"] == after[lang]["by_tie_rule"]
