@@ -669,7 +669,8 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
     rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     results = evaluate_retrieval(model, tok, preprocess, data, split,
-                                 langs.split(",") if langs else None, batch_size, device, workers, ties)
+                                 rsmclip.parse_langs(langs) if langs else None, batch_size, device, workers,
+                                 ties)
     Console().print(retrieval_table(results, f"{model_path.name} on {data}, split {split}"))
     print(ties_line(results))
     print(retrieval_protocol(ties))

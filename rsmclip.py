@@ -54,7 +54,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-LANGS = ("en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru")
+# The ten languages of RS-M-CLIP (English and Tower's nine): the one list; prompts, templates, class
+# names, the demo's text tables and translate.py's targets are derived from it or tested against it.
+LANGUAGES = {"en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German",
+             "nl": "Dutch", "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian"}
+LANGS = tuple(LANGUAGES)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
@@ -72,6 +76,16 @@ class ImageError(RsmclipError):
 
 class WeightsError(RsmclipError):
     pass
+
+
+def parse_langs(text: str, option: str = "--langs", allowed=LANGS) -> list[str]:
+    """The one parser of comma-separated language codes: `en,pt` -> ["en", "pt"], in the given order, each
+    once; an unknown code or none at all is one message naming the option and the choices."""
+    langs = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
+    if (unknown := [x for x in langs if x not in allowed]) or not langs:
+        raise RsmclipError(f"{option} {text!r}: unknown language {', '.join(unknown) or '(none given)'}; "
+                           f"choose comma-separated from {','.join(allowed)}")
+    return langs
 
 
 # ----------------------------------------------------------------------------- configs and presets

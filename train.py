@@ -239,7 +239,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int, tokenizer: rsmclip.Tokenizer):
         self.items, self.cfg, self.image_size, self.tokenizer = items, cfg, image_size, tokenizer
-        self.langs = cfg.langs.split(",")
+        self.langs = rsmclip.parse_langs(cfg.langs)
 
     def __len__(self):
         return len(self.items)
@@ -559,7 +559,8 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
     import eval as evaluation
 
     chosen = [r for r in evaluation.load_manifest(Path(manifest)) if r["split"] == split]
-    langs = [lang for lang in run.cfg.langs.split(",") if all(r["captions"].get(lang) for r in chosen)]
+    langs = [lang for lang in rsmclip.parse_langs(run.cfg.langs)
+             if all(r["captions"].get(lang) for r in chosen)]
     if not chosen or not langs:
         return None
     model = run.core.clip.eval()
@@ -604,7 +605,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     items = read_manifests(cfg.data, "train")
     if not items:
         raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
-    check_languages(items, cfg.langs.split(","))
+    check_languages(items, rsmclip.parse_langs(cfg.langs))
     if len(items) < cfg.batch_size * world:
         raise TrainError(f"{len(items)} training images: fewer than one batch of {cfg.batch_size * world}")
 
@@ -755,10 +756,10 @@ def check_config(cfg: TrainConfig):
                           ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
                           ("model", tuple(rsmclip.PRESETS))):
         need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
-    langs = [lang for lang in cfg.langs.split(",") if lang]
-    unknown = [lang for lang in langs if lang not in rsmclip.LANGS]
-    need("langs", langs and not unknown, f"unknown language {', '.join(unknown) or '(none given)'}; choose "
-         f"comma-separated from {','.join(rsmclip.LANGS)}")
+    try:
+        rsmclip.parse_langs(cfg.langs)
+    except rsmclip.RsmclipError as e:
+        bad.append(str(e))
     demo = cfg.data == [str(DEMO_DIR / "captions.jsonl")]  # the run makes it, tokenizer included
     for name in ("init", "tokenizer", "val_data"):
         given = getattr(cfg, name)

@@ -45,8 +45,7 @@ from torch import nn
 
 import rsmclip  # its CLI error wrapper (run_cli) and atomic writer
 
-LANGS = {"pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
-         "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian"}
+LANGS = {code: name for code, name in rsmclip.LANGUAGES.items() if code != "en"}  # English is the source
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
@@ -766,11 +765,7 @@ def first(items: list, n: int = 5) -> str:
 
 
 def parse_langs(s: str) -> list[str]:
-    langs = list(dict.fromkeys(x.strip().lower() for x in s.split(",") if x.strip()))
-    if (bad := [x for x in langs if x not in LANGS]) or not langs:
-        raise TranslateError(f"--langs {s!r}: unknown language code {', '.join(map(repr, bad)) or '(none)'} "
-                             f"(supported: {','.join(LANGS)}; English is the source)")
-    return langs
+    return rsmclip.parse_langs(s, "--langs (target languages; English is the source)", tuple(LANGS))
 
 
 # ----- driver -----

@@ -51,3 +51,18 @@ def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp
     command = subprocess.run([sys.executable, str(target / "bin" / "rsmclip"), "info", "--preset", "tiny"],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
     assert command.returncode == 0 and "parameters:" in command.stdout, command.stderr
+
+
+def test_every_language_table_has_the_ten_languages():
+    """rsmclip.LANGUAGES is the one list: everything keyed by language is checked against it."""
+    import json
+
+    import rsmclip
+    import translate
+    from data import demo
+
+    langs = set(rsmclip.LANGS)
+    assert set(rsmclip.PROMPTS) == langs and set(translate.LANGS) == langs - {"en"}
+    assert set(json.loads((ROOT / "data/templates.json").read_text())) - {"_about"} == langs
+    assert set(demo.TEXT) == langs
+    assert rsmclip.parse_langs(" PT,en,pt ") == ["pt", "en"]

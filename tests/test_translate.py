@@ -547,8 +547,8 @@ def test_bad_language_and_manifest(bad_inputs, tiny_model):
 
     def message(manifest, *args):
         return invoke(d, "--langs", "pt", *args, manifest=manifest, model=tiny_model)
-    assert "unknown language code 'xx'" in invoke(d, "--langs", "pt,xx", model=tiny_model)
-    assert "unknown language code 'en'" in invoke(d, "--langs", "en", model=tiny_model)
+    assert "unknown language xx" in invoke(d, "--langs", "pt,xx", model=tiny_model)
+    assert "unknown language en" in invoke(d, "--langs", "en", model=tiny_model)
     ok = '{"id": "a", "captions": {"en": ["x"]}}\n'
     (d / "no_en.jsonl").write_text(ok + '{"id": "b", "captions": {"pt": ["y"]}}\n')
     assert "no_en.jsonl:2: record 'b' has no English captions" in message("no_en.jsonl")
