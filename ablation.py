@@ -1,4 +1,5 @@
-"""The training-recipe ablation in README: real UCM-Captions, trained on `train`, measured on `val`.
+"""The training-recipe ablation of docs/internals.md: real UCM-Captions, trained on `train`, measured on
+`val`.
 
     python ablation.py --ucm datasets/ucm_captions_trainval   # runs under runs/ablation
     python ablation.py --seeds 0,1,2 --steps 300
@@ -29,10 +30,10 @@ UCM = ROOT / "datasets/ucm_captions_trainval"  # UCM-Captions' Karpathy file and
 
 # The rs-m-clip recipe (DINO's augmentation, 2 global + 8 local crops) at the tiny model's scale: a head the
 # size of the demo's, teacher temperature warm-up over 30% of the steps as in the rs-m-clip preset.
-COMMON = ["--model", "tiny", "--langs", "en", "--batch-size", "32", "--lr", "5e-4", "--precision", "bf16",
+COMMON = ["--arch", "tiny", "--langs", "en", "--batch-size", "32", "--lr", "5e-4", "--precision", "bf16",
           "--workers", "0", "--flip", "0.5", "--hue", "0.1", "--grayscale", "0.2", "--solarize", "0.2",
           "--global-scale", "0.4", "1.0", "--head-hidden", "512", "--head-bottleneck", "128",
-          "--head-dim", "1024"]
+          "--prototypes", "1024"]
 HEAD_LR = "5e-3"  # 10x the backbone's lr
 ROWS = {  # each row adds one change to the one above (the first is the baseline)
     "openclip": ("open_clip recipe (`--distill-weight 0`)", ["--distill-weight", "0"]),

@@ -272,7 +272,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     ours = paired_models(cfg)[0].train()
     crop_cfg = train.TrainConfig(batch_size=batch_size, steps=10_000, warmup=100, precision=precision,
                                  local_crops=local_crops, local_size=size * 3 // 7,
-                                 head_dim=65536 if preset != "tiny" else 1024)
+                                 prototypes=65536 if preset != "tiny" else 1024)
     run = train.build_run(crop_cfg, ours, None, dev)
     local = crop_cfg.local_size
     crop_batches = [{"views": torch.randn(2 * batch_size, 3, size, size, generator=g),

@@ -358,7 +358,7 @@ class CLIP(nn.Module):
                 self.logit_scale.exp())
 
 
-# ----------------------------------------------------------------------------- losses, self-distillation, EMA
+# ----------------------------------------------------------------------------- the CLIP loss
 
 def world() -> tuple[int, int]:
     """(rank, world size): (0, 1) unless a torch.distributed process group runs (torchrun)."""
@@ -409,73 +409,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(len(image_features), device=image_features.device) + rank * len(image_features)
     return (F.cross_entropy(logit_scale * image_features @ all_texts.T, labels)
             + F.cross_entropy(logit_scale * text_features @ all_images.T, labels)) / 2
-
-
-class DINOHead(nn.Module):
-    """DINO's projection head: 3-layer MLP -> L2 norm -> weight-normalised prototypes. With
-    norm_last_layer the prototype norms (weight norm's g) stay 1, which DINO found stabilising. The
-    prototype layer runs in fp32 also under autocast (fp32=False: in the autocast dtype)."""
-
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
-                 norm_last_layer: bool = True, fp32: bool = True):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        for layer in self.mlp[::2]:
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
-        self.prototypes = nn.Parameter(
-            nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
-        self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
-        self.fp32 = fp32
-
-    def last_layer(self) -> list[nn.Parameter]:
-        """Every parameter of the prototype layer (what DINO freezes at the start)."""
-        return [self.prototypes, self.prototype_norm]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)
-        with outside_autocast(self.fp32, x.device.type):
-            prototypes = self.prototype_norm * F.normalize(self.prototypes, dim=-1)
-            return F.linear(x.float() if self.fp32 else x, prototypes)
-
-
-class DINOLoss(nn.Module):
-    """Cross-entropy from the centred, sharpened teacher (global views) to the student (every other view),
-    averaged over the (teacher view, student view) pairs; then the centre moves toward the teacher mean.
-    Computed in fp32, also under autocast."""
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
-                teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (loss, mean entropy of the teacher's targets). loss - entropy is the mean student-teacher KL;
-        entropy near 0 means collapse to one prototype, near log(out_dim) a uniform (silent) teacher."""
-        with outside_autocast(True, self.center.device.type):
-            targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
-            log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
-            terms = [(-q * log_p).sum(-1).mean() for i, q in enumerate(targets)
-                     for v, log_p in enumerate(log_probs) if v != i]  # a teacher view never teaches itself
-            entropy = sum(torch.special.entr(q).sum(-1).mean() for q in targets) / len(targets)
-            self.update_center(torch.cat(teacher))
-        return sum(terms) / len(terms), entropy
-
-    @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor):
-        total, count = teacher.float().sum(0, keepdim=True), len(teacher)
-        if world()[1] > 1:
-            torch.distributed.all_reduce(total)
-            count *= world()[1]
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
 
 
 def count_parameters(model: CLIP) -> dict:

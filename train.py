@@ -57,7 +57,8 @@ class TrainConfig:
         "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
     init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
-    model: str = field(default="tiny", metadata={"help": "architecture when starting from random init"})
+    arch: str = field(default="tiny", metadata={
+        "help": f"architecture when starting from random init: {', '.join(rsmclip.PRESETS)}"})
     tokenizer: str = field(default="", metadata={
         "help": "SentencePiece model; empty: the one next to --init (the demo: its own)"})
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
@@ -82,7 +83,7 @@ class TrainConfig:
     local_size: int = field(default=24, metadata={"help": "local crop pixels (96 for ViT-B/32: a 3x3 grid)"})
     global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "global crop area range"})
     local_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata={"help": "local crop area range"})
-    head_dim: int = field(default=1024, metadata={"help": "DINO head prototypes"})
+    prototypes: int = field(default=1024, metadata={"help": "DINO head prototypes (output dimensions)"})
     head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
     head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
@@ -116,7 +117,7 @@ class TrainConfig:
         "help": "torch deterministic algorithms (exact resume on CPU)"})
 
 
-PRESETS = {
+RECIPES = {
     # Built-in demo: the tiny model from scratch on the demo dataset, a few minutes on a 2-core CPU.
     # Demo captions name colours and corners: no hue jitter, greyscale, solarisation or flips, and
     # global crops that keep most of the scene.
@@ -124,10 +125,10 @@ PRESETS = {
     "demo": TrainConfig(hue=0.0, grayscale=0.0, solarize=0.0, flip=0.0, global_scale=(0.8, 1.0),
                         head_hidden=512, head_bottleneck=128),
     # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
-    # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see README).
+    # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see docs/internals.md).
     "rs-m-clip": TrainConfig(
-        out="runs/rs-m-clip", model="xlmr-b32", steps=5000, batch_size=256, lr=1e-5, warmup=500,
-        local_size=96, head_dim=65536, teacher_temp_steps=1500, ema_momentum=0.999, freeze_last_layer=300,
+        out="runs/rs-m-clip", arch="xlmr-b32", steps=5000, batch_size=256, lr=1e-5, warmup=500,
+        local_size=96, prototypes=65536, teacher_temp_steps=1500, ema_momentum=0.999, freeze_last_layer=300,
         ckpt_every=500, val_every=1000, workers=8),
 }
 
@@ -307,11 +308,83 @@ class StepSampler:
 
 # ===================================================================== model parts
 
+# The self-distillation method lives here, whole: DINO's head, loss and EMA beside the student and teacher
+# that use them (as dino's main_dino.py keeps its loss and multi-crop wrapper with the training loop);
+# rsmclip.py holds the model and the CLIP loss that inference and open_clip parity need.
+
+class DINOHead(nn.Module):
+    """DINO's projection head: 3-layer MLP -> L2 norm -> weight-normalised prototypes. With
+    norm_last_layer the prototype norms (weight norm's g) stay 1, which DINO found stabilising. The
+    prototype layer runs in fp32 also under autocast (fp32=False: in the autocast dtype)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
+                 norm_last_layer: bool = True, fp32: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for layer in self.mlp[::2]:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        self.prototypes = nn.Parameter(
+            nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
+        self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
+        self.fp32 = fp32
+
+    def last_layer(self) -> list[nn.Parameter]:
+        """Every parameter of the prototype layer (what DINO freezes at the start)."""
+        return [self.prototypes, self.prototype_norm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        with rsmclip.outside_autocast(self.fp32, x.device.type):
+            prototypes = self.prototype_norm * F.normalize(self.prototypes, dim=-1)
+            return F.linear(x.float() if self.fp32 else x, prototypes)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy from the centred, sharpened teacher (global views) to the student (every other view),
+    averaged over the (teacher view, student view) pairs; then the centre moves toward the teacher mean.
+    Computed in fp32, also under autocast."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, mean entropy of the teacher's targets). loss - entropy is the mean student-teacher KL;
+        entropy near 0 means collapse to one prototype, near log(out_dim) a uniform (silent) teacher."""
+        with rsmclip.outside_autocast(True, self.center.device.type):
+            targets = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1).detach() for t in teacher]
+            log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
+            terms = [(-q * log_p).sum(-1).mean() for i, q in enumerate(targets)
+                     for v, log_p in enumerate(log_probs) if v != i]  # a teacher view never teaches itself
+            entropy = sum(torch.special.entr(q).sum(-1).mean() for q in targets) / len(targets)
+            self.update_center(torch.cat(teacher))
+        return sum(terms) / len(terms), entropy
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor):
+        total, count = teacher.float().sum(0, keepdim=True), len(teacher)
+        if rsmclip.world()[1] > 1:
+            torch.distributed.all_reduce(total)
+            count *= rsmclip.world()[1]
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
+
+
+
 class Student(nn.Module):
     """What the optimizer trains (and DDP wraps): the CLIP model and the self-distillation head.
     Backbone passes are grouped by crop size (DINO's multi-crop wrapper), the head runs once."""
 
-    def __init__(self, clip: rsmclip.CLIP, head: Optional[rsmclip.DINOHead], views: int, fp32_logits: bool):
+    def __init__(self, clip: rsmclip.CLIP, head: Optional[DINOHead], views: int, fp32_logits: bool):
         super().__init__()
         self.clip, self.head, self.views, self.fp32_logits = clip, head, views, fp32_logits
 
@@ -425,7 +498,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     momentum = ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
     if run.teacher is not None:
         student = nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head})
-        rsmclip.ema_update(run.teacher, student, momentum)
+        ema_update(run.teacher, student, momentum)
     lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
         {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.core.head is not None else {})
     parts = {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}
@@ -512,19 +585,17 @@ def teardown_distributed():
 def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmclip.CLIP, rsmclip.Tokenizer]:
     if cfg.init:
         model_cfg, sd = rsmclip.read_weights(cfg.init)
-        expected = rsmclip.PRESETS[cfg.model]
+        expected = rsmclip.PRESETS[cfg.arch]
         if (model_cfg.vision, model_cfg.embed_dim) != (expected.vision, expected.embed_dim) or \
                 replace(model_cfg.text, dropout=0) != replace(expected.text, dropout=0):
-            raise TrainError(f"{cfg.init} is not the {cfg.model} architecture (vision width "
+            raise TrainError(f"{cfg.init} is not the {cfg.arch} architecture (vision width "
                              f"{model_cfg.vision.width} x {model_cfg.vision.layers}, text vocabulary "
-                             f"{model_cfg.text.vocab_size}); pass --model to match it")
+                             f"{model_cfg.text.vocab_size}); pass --arch to match it")
         model_cfg = replace(model_cfg, text=replace(model_cfg.text, dropout=cfg.text_dropout))
         model = rsmclip.build(model_cfg, sd)
         tokenizer_path = tokenizer_path or Path(cfg.init).parent / model_cfg.tokenizer
     else:
-        if cfg.model not in rsmclip.PRESETS:
-            raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(rsmclip.PRESETS)}")
-        base = rsmclip.PRESETS[cfg.model]
+        base = rsmclip.PRESETS[cfg.arch]  # a known name: checked with the other settings
         torch.manual_seed(cfg.seed)
         model = rsmclip.CLIP(replace(base, text=replace(base.text, dropout=cfg.text_dropout)))
     return model, rsmclip.tokenizer_for(model.config, tokenizer_path)
@@ -533,11 +604,11 @@ def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmcl
 def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenizer,
               device: torch.device) -> Run:
     torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
-    head = (rsmclip.DINOHead(model.config.vision.width, cfg.head_dim, cfg.head_hidden, cfg.head_bottleneck,
+    head = (DINOHead(model.config.vision.width, cfg.prototypes, cfg.head_hidden, cfg.head_bottleneck,
                              cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
     core = Student(model, head, view_layout(cfg)[0], cfg.fp32_logits).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
-    dino = rsmclip.DINOLoss(cfg.head_dim, cfg.student_temp, cfg.center_momentum).to(device) if head else None
+    dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
@@ -729,7 +800,7 @@ def check_config(cfg: TrainConfig):
         if not ok:
             bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {what}")
 
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "head_dim", "head_hidden",
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "prototypes", "head_hidden",
                  "head_bottleneck"):
         need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 1, "a whole number >= 1")
     for name in ("warmup", "val_every", "workers", "local_crops", "teacher_temp_steps", "freeze_last_layer",
@@ -754,7 +825,7 @@ def check_config(cfg: TrainConfig):
         need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
     for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")),
                           ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
-                          ("model", tuple(rsmclip.PRESETS))):
+                          ("arch", tuple(rsmclip.PRESETS))):
         need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
     try:
         rsmclip.parse_langs(cfg.langs)
@@ -774,9 +845,9 @@ def check_config(cfg: TrainConfig):
 
 def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> TrainConfig:
     """Preset defaults, then a saved config.json, then the flags given on the command line."""
-    if preset not in PRESETS:
-        raise TrainError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
+    if preset not in RECIPES:
+        raise TrainError(f"unknown preset {preset!r}; choose from {', '.join(RECIPES)}")
+    cfg = RECIPES[preset]
     if config_file:
         if not config_file.is_file():
             raise TrainError(f"{config_file}: no such config file")
@@ -795,6 +866,9 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     return cfg
 
 
+RENAMED = {"model": "arch", "head_dim": "prototypes"}  # settings' old names -> new (2026-12)
+
+
 def read_config_json(path: Path) -> dict:
     """The settings of a run's config.json (or of a bare settings file), or one message why not."""
     try:
@@ -805,7 +879,7 @@ def read_config_json(path: Path) -> dict:
     saved = doc.get("config", doc) if isinstance(doc, dict) else None
     if not isinstance(saved, dict):
         raise TrainError(f"{path}: expected a JSON object of settings")
-    return saved
+    return {RENAMED.get(k, k): v for k, v in saved.items()}  # run directories made before a rename resume
 
 
 def resolved(key: str, value):
@@ -832,10 +906,10 @@ def check_resume(cfg: TrainConfig):
 
 def _cli_signature():
     """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
-    demo, paper = asdict(PRESETS["demo"]), asdict(PRESETS["rs-m-clip"])
+    demo, paper = asdict(RECIPES["demo"]), asdict(RECIPES["rs-m-clip"])
     params = [inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                 default=typer.Option("demo",
-                                                     help=f"defaults to start from: {', '.join(PRESETS)}")),
+                                                     help=f"defaults to start from: {', '.join(RECIPES)}")),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, help="re-run a saved run's config.json"))]
     for f in fields(TrainConfig):

@@ -315,7 +315,7 @@ CASES = [
                           (("--global-scale", "0", "0"), "--global-scale (0.0, 0.0): two area fractions"),
                           (("--precision", "bogus"), "--precision 'bogus': choose auto, fp32, bf16, fp16"),
                           (("--ema-schedule", "bogus"), "--ema-schedule 'bogus': choose fixed, cosine"),
-                          (("--model", "bogus"), "--model 'bogus': choose xlmr-b32, tiny"),
+                          (("--arch", "bogus"), "--arch 'bogus': choose xlmr-b32, tiny"),
                           (("--val-data", "{tmp}/none.jsonl"), "--val-data '"),
                           (("--langs", "en,xx"), "unknown language xx"))),
     Case("train: a --config that is not JSON", "train", TRAIN + ["--config", "{tmp}/c.json"],

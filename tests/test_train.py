@@ -60,7 +60,7 @@ def test_dino_schedules_equal_their_definitions():
 
 def test_dino_head_equals_weight_normed_reference():
     torch.manual_seed(0)
-    head = rsmclip.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
+    head = train.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
     last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 40, bias=False))
     with torch.no_grad():
         last.parametrizations.weight.original1.copy_(head.prototypes)  # v
@@ -69,7 +69,7 @@ def test_dino_head_equals_weight_normed_reference():
     expected = last(F.normalize(head.mlp(x), dim=-1, p=2))
     assert torch.allclose(head(x), expected, atol=1e-6)
     assert not head.prototype_norm.requires_grad
-    assert rsmclip.DINOHead(48, 40, 64, 16, norm_last_layer=False).prototype_norm.requires_grad
+    assert train.DINOHead(48, 40, 64, 16, norm_last_layer=False).prototype_norm.requires_grad
 
 
 def test_dino_loss_and_center_equal_a_direct_computation():
@@ -77,7 +77,7 @@ def test_dino_loss_and_center_equal_a_direct_computation():
     B, K, local = 5, 12, 3
     student = [torch.randn(B, K, generator=g) for _ in range(2 + local)]
     teacher = [torch.randn(B, K, generator=g) for _ in range(2)]
-    loss_fn = rsmclip.DINOLoss(K, student_temp=0.1, center_momentum=0.9)
+    loss_fn = train.DINOLoss(K, student_temp=0.1, center_momentum=0.9)
     loss_fn.center.copy_(torch.randn(1, K, generator=g))
     center = loss_fn.center.clone()
     got, entropy = loss_fn(student, teacher, teacher_temp=0.05)
@@ -103,7 +103,7 @@ def test_dino_loss_and_center_equal_a_direct_computation():
 def test_ema_update():
     teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     expected = [0.99 * t + 0.01 * s for t, s in zip(teacher.parameters(), student.parameters())]
-    rsmclip.ema_update(teacher, student, 0.99)
+    train.ema_update(teacher, student, 0.99)
     assert all(torch.allclose(t, e) for t, e in zip(teacher.parameters(), expected))
 
 
@@ -198,7 +198,7 @@ def test_clip_only_view_is_openclips_training_transform(monkeypatch, tmp_path, s
 
 def tiny_run(**overrides):
     """A distillation run of the tiny model on CPU and a synthetic batch for it (2 images)."""
-    cfg = train.TrainConfig(batch_size=2, local_crops=2, head_dim=32, head_hidden=64, head_bottleneck=16,
+    cfg = train.TrainConfig(batch_size=2, local_crops=2, prototypes=32, head_hidden=64, head_bottleneck=16,
                             steps=10, warmup=3, text_dropout=0.0, **overrides)
     torch.manual_seed(0)
     model = rsmclip.CLIP(rsmclip.PRESETS["tiny"])
@@ -240,13 +240,13 @@ def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
     assert seen == [torch.float32] * 4 + [torch.bfloat16] * 2
     assert torch.allclose(fp32, reference, atol=1e-6)
     assert not torch.allclose(bf16.float(), reference, atol=1e-3)
-    head = rsmclip.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
+    head = train.DINOHead(48, out_dim=40, hidden=64, bottleneck=16)
     x = torch.randn(7, 48, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert head(x).dtype == torch.float32
         head.fp32 = False
         assert head(x).dtype == torch.bfloat16
-        loss, entropy = rsmclip.DINOLoss(40)([head(x)] * 3, [head(x)] * 2, 0.04)
+        loss, entropy = train.DINOLoss(40)([head(x)] * 3, [head(x)] * 2, 0.04)
         assert loss.dtype == entropy.dtype == torch.float32
     run, batch = tiny_run(precision="bf16")  # the training step: CLIP features and head outputs in fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -280,6 +280,22 @@ def test_resume_compares_run_directories_by_resolved_path(tmp_path, monkeypatch)
         train.check_resume(replace(cfg, out="runs/x/", lr=1e-3))
 
 
+def test_a_run_made_before_the_renames_resumes(tmp_path, monkeypatch):
+    """config.json files written before `model` became `arch` and `head_dim` became `prototypes` are read
+    with the new names: the same settings resume, other ones are still refused."""
+    monkeypatch.chdir(tmp_path)
+    cfg = train.TrainConfig(out="runs/old", data=["d/captions.jsonl"], arch="tiny", prototypes=64)
+    old = {("model" if k == "arch" else "head_dim" if k == "prototypes" else k): v
+           for k, v in train.asdict(cfg).items()}
+    Path("runs/old").mkdir(parents=True)
+    Path("runs/old/checkpoint.safetensors").write_bytes(b"")
+    Path("runs/old/config.json").write_text(json.dumps({"config": old}))
+    train.check_resume(cfg)
+    with pytest.raises(train.TrainError, match=r"other settings \(prototypes\)"):
+        train.check_resume(replace(cfg, prototypes=128))
+    assert train.resolve_config("demo", Path("runs/old/config.json"), {}).prototypes == 64  # --config too
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -289,7 +305,7 @@ def run_train(*args, timeout=600):
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--head-dim", "64", "--log-every", "2",
+FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--prototypes", "64", "--log-every", "2",
         "--workers", "0"]
 SMALL = [*FAST, "--steps", "6", "--ckpt-every", "2", "--deterministic"]
 
@@ -313,7 +329,7 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert {"loss", "clip", "distill", "lr", "head_lr", "logit_scale", "teacher_temp", "images_per_s",
             "memory_mb", "teacher_entropy", "kl"} <= set(metrics[0])
-    assert 0 < metrics[0]["teacher_entropy"] <= math.log(64) + 1e-4  # --head-dim 64 prototypes
+    assert 0 < metrics[0]["teacher_entropy"] <= math.log(64) + 1e-4  # --prototypes 64
     assert math.isclose(metrics[0]["kl"], metrics[0]["distill"] - metrics[0]["teacher_entropy"], abs_tol=1e-5)
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert saved["config"]["steps"] == 6 and saved["argv"][0].endswith("train.py") and "git_commit" in saved
