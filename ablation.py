@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 import eval as evaluation
@@ -86,8 +87,6 @@ def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: its Karpathy file and
          seeds: str = typer.Option("0,1,2", help="seeds per row"),
          steps: int = typer.Option(300, help="optimizer steps per run")):
     """Train every row with every seed (missing runs only), measure val mR, print the table."""
-    import torch
-
     torch.set_num_threads(1)
     manifest, tokenizer = prepare(work, ucm)
     common = [*COMMON, "--data", str(manifest), "--tokenizer", str(tokenizer), "--steps", str(steps),

@@ -9,11 +9,13 @@ memory of each. open_clip is a benchmark peer only (pip install -r requirements-
 from __future__ import annotations
 
 import ctypes
+import json
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 import typer
@@ -21,7 +23,6 @@ import typer
 import rsmclip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-SHARED = Path(__file__).resolve().parent.parent / "shared"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -34,8 +35,8 @@ def benchmarks():
 # ----------------------------------------------------------------------------- measuring
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator statistics, or on CPU the process' peak resident set
-    (Linux VmHWM, reset through /proc/self/clear_refs) above what was resident before."""
+    """Peak memory of a block in MiB (rsmclip.memory_mb): CUDA's allocator statistics, or on CPU the
+    process' peak resident set (reset through /proc/self/clear_refs) above what was resident before."""
 
     def __init__(self, device: str):
         self.device = device
@@ -44,28 +45,20 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
         else:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is live
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._status("VmRSS")
+        self.base = rsmclip.memory_mb(self.device, peak=False)
         return self
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = self._status("VmHWM") - self.base
-
-    @staticmethod
-    def _status(field: str) -> int:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
-        return int(line.split()[1]) * 1024
+        self.peak = rsmclip.memory_mb(self.device) - self.base
 
 
-def timed(fn, device: str, repeats: int, warmup: int = 2) -> tuple[float, int]:
-    """Median seconds per call over `repeats` calls after `warmup`, and the peak memory of one call."""
+def timed(fn, device: str, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per call over `repeats` calls after `warmup`, and the peak MiB of one call."""
     for _ in range(warmup):
         fn()
     with PeakMemory(device) as mem:
@@ -82,20 +75,22 @@ def timed(fn, device: str, repeats: int, warmup: int = 2) -> tuple[float, int]:
     return statistics.median(times), mem.peak
 
 
-def caption_lengths(n: int, seed: int = 0) -> list[int]:
-    """Token counts of real remote-sensing captions (UCM sample in ../shared with the real XLM-R
-    vocabulary) or, without them, of 5-30-word captions at 1.3 pieces a word; <s> and </s> included."""
+def caption_lengths(n: int, seed: int = 0, captions: Optional[Path] = None,
+                    tokenizer: Optional[Path] = None) -> list[int]:
+    """Token counts of real remote-sensing captions (a Karpathy-style file such as UCM-Captions'
+    dataset_ucm.json, tokenised with the XLM-R vocabulary) or, without them, of 5-30-word captions at 1.3
+    pieces a word; <s> and </s> included."""
     g = torch.Generator().manual_seed(seed)
-    ucm, spm = (SHARED / "datasets/ucm_captions_sample/dataset_ucm.json",
-                SHARED / "assets/xlmr/sentencepiece.bpe.model")
-    if ucm.exists() and spm.exists():
-        import json
-        captions = [s["raw"] for im in json.loads(ucm.read_text())["images"] for s in im["sentences"]]
-        ids = rsmclip.Tokenizer(spm)(captions)
-        pool = (ids != rsmclip.PAD).sum(1)
+    if captions and tokenizer:
+        texts = [s["raw"] for im in json.loads(captions.read_text())["images"] for s in im["sentences"]]
+        pool = (rsmclip.Tokenizer(tokenizer)(texts) != rsmclip.PAD).sum(1)
         return pool[torch.randint(len(pool), (n,), generator=g)].tolist()
     words = torch.randint(5, 31, (n,), generator=g)
     return [min(77, int(w * 1.3) + 2) for w in words]
+
+
+CAPTIONS = typer.Option(None, help="Karpathy-style caption file (e.g. dataset_ucm.json): real lengths")
+VOCAB = typer.Option(None, help="the XLM-R SentencePiece model to count their tokens")
 
 
 def make_ids(lengths: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
@@ -115,7 +110,8 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
           device: str = typer.Option(rsmclip.default_device(), help="cpu or cuda"),
           precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast (CUDA)"),
           repeats: int = typer.Option(5, help="timed calls per measurement (median reported)"),
-          threads: int = typer.Option(0, help="CPU threads (0: torch's default)")):
+          threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
+          captions: Optional[Path] = CAPTIONS, tokenizer: Optional[Path] = VOCAB):
     """Image encoding, text encoding of real-length captions, and one forward+backward CLIP step."""
     import open_clip
     from openclip_oracle import paired_models
@@ -137,7 +133,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
         for batch in map(int, batch_sizes.split(",")):
             size = cfg.vision.image_size
             pixels = torch.randn(batch, 3, size, size, device=device)
-            ids = make_ids(caption_lengths(batch), cfg.text.vocab_size).to(device)
+            ids = make_ids(caption_lengths(batch, 0, captions, tokenizer), cfg.text.vocab_size).to(device)
 
             def step(m, loss_fn):
                 def run():
@@ -164,7 +160,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
                 theirs.train(task == "fwd+bwd")
                 (ta, ma), (tb, mb) = timed(a, device, repeats), timed(b, device, repeats)
                 print(f"{preset:9} {batch:5d} {task:12} {ta * 1e3:9.1f} {tb * 1e3:12.1f} {ta / tb:6.2f} "
-                      f"{ma / 2**20:9.0f} {mb / 2**20:13.0f}", flush=True)
+                      f"{ma:9.0f} {mb:13.0f}", flush=True)
         ours = theirs = None  # free both before the next preset (not del: the timed closures refer to them)
 
 
@@ -178,7 +174,8 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                 precision: str = typer.Option("auto",
                                               help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
                 local_crops: int = typer.Option(8, help="local crops for the multi-crop measurement"),
-                threads: int = typer.Option(0, help="CPU threads (0: torch's default)")):
+                threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
+                captions: Optional[Path] = CAPTIONS, tokenizer: Optional[Path] = VOCAB):
     """Training steps of our loop and of open_clip's (model + ClipLoss + the same AdamW, clipping and
     logit_scale clamp) on the same data, CLIP loss only so both do the same work; then the cost of
     our multi-crop self-distillation on top, reported separately."""
@@ -192,13 +189,13 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    precision = precision if precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    precision, dtype = rsmclip.resolve_precision(precision, dev.type)
     cfg = rsmclip.PRESETS[preset]
     size = cfg.vision.image_size
     g = torch.Generator().manual_seed(0)
     batches = [{"views": torch.randn(batch_size, 3, size, size, generator=g),
-                "ids": make_ids(caption_lengths(batch_size, seed=i), cfg.text.vocab_size, seed=i),
+                "ids": make_ids(caption_lengths(batch_size, i, captions, tokenizer), cfg.text.vocab_size,
+                                seed=i),
                 "locals": None}
                for i in range(steps + 2)]
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -262,9 +259,9 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     t_theirs, m_theirs = timed_steps(openclip_step, batches)
     print(f"{'loop':34} {'ms/step':>9} {'images/s':>9} {'peak MiB':>9}")
     print(f"{'rsmclip train_step (CLIP only)':34} {t_ours * 1e3:9.1f} {batch_size / t_ours:9.1f} "
-          f"{m_ours / 2**20:9.0f}")
+          f"{m_ours:9.0f}")
     print(f"{'open_clip model + ClipLoss':34} {t_theirs * 1e3:9.1f} {batch_size / t_theirs:9.1f} "
-          f"{m_theirs / 2**20:9.0f}")
+          f"{m_theirs:9.0f}")
     print(f"step-time ratio ours / open_clip: {t_ours / t_theirs:.2f}")
     theirs = optimizer = None  # freed before the multi-crop part (not del: openclip_step refers to them)
 
@@ -280,7 +277,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                      "ids": torch.cat([b["ids"], b["ids"]])} for b in batches]
     t_crop, m_crop = timed_steps(lambda b, i: train.train_step(run, b, i), crop_batches)
     print(f"{f'rsmclip multi-crop (2x{size} + {local_crops}x{local} px)':34} {t_crop * 1e3:9.1f} "
-          f"{batch_size / t_crop:9.1f} {m_crop / 2**20:9.0f}")
+          f"{batch_size / t_crop:9.1f} {m_crop:9.0f}")
     print(f"multi-crop cost: {t_crop / t_ours:.2f}x our CLIP-only step")
 
 

@@ -859,6 +859,23 @@ def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
     return tok
 
 
+def resolve_precision(precision: str, device_type: str) -> tuple[str, Optional[torch.dtype]]:
+    """(name, autocast dtype or None for fp32) of auto | fp32 | bf16 | fp16: auto is bf16 on CUDA, else
+    fp32."""
+    name = precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def memory_mb(device_type: str, peak: bool = True) -> float:
+    """MiB in use: on CUDA the allocator's peak (or current) allocation; elsewhere the process' peak
+    (VmHWM) or current (VmRSS) resident set, read from Linux's /proc/self/status."""
+    if device_type == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
+    field_name = "VmHWM" if peak else "VmRSS"
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(field_name))
+    return int(line.split()[1]) / 1024
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -36,10 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from PIL import Image, ImageFilter, ImageOps
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from torchvision.transforms import functional as TF
 
+import eval as evaluation
 import rsmclip
+from data.demo import make_demo
+from data.prepare import load_manifest
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "demo_data"
@@ -157,13 +161,11 @@ def ema_momentum_at(step: int, base: float, total: int, schedule: str) -> float:
 
 def read_manifests(paths: list[str], split: str) -> list[dict]:
     """Records of one split, image paths resolved inside their manifest's folder."""
-    from data.prepare import DataError, load_manifest
-
     items = []
     for path in map(Path, paths):
         try:
             records = load_manifest(path)
-        except DataError as e:
+        except rsmclip.RsmclipError as e:
             raise TrainError(str(e)) from None
         items += [{**r, "path": path.parent / r["image"]} for r in records if r["split"] == split]
     return items
@@ -609,8 +611,7 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
     core = Student(model, head, view_layout(cfg)[0], cfg.fp32_logits).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    precision, dtype = rsmclip.resolve_precision(cfg.precision, device.type)
     optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -627,8 +628,6 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
 def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
     """Retrieval with eval.py's protocol on a manifest split, in the run's languages that the split has
     (None if it has no such images)."""
-    import eval as evaluation
-
     chosen = [r for r in evaluation.load_manifest(Path(manifest)) if r["split"] == split]
     langs = [lang for lang in rsmclip.parse_langs(run.cfg.langs)
              if all(r["captions"].get(lang) for r in chosen)]
@@ -668,8 +667,6 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
 
     # ----- data -----
     if cfg.data == [str(DEMO_DIR / "captions.jsonl")]:
-        from data.demo import make_demo
-
         if is_main:
             make_demo(DEMO_DIR)  # a few seconds, once
         barrier()
@@ -713,8 +710,6 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), disable=not is_main)
     step, tick = start, time.perf_counter()
@@ -733,7 +728,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
-                         "skipped_images": skipped, "memory_mb": memory_mb(device)}
+                         "skipped_images": skipped, "memory_mb": rsmclip.memory_mb(device.type)}
                 tick = now
                 metrics.write(json.dumps(logs) + "\n")
                 metrics.flush()
@@ -780,13 +775,6 @@ def cut_metrics(path: Path, step: int):
         except json.JSONDecodeError:  # the last line, torn by a kill
             break
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024
 
 
 # ===================================================================== command line: the config is the CLI
