@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import statistics
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 import typer
 
 import rsmclip
+import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
@@ -113,7 +115,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
           threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
           captions: Optional[Path] = CAPTIONS, tokenizer: Optional[Path] = VOCAB):
     """Image encoding, text encoding of real-length captions, and one forward+backward CLIP step."""
-    import open_clip
+    import open_clip  # the peer, imported only by the commands that measure against it
     from openclip_oracle import paired_models
 
     if threads:
@@ -179,12 +181,8 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     """Training steps of our loop and of open_clip's (model + ClipLoss + the same AdamW, clipping and
     logit_scale clamp) on the same data, CLIP loss only so both do the same work; then the cost of
     our multi-crop self-distillation on top, reported separately."""
-    import math
-
-    import open_clip
+    import open_clip  # the peer, imported only by the commands that measure against it
     from openclip_oracle import paired_models
-
-    import train
 
     if threads:
         torch.set_num_threads(threads)

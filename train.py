@@ -628,18 +628,15 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
 def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
     """Retrieval with eval.py's protocol on a manifest split, in the run's languages that the split has
     (None if it has no such images)."""
-    chosen = [r for r in evaluation.load_manifest(Path(manifest)) if r["split"] == split]
+    chosen = [r for r in load_manifest(Path(manifest)) if r["split"] == split]
     langs = [lang for lang in rsmclip.parse_langs(run.cfg.langs)
              if all(r["captions"].get(lang) for r in chosen)]
     if not chosen or not langs:
         return None
-    model = run.core.clip.eval()
-    try:
-        preprocess = rsmclip.Preprocess(model.config.vision.image_size)
-        return evaluation.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs,
-                                             128, str(run.device), workers=0)
-    finally:
-        model.train()
+    model = run.core.clip  # evaluate_retrieval switches dropout off and back on itself
+    preprocess = rsmclip.Preprocess(model.config.vision.image_size)
+    return evaluation.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs, 128,
+                                         str(run.device), workers=0)
 
 
 def mean_recall(result: Optional[dict]) -> str:
