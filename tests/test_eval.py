@@ -1,5 +1,7 @@
-"""eval.py: recall against a naive per-query reference, zero-shot weights against open_clip, retrieval,
-zero-shot and report end to end on tiny data, the no-argument demo, and the error paths."""
+"""eval.py: tie-aware recall against brute force over every order of tied items, a peers'-style argsort
+loop and a naive per-query loop; zero-shot weights against open_clip's `build_zero_shot_classifier`
+(zero_shot_classifier.py); the linear probe against scikit-learn's `LogisticRegression`; retrieval,
+zero-shot, linear probe and report end to end on tiny data, the no-argument demo, and the error paths."""
 import itertools
 import json
 import shutil

@@ -1,5 +1,8 @@
-"""train.py and the training parts of rsmclip.py against independent references: open_clip's ClipLoss,
-scheduler and weight-decay rule, DINO's head/loss/centre/EMA re-derived by hand, exact resume, DDP."""
+"""train.py and rsmclip's CLIP loss against independent references: open_clip's `ClipLoss` (loss.py), the
+`cosine_lr` schedule (open_clip_train/scheduler.py) and the weight-decay rule of open_clip_train/main.py
+(no decay for tensors of fewer than 2 dims, norms, biases, logit_scale), open_clip's
+`image_transform(is_train=True)` (transform.py) for the CLIP-only recipe; DINO's head, loss, centre and EMA
+(dino's main_dino.py and vision_transformer.py's DINOHead) re-derived by hand; exact resume; DDP."""
 import json
 import math
 import os
