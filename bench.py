@@ -37,7 +37,7 @@ def benchmarks():
 # ----------------------------------------------------------------------------- measuring
 
 class PeakMemory:
-    """Peak memory of a block in MiB (rsmclip.memory_mb): CUDA's allocator statistics, or on CPU the
+    """Peak memory of a block in MiB (train.memory_mb): CUDA's allocator statistics, or on CPU the
     process' peak resident set (reset through /proc/self/clear_refs) above what was resident before."""
 
     def __init__(self, device: str):
@@ -50,13 +50,13 @@ class PeakMemory:
         else:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is live
             Path("/proc/self/clear_refs").write_text("5")
-        self.base = rsmclip.memory_mb(self.device, peak=False)
+        self.base = train.memory_mb(self.device, peak=False)
         return self
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.peak = rsmclip.memory_mb(self.device) - self.base
+        self.peak = train.memory_mb(self.device) - self.base
 
 
 def timed(fn, device: str, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -187,7 +187,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    precision, dtype = rsmclip.resolve_precision(precision, dev.type)
+    precision, dtype = train.resolve_precision(precision, dev.type)
     cfg = rsmclip.PRESETS[preset]
     size = cfg.vision.image_size
     g = torch.Generator().manual_seed(0)

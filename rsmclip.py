@@ -859,23 +859,6 @@ def tokenizer_for(cfg: CLIPConfig, path: str | Path) -> Tokenizer:
     return tok
 
 
-def resolve_precision(precision: str, device_type: str) -> tuple[str, Optional[torch.dtype]]:
-    """(name, autocast dtype or None for fp32) of auto | fp32 | bf16 | fp16: auto is bf16 on CUDA, else
-    fp32."""
-    name = precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def memory_mb(device_type: str, peak: bool = True) -> float:
-    """MiB in use: on CUDA the allocator's peak (or current) allocation; elsewhere the process' peak
-    (VmHWM) or current (VmRSS) resident set, read from Linux's /proc/self/status."""
-    if device_type == "cuda":
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
-    field_name = "VmHWM" if peak else "VmRSS"
-    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(field_name))
-    return int(line.split()[1]) / 1024
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -1066,6 +1049,11 @@ def display(path) -> str:
     """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
     UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def listing(items: list, n: int = 5) -> str:
+    """The first n items of a list in a message (printable, see display), and how many there are in all."""
+    return ", ".join(map(display, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -584,6 +584,23 @@ def teardown_distributed():
 
 # ===================================================================== the run
 
+def resolve_precision(precision: str, device_type: str) -> tuple[str, Optional[torch.dtype]]:
+    """(name, autocast dtype or None for fp32) of auto | fp32 | bf16 | fp16: auto is bf16 on CUDA, else
+    fp32."""
+    name = precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def memory_mb(device_type: str, peak: bool = True) -> float:
+    """MiB in use: on CUDA the allocator's peak (or current) allocation; elsewhere the process' peak
+    (VmHWM) or current (VmRSS) resident set, read from Linux's /proc/self/status."""
+    if device_type == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
+    field_name = "VmHWM" if peak else "VmRSS"
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(field_name))
+    return int(line.split()[1]) / 1024
+
+
 def build_model(cfg: TrainConfig, tokenizer_path: Optional[Path]) -> tuple[rsmclip.CLIP, rsmclip.Tokenizer]:
     if cfg.init:
         model_cfg, sd = rsmclip.read_weights(cfg.init)
@@ -611,7 +628,7 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
     core = Student(model, head, view_layout(cfg)[0], cfg.fp32_logits).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
-    precision, dtype = rsmclip.resolve_precision(cfg.precision, device.type)
+    precision, dtype = resolve_precision(cfg.precision, device.type)
     optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -725,7 +742,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
-                         "skipped_images": skipped, "memory_mb": rsmclip.memory_mb(device.type)}
+                         "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
                 tick = now
                 metrics.write(json.dumps(logs) + "\n")
                 metrics.flush()

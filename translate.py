@@ -43,7 +43,8 @@ from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import rsmclip  # its CLI error wrapper (run_cli) and atomic writer
+import rsmclip  # its language list, output checks, atomic writer and CLI error wrapper
+from rsmclip import listing
 
 LANGS = {code: name for code, name in rsmclip.LANGUAGES.items() if code != "en"}  # English is the source
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -314,7 +315,7 @@ def load_model(model_dir: Path, device: torch.device, pack: bool = True) -> Llam
         # before the model is allocated: a config that does not describe these files must not size it
         if wrong := [f"{n} {shapes[n]} (config.json implies {shape})" for n, (_, _, shape) in layout.items()
                      if shapes[n] != shape]:
-            raise TranslateError(f"{model_dir}: weights do not match config.json: {first(wrong, 3)}")
+            raise TranslateError(f"{model_dir}: weights do not match config.json: {listing(wrong, 3)}")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         return from_tensors(c, tensors(), device, dtype, pack)
     except SafetensorError as e:
@@ -754,14 +755,9 @@ def read_manifest(path: Path) -> list[dict]:
     except UnicodeDecodeError:
         raise TranslateError(f"{path}: not UTF-8 text") from None
     if empty:  # there is nothing to translate, and an empty translation would be no caption either
-        raise TranslateError(f"{path}: {len(empty)} English captions are empty: {first(empty)}. None was "
+        raise TranslateError(f"{path}: {len(empty)} English captions are empty: {listing(empty)}. None was "
                              "sent for translation: remove them (prepare captions --drop-empty does)")
     return records
-
-
-def first(items: list, n: int = 5) -> str:
-    """The first n items of a listing in a message, and how many there are in all."""
-    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def parse_langs(s: str) -> list[str]:
@@ -870,7 +866,7 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
                 broken.append(f"{rec.get('id')!r} {lang}")
     if broken:
         raise TranslateError(f"{cfg.manifest}: {len(broken)} existing translations are empty or not lists of "
-                             f"text: {first(broken)}. Fix or remove them, or pass --overwrite to translate "
+                             f"text: {listing(broken)}. Fix or remove them, or pass --overwrite to translate "
                              "every record anew")
     backend = make_backend(cfg)
     cache = Cache(cache_path, backend.model_id)
@@ -878,7 +874,7 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
         console.print(f"cache: dropped a truncated last line ({cache.dropped} bytes) of an interrupted run")
     if cache.skipped:
         console.print(f"cache: skipped {len(cache.skipped)} lines that hold no translation (corrupt, or an "
-                      f"empty answer): line {first(cache.skipped)}; their strings are translated again",
+                      f"empty answer): line {listing(cache.skipped)}; their strings are translated again",
                       markup=False, highlight=False)
     for lang, n in kept.items():
         if n:
@@ -903,7 +899,7 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
         cache.file.close()
     if missing := [f"{lang} {src!r}" for src, lang in items if (src, lang) not in cache.entries]:
         raise TranslateError(f"{len(missing)} of {len(items)} strings got only empty answers, from the retry "
-                             f"decoding too: {first(missing)}. Nothing was written; the cache keeps the "
+                             f"decoding too: {listing(missing)}. Nothing was written; the cache keeps the "
                              "finished translations: run the same command again, or try another model")
     for rec, lang in todo:
         rec["captions"][lang] = [cache.best((s, lang))["out"] for s in rec["captions"]["en"]]

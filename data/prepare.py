@@ -25,23 +25,16 @@ from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
 import rsmclip  # noqa: E402  (its image reader defines "readable": what training can open, prepare accepts)
+from rsmclip import listing  # noqa: E402  (the one way messages list offenders)
 
 SPLITS = ("train", "val", "test")
 # Published sizes: (images, test images); None where the dataset publishes no standard split.
 EXPECTED = {"rsicd": (10921, 1093), "rsitmd": (4743, 452), "ucm": (2100, 210), "sydney": (613, 58),
             "nwpu": (31500, None)}
-SHOW = 5  # how many offending entries an error message lists
 
 
 class DataError(rsmclip.RsmclipError):
     """A problem in the user's data: printed as one message, exit status 1."""
-
-
-def listing(items: list) -> str:
-    # a file name that is not UTF-8 comes as lone surrogates, which stdout cannot print: show its bytes
-    head = ", ".join(str(i).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                     for i in items[:SHOW])
-    return head + (f", ... ({len(items)} in all)" if len(items) > SHOW else "")
 
 
 # ----------------------------------------------------------------------------- reading and writing
