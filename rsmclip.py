@@ -12,11 +12,13 @@ Also a command line: `python rsmclip.py --help` (info, download, convert, embed,
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import hashlib
 import html
 import http.client
+import io
 import json
 import math
 import os
@@ -453,6 +455,13 @@ class Tokenizer:
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 
+    def unknown(self, text: str) -> tuple[int, int]:
+        """(pieces the vocabulary does not know, all pieces) of a text: unknown pieces all read as <unk>,
+        so a text made mostly of them cannot be told from another. The bare word-start piece "▁" (its
+        own piece before a word the vocabulary cannot start, as in "▁ 港口") carries nothing: not counted."""
+        pieces = [p for p in self.sp.encode(clean_text(text)) if self.sp.id_to_piece(p) != "▁"]
+        return sum(p == 0 for p in pieces), len(pieces)
+
 
 # ----------------------------------------------------------------------------- images
 
@@ -691,8 +700,9 @@ def check_keys(got: dict, cfg: CLIPConfig, openclip_names: bool, source: str):
 
 
 def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
-    """Config and state dict (our names, float32) from our safetensors or an open_clip safetensors."""
-    path = Path(path)
+    """Config and state dict (our names, float32) from our safetensors or an open_clip safetensors, given
+    by path or by a known name (see weights_path)."""
+    path = weights_path(path)
     if path.is_dir():
         found = ", ".join(p.name for p in sorted(path.glob("*.safetensors"))) or "none"
         raise WeightsError(f"{path}: is a directory; pass a weights file (safetensors files there: {found})")
@@ -838,10 +848,12 @@ def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIP
 
 
 def load(weights: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"):
-    """-> (model in eval mode, preprocess, tokenizer). The tokenizer file defaults to the one the config
-    names, next to the weights."""
+    """-> (model in eval mode, preprocess, tokenizer). `weights` is a file or a known name (`rs-m-clip`,
+    `laion`: the files `download` puts in the user cache). The tokenizer file defaults to the one the
+    config names, next to the weights."""
+    weights = weights_path(weights)
     cfg, sd = read_weights(weights)
-    tok = tokenizer_for(cfg, tokenizer or Path(weights).parent / cfg.tokenizer)
+    tok = tokenizer_for(cfg, tokenizer or weights.parent / cfg.tokenizer)
     return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
 
 
@@ -872,6 +884,32 @@ HUB_FILES = {  # name -> (Hugging Face repo, candidate files in order of prefere
               ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], "xlmr-b32-laion5b.safetensors"),
     "tokenizer": ("FacebookAI/xlm-roberta-base", ["sentencepiece.bpe.model"], "sentencepiece.bpe.model"),
 }
+
+
+def cache_dir() -> Path:
+    """Where rsmclip keeps downloaded weights and what it can recompute (search indexes, image features):
+    $RSMCLIP_HOME, or ~/.cache/rsmclip."""
+    return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
+
+
+def weights_dir() -> Path:
+    """Where `download` puts weights and the vocabulary, as open_clip and Hugging Face keep theirs: in the
+    user's cache, not in the working folder."""
+    return cache_dir() / "weights"
+
+
+def weights_path(spec: str | Path) -> Path:
+    """A weights file given by its path, or by a known name (`rs-m-clip`, `laion`): the file `download`
+    wrote for it into weights_dir(). A path that exists wins over a name."""
+    path = Path(spec)
+    name = str(spec)
+    if name not in ("rs-m-clip", "laion") or path.exists():
+        return path
+    path = weights_dir() / HUB_FILES[name][2]
+    if not path.is_file():
+        raise WeightsError(f"{name}: not downloaded yet; `rsmclip download {name} tokenizer` fetches it into "
+                           f"{path.parent} (offline: README, 'Weights by hand')")
+    return path
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -1145,11 +1183,6 @@ def weights_fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}:{digest.hexdigest()[:32]}"
 
 
-def cache_dir() -> Path:
-    """Where rsmclip keeps what it can recompute (image features): $RSMCLIP_HOME, or ~/.cache/rsmclip."""
-    return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
-
-
 def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
     """(entries, embeddings) of a search index made with these weights; an index that is absent, made
     with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
@@ -1178,10 +1211,20 @@ def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], tor
     return entries, feats
 
 
-def update_index(model, preprocess, weights: Path, folder: Path, index: Path, batch_size: int, device: str):
+def index_path(folder: Path, fingerprint: str) -> Path:
+    """The default search index of a folder for given weights: in the user cache, never in the folder
+    (which may be read-only or shared), one file per (folder, weights) so that switching models does not
+    rebuild."""
+    key = hashlib.sha256(f"{folder.resolve()}\0{fingerprint}".encode("utf-8", "surrogateescape"))
+    return cache_dir() / "index" / f"{key.hexdigest()[:32]}.safetensors"
+
+
+def update_index(model, preprocess, weights: Path, folder: Path, index: Optional[Path], batch_size: int,
+                 device: str):
     """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
     The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
     fingerprint = weights_fingerprint(weights)
+    index = index or index_path(folder, fingerprint)
     entries, feats = read_index(index, fingerprint, model.config.embed_dim)
     known = {e["path"]: (e, row) for row, e in enumerate(entries)}
     keep_rows, kept, todo = [], [], []
@@ -1202,10 +1245,75 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Path, ba
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
     removed = len(known) - len(kept)
     if added or removed or not index.exists():
-        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "entries": json.dumps(entries)})
+        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "folder": display(folder.resolve()),
+                                                   "entries": json.dumps(entries)})
     print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
           f"{len(failed)} unreadable skipped)")
     return entries, feats
+
+
+def warn_unknown(tokenizer: Tokenizer, texts: list[str], what: str = "query"):
+    """A text made mostly of pieces the vocabulary does not know reads as a row of <unk> to the model: its
+    scores mean nothing, so say so (stderr) rather than rank images by it."""
+    for text in texts:
+        unknown, pieces = tokenizer.unknown(text)
+        if 2 * unknown > pieces:
+            print(f"warning: {what} {display(text)!r}: {unknown} of {pieces} pieces are unknown to the "
+                  f"tokenizer {display(tokenizer.path)}, so the model cannot read it", file=sys.stderr)
+
+
+def is_demo_image(path: Path) -> bool:
+    """An image inside a folder that data/demo.py made (its VERSION stamp names the demo)."""
+    for folder in Path(path).resolve().parents:
+        stamp = folder / "VERSION"
+        if stamp.is_file():
+            return stamp.read_text(errors="replace").startswith("rsmclip-demo")
+    return False
+
+
+def warn_if_toy(cfg: CLIPConfig, weights: Path, paths: list[Path]):
+    """The tiny architecture is the demo's toy (64-pixel input, 1.4M parameters, synthetic scenes): on
+    real imagery its scores are flat and mean little. Say so whenever it sees images not from the demo."""
+    tiny = PRESETS["tiny"]
+    if (cfg.vision, cfg.embed_dim) == (tiny.vision, tiny.embed_dim) and not all(map(is_demo_image, paths)):
+        print(f"warning: {display(weights)} is the tiny demo model, a toy trained on synthetic scenes: its "
+              "scores on other images mean little; for real imagery use --model rs-m-clip "
+              "(`rsmclip download`)", file=sys.stderr)
+
+
+def thumbnail(path: Path, size: int = 224) -> str:
+    """An image as a data: URI (JPEG, longer side at most `size`), so that a page needs no other file."""
+    image = open_image(path)
+    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str]]]]]) -> str:
+    """One self-contained HTML page (no script, no other file): per section (a query, or the images of a
+    classification) a heading and a grid of cards, each an embedded thumbnail and its lines of text."""
+    def card(image: Path, lines: list[str]) -> str:
+        text = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+        return (f'<figure><img src="{thumbnail(image)}" alt="{html.escape(display(image))}">'
+                f"<figcaption>{text}</figcaption></figure>")
+    body = "".join(f"<section><h2>{html.escape(heading)}</h2><div class=grid>"
+                   + "".join(card(image, lines) for image, lines in cards) + "</div></section>"
+                   for heading, cards in sections)
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}"
+            "h1{font-size:20px}h2{font-size:16px;margin:24px 0 8px}"
+            ".grid{display:flex;flex-wrap:wrap;gap:12px}"
+            "figure{margin:0;width:224px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
+            "img{width:224px;height:224px;object-fit:contain;background:#eee}"
+            "figcaption div{overflow-wrap:anywhere}figcaption div:first-child{font-weight:600}"
+            f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+def write_text(path: Path, text: str):
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    print(f"wrote {display(path)}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1214,10 +1322,18 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="RS-M-CLIP: multilingual CLIP for remote-sensing images.")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when there is one)"
+TOKENIZER_HELP = "SentencePiece model (default: the one the weights name, next to them)"
+MODEL_HELP = "weights file, or rs-m-clip / laion once downloaded"
+
+
 @app.command()
-def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors)"),
+def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors), "
+                                                           "or rs-m-clip / laion once downloaded"),
          preset: str = typer.Option("xlmr-b32", help=f"architecture to describe when no weights are given: "
-                                                     f"{', '.join(PRESETS)}")):
+                                                     f"{', '.join(PRESETS)}"),
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object (config and parameter "
+                                                            "counts) and nothing else")):
     """Print the architecture config and parameter counts."""
     if weights:
         cfg, _ = read_weights(weights)
@@ -1227,6 +1343,9 @@ def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours
         raise RsmclipError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     with torch.device("meta"):
         counts = count_parameters(CLIP(cfg))
+    if as_json:
+        print(json.dumps({"config": asdict(cfg), "parameters": counts}, indent=2))
+        return
     print(json.dumps(asdict(cfg), indent=2))
     print(f"parameters: visual {counts['visual']:,}  text {counts['text']:,}  total {counts['total']:,}")
 
@@ -1234,7 +1353,8 @@ def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours
 @app.command("download")
 def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.join(HUB_FILES)} "
                                                               "(default: rs-m-clip tokenizer)"),
-                 out: Path = typer.Option(Path("weights"), help="folder for the files"),
+                 out: Optional[Path] = typer.Option(None, help="folder for the files (default: weights/ in "
+                                                    "the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
                  endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
                                               help="hub base URL (env HF_ENDPOINT)"),
                  timeout: float = typer.Option(60, min=1, help="seconds without data before a stalled "
@@ -1244,11 +1364,13 @@ def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.joi
     if unknown := [n for n in names if n not in HUB_FILES]:
         raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
     for name in names:
-        download(name, out, endpoint, timeout)
+        download(name, out or weights_dir(), endpoint, timeout)
 
 
 @app.command("convert")
-def convert_cmd(src: Path, dst: Path,
+def convert_cmd(src: Path = typer.Argument(..., help="checkpoint to read: open_clip's .safetensors, .bin or "
+                                                     ".pt (pickles are read weights-only), or ours"),
+                dst: Path = typer.Argument(..., help="the .safetensors file to write"),
                 to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
     """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
     back."""
@@ -1260,49 +1382,76 @@ def convert_cmd(src: Path, dst: Path,
           f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
 
 
+EMBED_FORMATS = {".safetensors": "safetensors (tensors image_embeddings, text_embeddings; the image paths "
+                                 "and texts in the metadata)",
+                 ".npz": "numpy .npz (arrays image_embeddings, images, text_embeddings, texts)"}
+
+
+def text_lines(path: Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file."""
+    if not path.is_file():
+        raise RsmclipError(f"{path}: no such text file")
+    try:
+        lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    except UnicodeDecodeError as e:
+        raise RsmclipError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    if not lines:
+        raise RsmclipError(f"{path}: no text lines to embed")
+    return lines
+
+
 @app.command()
-def embed(model_path: Path = typer.Option(..., "--model", help="weights file"),
-          images: list[Path] = typer.Option(None, help="image files or folders"),
+def embed(model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
+          images: list[Path] = typer.Option(None, help="image files or folders (repeat the option)"),
           texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
-          out: Path = typer.Option(..., help="output .safetensors"),
-          tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
-                                                   "(default: next to weights)"),
-          batch_size: int = 64, device: str = typer.Option(default_device())):
-    """Write L2-normalised embeddings of images and/or texts to a safetensors file."""
+          out: Path = typer.Option(..., help="output file; its suffix names the format: "
+                                   + "; ".join(f"{k} {v}" for k, v in EMBED_FORMATS.items())),
+          tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+          batch_size: int = typer.Option(64, min=1, help="images per forward pass"),
+          device: str = typer.Option(default_device(), help=DEVICE_HELP)):
+    """Write L2-normalised embeddings of images and/or texts (safetensors or numpy .npz)."""
     if not images and not texts:
         raise RsmclipError("nothing to embed: give --images and/or --texts")
     refuse_overwrite(out, [model_path, texts, *(images or [])])
+    if out.suffix not in EMBED_FORMATS:
+        raise RsmclipError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name the file "
+                           f"{' or '.join(EMBED_FORMATS)}")
+    lines = text_lines(texts) if texts else []
     model, preprocess, tok = load(model_path, tokenizer, device)
-    tensors, meta = {}, {}
+    arrays, paths = {}, []
     if images:
-        feats, ok, failed = embed_images(model, preprocess, list_images(images), batch_size, device)
-        tensors["image_embeddings"], meta["images"] = feats, json.dumps([display(p) for p in ok])
-    if texts:
-        if not texts.is_file():
-            raise RsmclipError(f"{texts}: no such text file")
-        try:
-            lines = [t for t in texts.read_text(encoding="utf-8").splitlines() if t.strip()]
-        except UnicodeDecodeError as e:
-            raise RsmclipError(f"{texts}: not UTF-8 text (byte {e.start}: {e.reason}); "
-                               "save it as UTF-8") from None
-        if not lines:
-            raise RsmclipError(f"{texts}: no text lines to embed")
-        tensors["text_embeddings"], meta["texts"] = (embed_texts(model, tok, lines, device=device),
-                                                     json.dumps(lines))
-    atomic_save(tensors, out, meta)
-    print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
+        paths = list_images(images)
+        warn_if_toy(model.config, model_path, paths)
+        feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device)
+        arrays["image_embeddings"], arrays["images"] = feats.cpu(), [display(p) for p in ok]
+    if lines:
+        warn_unknown(tok, lines, "text")
+        arrays["text_embeddings"], arrays["texts"] = embed_texts(model, tok, lines, device=device), lines
+    tensors = {k: v for k, v in arrays.items() if isinstance(v, torch.Tensor)}
+    names = {k: v for k, v in arrays.items() if isinstance(v, list)}
+    if out.suffix == ".npz":
+        def write(tmp: Path):
+            with open(tmp, "wb") as f:  # np.savez adds .npz to a file name, not to an open file
+                np.savez(f, **{k: v.numpy() for k, v in tensors.items()}, **{k: np.array(v, dtype=str)
+                                                                             for k, v in names.items()})
+        atomic_write(out, write)
+    else:
+        atomic_save(tensors, out, {k: json.dumps(v) for k, v in names.items()})
+    print(f"wrote {display(out)}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
 
 
 @app.command()
 def classify(images: list[Path] = typer.Argument(..., help="image files or folders"),
              labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
-             model_path: Path = typer.Option(..., "--model", help="weights file"),
+             model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
              lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
              template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
-                                                    "(default per language)"),
-             tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
-                                                      "(default: next to weights)"),
-             device: str = typer.Option(default_device())):
+                                                    "(default: one per --lang)"),
+             tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+             out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
+             html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look "
+                                                      "at: each image with its prediction (self-contained)"),
+             device: str = typer.Option(default_device(), help=DEVICE_HELP)):
     """Zero-shot classification: a table of class probabilities per image."""
     if lang not in PROMPTS and template is None:
         raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
@@ -1310,39 +1459,61 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     if len(names) < 2:
         raise RsmclipError("give at least two comma-separated --labels")
     prompt = check_template(template or PROMPTS[lang])
+    refuse_overwrite(out, [model_path, tokenizer, *images])
+    refuse_overwrite(html_page, [model_path, tokenizer, out, *images], "--html")
     model, preprocess, tok = load(model_path, tokenizer, device)
-    feats, ok, _ = embed_images(model, preprocess, list_images(images), device=device)
-    feats = feats.cpu()
+    paths = list_images(images)
+    warn_if_toy(model.config, model_path, paths)
+    warn_unknown(tok, names, "label")
+    feats, ok, failed = embed_images(model, preprocess, paths, device=device)
     if not ok:
         raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
     classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
-    probs = (100 * feats @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
+    probs = (100 * feats.cpu() @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
+    rows = [{"path": display(path), "prediction": names[int(row.argmax())],
+             "probability": round(row.max().item(), 4),
+             "probabilities": dict(zip(names, (round(p, 4) for p in row.tolist())))}
+            for path, row in zip(ok, probs)]
     table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
-    for path, row in zip(ok, probs):
-        table.add_row(display(path), *(f"{p:.3f}" for p in row.tolist()), names[int(row.argmax())])
+    for row in rows:
+        table.add_row(row["path"], *(f"{p:.3f}" for p in row["probabilities"].values()), row["prediction"])
     Console().print(table)
+    if out:
+        result = {"prompt": prompt, "labels": names, "skipped": len(failed), "images": rows}
+        write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if html_page:
+        top = [sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3] for row in rows]
+        write_text(html_page, results_page(f"zero-shot, prompt {prompt!r}", [("", [
+            (path, [f"{row['prediction']} {row['probability']:.3f}",
+                    *(f"{name} {p:.3f}" for name, p in best[1:]), display(path)])
+            for path, row, best in zip(ok, rows, top)])]))
 
 
 @app.command()
 def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
            queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
-           model_path: Path = typer.Option(..., "--model", help="weights file"),
-           index: Optional[Path] = typer.Option(None, help="index file "
-                                                "(default: FOLDER/.rsmclip-index.safetensors)"),
-           top_k: int = typer.Option(5, min=1), batch_size: int = 64,
-           tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model "
-                                                    "(default: next to weights)"),
+           model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
+           index: Optional[Path] = typer.Option(None, help="index file (default: one per folder and weights "
+                                                "in the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
+           top_k: int = typer.Option(5, min=1, help="hits shown per query"),
+           batch_size: int = typer.Option(64, min=1, help="images per forward pass while indexing"),
+           tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
-           device: str = typer.Option(default_device())):
+           html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look at: the "
+                                                    "hits of each query as pictures (self-contained .html)"),
+           device: str = typer.Option(default_device(), help=DEVICE_HELP)):
     """Text-to-image search over a folder; the index is built once and updated when images change."""
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
     refuse_overwrite(out, [model_path, index, tokenizer])
+    refuse_overwrite(html_page, [model_path, index, tokenizer, out], "--html")
     model, preprocess, tok = load(model_path, tokenizer, device)
-    entries, feats = update_index(model, preprocess, model_path, folder,
-                                  index or folder / ".rsmclip-index.safetensors", batch_size, device)
+    weights = weights_path(model_path)
+    entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)
     if not entries:
         raise RsmclipError(f"{folder}: no readable images to search")
+    warn_if_toy(model.config, weights, [folder / e["path"] for e in entries])
+    warn_unknown(tok, queries)
     scores = embed_texts(model, tok, queries, device=device) @ feats.T
     results = {}
     for query, row in zip(queries, scores):
@@ -1354,17 +1525,45 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
             table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
         Console().print(table)
     if out:
-        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        print(f"wrote {out}")
+        write_text(out, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if html_page:
+        write_text(html_page, results_page(f"search in {display(folder)}", [
+            (query, [(folder / entries[i]["path"], [f"#{rank}  score {s:.4f}", entries[i]["path"]])
+                     for rank, (s, i) in enumerate(zip(*row.topk(min(top_k, len(entries)))), 1)])
+            for query, row in zip(queries, scores)]))
+
+
+def readable_help(command) -> typer.core.TyperCommand:
+    """typer 0.29 writes help as `{folder}`, `<list[str]>`, `--top-k <int range>` and `--help <bool>`:
+    give every parameter the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER) instead, so the
+    help reads as other command lines do (tests/test_cli.py checks every script's help)."""
+    for sub in getattr(command, "commands", {}).values():
+        readable_help(sub)
+    for param in command.params:
+        kind = param.type_descriptor
+        if param.param_type_name == "argument":
+            name = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.metavar = name
+            param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
+            param.display_type_rich = lambda ctx: None
+        elif not param.is_flag:
+            param.metavar = ("[" + "|".join(map(str, kind.choices)) + "]" if kind.is_choice
+                             else "PATH" if kind.is_path
+                             else METAVARS.get(param._bare_type(kind.annotation), "VALUE"))
+    return command
+
+
+METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER"}
 
 
 def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
-    """Every script's command line runs through here: a user error (RsmclipError) or a failed file
-    operation (disk full, no permission) is one line `error: ...` and exit 1; a usage error is click's
-    message and exit 2. Never a traceback for either."""
+    """Every script's command line runs through here, with one exit-code rule: a user error (RsmclipError,
+    a bad file or value) or a failed file operation (disk full, no permission) is one line `error: ...`
+    and exit 1; a usage error (unknown option, missing argument, a value of the wrong type or range) is
+    click's message and exit 2. Never a traceback for either."""
+    app.rich_markup_mode = None  # plain click help: see readable_help
     try:
-        app(args=args)
+        readable_help(typer.main.get_command(app)).main(args=args, prog_name=Path(sys.argv[0]).name)
     except RsmclipError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -42,10 +42,18 @@ def spm_model(tmp_path_factory):
     return train_spm(tmp_path_factory.mktemp("spm") / "spm.model", CORPUS[:17] * 20)
 
 
-
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory):
     """The built-in demo dataset, generated for this test session (never the working tree's copy)."""
     from data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch):
+    """Downloads, search indexes and feature caches go to the user cache: each test gets its own empty one,
+    never the real ~/.cache/rsmclip."""
+    home = tmp_path_factory.mktemp("rsmclip_home")
+    monkeypatch.setenv("RSMCLIP_HOME", str(home))
+    return home

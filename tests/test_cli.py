@@ -1,5 +1,7 @@
 """`python rsmclip.py ...` end to end on the tiny preset, and `download` against a local hub on 127.0.0.1."""
+import base64
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -126,11 +128,157 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     assert "campo verde" in result.stdout
     result = run("search", images, "forest", "--model", tiny_weights)
     assert "5 images (0 added, 0 removed" in result.stdout
-    # other weights invalidate the index
+    # other weights get an index of their own, and the first one is kept
     other = tiny_weights.with_name("other.safetensors")
     rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=2), other)
-    result = run("search", images, "forest", "--model", other)
+    assert "5 images (5 added" in run("search", images, "forest", "--model", other).stdout
+    assert "5 images (0 added" in run("search", images, "forest", "--model", tiny_weights).stdout
+    # one --index file given for two weights is rebuilt, never trusted
+    shared = tmp_path / "shared-index.safetensors"
+    assert "5 added" in run("search", images, "forest", "--model", tiny_weights, "--index", shared).stdout
+    result = run("search", images, "forest", "--model", other, "--index", shared)
     assert "built with other weights, rebuilding" in result.stderr and "5 added" in result.stdout
+
+
+def test_the_index_lives_in_the_user_cache_and_a_read_only_folder_can_be_searched(tiny_weights, tmp_path,
+                                                                                   user_cache):
+    images = tmp_path / "images"
+    write_images(images, 3)
+    before = sorted(images.iterdir())
+    images.chmod(0o555)  # (root ignores the mode; the listing below holds for everyone)
+    try:
+        result = run("search", images, "forest", "--model", tiny_weights)
+    finally:
+        images.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert sorted(images.iterdir()) == before  # nothing written into the searched folder
+    [index] = (user_cache / "index").iterdir()
+    assert f"index {index}: 3 images (3 added" in result.stdout
+    with safe_open(str(index), "pt") as f:
+        assert f.metadata()["folder"] == str(images.resolve())
+
+
+def test_search_and_classify_pages_hold_one_embedded_image_per_hit(tiny_weights, tmp_path):
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.sections, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "section":
+                self.sections.append([])
+            if tag == "img":
+                self.sections[-1].append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    images = tmp_path / "images"
+    write_images(images, 4)
+    queries = ["forest", "港口里的船"]
+    result = run("search", images, *queries, "--model", tiny_weights, "--top-k", "3",
+                 "--out", tmp_path / "hits.json", "--html", tmp_path / "hits.html")
+    assert result.returncode == 0, result.stderr
+    assert all(f"wrote {tmp_path / name}" in result.stdout for name in ("hits.json", "hits.html"))
+    hits = json.loads((tmp_path / "hits.json").read_text())
+    page = Page()
+    page.feed((tmp_path / "hits.html").read_text(encoding="utf-8"))
+    text = "".join(page.text)
+    assert len(page.sections) == 2 and all(len(s) == 3 for s in page.sections)
+    for query, section in zip(queries, page.sections):
+        assert query in text
+        for rank, (hit, src) in enumerate(zip(hits[query], section), 1):
+            assert f"#{rank}  score {hit['score']:.4f}" in text and hit["path"] in text
+            assert src.startswith("data:image/jpeg;base64,")
+            thumb = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+            original = Image.open(images / hit["path"])
+            assert thumb.size == original.size  # smaller than the thumbnail size: kept as it is
+
+    result = run("classify", images, "--labels", "forest,river,airport", "--model", tiny_weights,
+                 "--out", tmp_path / "c.json", "--html", tmp_path / "c.html")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'c.json'}" in result.stdout and f"wrote {tmp_path / 'c.html'}" in result.stdout
+    classes = json.loads((tmp_path / "c.json").read_text())
+    assert classes["labels"] == ["forest", "river", "airport"] and len(classes["images"]) == 4
+    for row in classes["images"]:
+        probs = row["probabilities"]
+        assert abs(sum(probs.values()) - 1) < 1e-3 and row["prediction"] == max(probs, key=probs.get)
+    page = Page()
+    page.feed((tmp_path / "c.html").read_text(encoding="utf-8"))
+    assert [len(s) for s in page.sections] == [4]
+    text = "".join(page.text)
+    assert all(f"{r['prediction']} {r['probability']:.3f}" in text and r["path"] in text
+               for r in classes["images"])
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no headless Chromium here (Debian: apt install chromium) for the screenshot check")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1000,700", (tmp_path / "hits.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape == (700, 1000, 3)
+    # the thumbnails were drawn: the random test images give many colours, a page of text gives few
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 5000
+
+
+def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest):
+    images = tmp_path / "images"
+    write_images(images, 2)
+    result = run("search", images, "港口里的船 ᚠᚢᚦᚨ", "many planes", "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert "query '港口里的船 ᚠᚢᚦᚨ'" in result.stderr and "unknown to the tokenizer" in result.stderr
+    assert "'many planes'" not in result.stderr
+    assert "is the tiny demo model, a toy" in result.stderr
+    result = run("classify", images, "--labels", "forest,ᚠᚢᚦᚨ", "--model", tiny_weights)
+    assert "label 'ᚠᚢᚦᚨ'" in result.stderr and "label 'forest'" not in result.stderr
+    demo_images = sorted((demo_manifest.parent / "images").iterdir())[:2]
+    result = run("classify", *demo_images, "--labels", "forest,river", "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert "toy" not in result.stderr  # the demo model on the demo's own images is what it is for
+
+
+def test_known_weight_names_resolve_in_the_user_cache(tiny_weights, user_cache, tmp_path):
+    with pytest.raises(rsmclip.WeightsError, match="rs-m-clip: not downloaded yet; `rsmclip download rs-m"):
+        rsmclip.load("rs-m-clip")
+    cached = user_cache / "weights"
+    cached.mkdir()
+    shutil.copy(tiny_weights, cached / "rs-m-clip.safetensors")
+    shutil.copy(tiny_weights.with_name("spm.model"), cached / "spm.model")
+    model, _, tokenizer = rsmclip.load("rs-m-clip")
+    assert tokenizer.path == cached / "spm.model"
+    expected, _, _ = rsmclip.load(tiny_weights)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    images = tmp_path / "images"
+    write_images(images, 2)
+    result = run("search", images, "forest", "--model", "rs-m-clip")
+    assert result.returncode == 0, result.stderr
+
+
+def test_embed_writes_the_format_its_suffix_names(tiny_weights, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 3)
+    (tmp_path / "t.txt").write_text("forest\nrio\n", encoding="utf-8")
+    args = ("--model", tiny_weights, "--images", images, "--texts", tmp_path / "t.txt")
+    assert run("embed", *args, "--out", tmp_path / "e.safetensors").returncode == 0
+    result = run("embed", *args, "--out", tmp_path / "e.npz")
+    assert result.returncode == 0 and f"wrote {tmp_path / 'e.npz'}" in result.stdout, result.stderr
+    npz = np.load(tmp_path / "e.npz")
+    with safe_open(str(tmp_path / "e.safetensors"), "np") as f:
+        assert np.array_equal(npz["image_embeddings"], f.get_tensor("image_embeddings"))
+        assert np.array_equal(npz["text_embeddings"], f.get_tensor("text_embeddings"))
+        assert list(npz["images"]) == json.loads(f.metadata()["images"])
+    assert list(npz["texts"]) == ["forest", "rio"]
+
+
+def test_info_json_is_pure_json():
+    result = run("info", "--preset", "tiny", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["parameters"]["total"] == 1_431_681 and info["config"]["embed_dim"] == 64
 
 
 # ----------------------------------------------------------------------------- download from a local hub
