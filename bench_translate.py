@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import rsmclip
 import translate as T
 
 SHAPES = {  # Llama-2 style (MHA, untied embeddings), as TowerInstruct-7B
@@ -98,7 +99,7 @@ def main(
     workloads: Annotated[str, typer.Option(help="translation and/or fixed")] = "translation,fixed",
     repeats: Annotated[int, typer.Option(min=1, help="alternating runs; the fastest counts")] = 2,
     threads: Annotated[int, typer.Option(help="CPU threads (0 = torch default)")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the random weights and prompts")] = 0,
 ):
     if threads:
         torch.set_num_threads(threads)
@@ -138,4 +139,6 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(main)
+    rsmclip.run_cli(app)

@@ -66,3 +66,50 @@ def test_every_language_table_has_the_ten_languages():
     assert set(json.loads((ROOT / "data/templates.json").read_text())) - {"_about"} == langs
     assert set(demo.TEXT) == langs
     assert rsmclip.parse_langs(" PT,en,pt ") == ["pt", "en"]
+
+
+# Every script a user runs, by the module that holds its command line (an `app`, or a `main` wrapped as
+# the script wraps it).
+SCRIPTS = ["rsmclip", "train", "eval", "translate", "data.prepare", "data.demo", "ablation", "bench",
+           "bench_eval", "bench_translate"]
+
+
+def script_app(name: str):
+    import importlib
+
+    import typer
+    module = importlib.import_module(name)
+    if hasattr(module, "app"):
+        return module.app
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(module.main)
+    return app
+
+
+def help_pages(app) -> list[tuple[list[str], object]]:
+    """([command words], click command) for an app and each of its subcommands."""
+    import typer
+
+    import rsmclip
+    root = rsmclip.readable_help(typer.main.get_command(app))
+    return [([], root)] + [([name], sub) for name, sub in getattr(root, "commands", {}).items()]
+
+
+def test_every_help_page_is_readable_and_describes_every_option(capsys):
+    import pytest
+
+    import rsmclip
+    for name in SCRIPTS:
+        app = script_app(name)
+        for words, command in help_pages(app):
+            where = " ".join([name, *words])
+            with pytest.raises(SystemExit) as done:
+                rsmclip.run_cli(app, [*words, "--help"])
+            assert done.value.code == 0, where
+            text = capsys.readouterr().out
+            # typer's own rendering (<path>, <bool>, {folder} in the usage line) and empty defaults stay out
+            typer_marks = r"<(bool|int|str|float|path|list)\b|^Usage:.*[{}]|\(default: \)|\[default: \]"
+            assert not re.search(typer_marks, text, re.M), (where, text)
+            for param in command.params:
+                if param.name != "help":
+                    assert (param.help or "").strip(), f"{where}: {param.name} has no description"
