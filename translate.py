@@ -928,6 +928,7 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
     for lang in langs:
         table.add_row(lang, *(str(n) for n in counts[lang].values()))
     console.print(table)
+    console.print(f"wrote {rsmclip.display(cfg.out)} and the report {rsmclip.display(report_path)}")
     return report
 
 
