@@ -1176,6 +1176,7 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
 def weights_fingerprint(path: Path) -> str:
     """The identity of a weights file: its size and the SHA-256 of every byte (a sampled hash missed edits
     to single tensors). Hashing runs at about disk speed, like the load that goes with it."""
+    path = weights_path(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
@@ -1305,8 +1306,8 @@ def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str
             "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}"
             "h1{font-size:20px}h2{font-size:16px;margin:24px 0 8px}"
             ".grid{display:flex;flex-wrap:wrap;gap:12px}"
-            "figure{margin:0;width:224px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
-            "img{width:224px;height:224px;object-fit:contain;background:#eee}"
+            "figure{margin:0;width:180px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
+            "img{width:180px;height:180px;object-fit:contain;background:#eee}"
             "figcaption div{overflow-wrap:anywhere}figcaption div:first-child{font-weight:600}"
             f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 

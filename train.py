@@ -2,7 +2,7 @@
 
     python train.py                                   # the built-in demo: tiny model, a few CPU minutes
     python train.py --preset rs-m-clip --data rsicd/captions.jsonl --data rsitmd/captions.jsonl \
-        --init weights/xlmr-b32-laion5b.safetensors --out runs/rs-m-clip
+        --init laion --out runs/rs-m-clip
     torchrun --nproc_per_node 4 train.py --preset rs-m-clip ...    # DDP: same script, no flags
 
 Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
@@ -60,7 +60,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={
         "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
-    init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
+    init: str = field(default="", metadata={"help": "weights to start from: a file, or rs-m-clip / laion once "
+                                                    "downloaded; empty: random init of --arch"})
     arch: str = field(default="tiny", metadata={
         "help": f"architecture when starting from random init: {', '.join(rsmclip.PRESETS)}"})
     tokenizer: str = field(default="", metadata={
@@ -865,6 +866,8 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if not cfg.data:  # the built-in demo
         cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
                       tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
+    if cfg.init:  # a known name (rs-m-clip, laion) is the file `download` put in the user cache
+        cfg = replace(cfg, init=str(rsmclip.weights_path(cfg.init)))
     return cfg
 
 
