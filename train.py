@@ -60,8 +60,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={
         "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
-    init: str = field(default="", metadata={"help": "weights to start from: a file, or rs-m-clip / laion once "
-                                                    "downloaded; empty: random init of --arch"})
+    init: str = field(default="", metadata={
+        "help": "weights to start from: a file, or rs-m-clip / laion once downloaded; empty: random init"})
     arch: str = field(default="tiny", metadata={
         "help": f"architecture when starting from random init: {', '.join(rsmclip.PRESETS)}"})
     tokenizer: str = field(default="", metadata={
