@@ -112,8 +112,8 @@ def speed(images: int = typer.Option(10000, help="number of images (5 captions e
     for name, seconds in rows.items():
         print(f"{name:<36} {seconds:8.2f} s")
     if out:
-        out.write_text(json.dumps({"images": len(paths), "captions": len(texts), "device": device,
-                                   "seconds": rows}, indent=2) + "\n")
+        rsmclip.write_text(out, json.dumps({"images": len(paths), "captions": len(texts), "device": device,
+                                            "seconds": rows}, indent=2) + "\n")
 
 
 @app.command()
