@@ -738,7 +738,8 @@ def linear_probe(model_path: Path = MODEL,
 @app.command()
 def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            model_paths: list[Path] = typer.Option(..., "--model", help="weights file (repeat for several)"),
-           out_json: Path = typer.Option(Path("report.json")), out_md: Path = typer.Option(Path("report.md")),
+           out_json: Path = typer.Option(Path("report.json"), help="every result, as JSON"),
+           out_md: Path = typer.Option(Path("report.md"), help="the table, as Markdown"),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
            device: str = DEVICE, ties: str = TIES):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""

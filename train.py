@@ -58,15 +58,20 @@ class TrainError(rsmclip.RsmclipError):
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={
-        "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
+        "help": "captions.jsonl manifests (repeat the flag, or separate them with commas)",
+        "unset": "none, the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
-    init: str = field(default="", metadata={"help": "weights to start from; empty: random init of --model"})
+    init: str = field(default="", metadata={"help": "weights to start from",
+                                            "unset": "none, a random init of --arch"})
     arch: str = field(default="tiny", metadata={
         "help": f"architecture when starting from random init: {', '.join(rsmclip.PRESETS)}"})
     tokenizer: str = field(default="", metadata={
-        "help": "SentencePiece model; empty: the one next to --init (the demo: its own)"})
+        "help": "SentencePiece model",
+        "unset": "the one the --init weights name, next to them; the demo's own"})
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
-    val_data: str = field(default="", metadata={"help": "manifest for validation; empty: the first --data"})
+    val_data: str = field(default="", metadata={
+        "help": "manifest for validation (val split every --val-every steps, test split before and after)",
+        "unset": "the first --data"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step and process"})
     lr: float = field(default=5e-4, metadata={
@@ -74,9 +79,9 @@ class TrainConfig:
     head_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the DINO head (same form)"})
     warmup: int = field(default=60, metadata={"help": "warm-up steps"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay for tensors of 2+ dims"})
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (the gradients' running mean)"})
+    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (the squared gradients' running mean)"})
+    eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0: off"})
     text_dropout: float = field(default=0.1, metadata={"help": "XLM-R dropout (0.1 as in open_clip)"})
     distill_weight: float = field(default=1.0, metadata={
@@ -91,11 +96,12 @@ class TrainConfig:
     head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
     head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
-    student_temp: float = 0.1
+    student_temp: float = field(default=0.1, metadata={"help": "DINO student temperature"})
     teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after warm-up"})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at step 0"})
     teacher_temp_steps: int = field(default=180, metadata={"help": "teacher temperature warm-up steps"})
-    center_momentum: float = 0.9
+    center_momentum: float = field(default=0.9, metadata={
+        "help": "momentum of the DINO centre (the running mean of the teacher's outputs)"})
     ema_momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum"})
     ema_schedule: str = field(default="fixed", metadata={"help": "fixed (SILC) or cosine (DINO: ramp to 1)"})
     freeze_last_layer: int = field(default=0, metadata={"help": "steps with frozen head prototypes"})
@@ -110,8 +116,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     workers: int = field(default=1, metadata={"help": "data loader processes"})
-    seed: int = 0
-    log_every: int = 20
+    seed: int = field(default=0, metadata={"help": "seed of the init, data order, augmentation and dropout"})
+    log_every: int = field(default=20, metadata={"help": "write a metrics.jsonl line every N steps"})
     val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
     ckpt_every: int = field(default=100, metadata={
         "help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
@@ -913,17 +919,19 @@ def _cli_signature():
                                 default=typer.Option("demo",
                                                      help=f"defaults to start from: {', '.join(RECIPES)}")),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, help="re-run a saved run's config.json"))]
+                                default=typer.Option(None, help="re-run a saved run's config.json (default: "
+                                                                    "none, the preset's settings)"))]
     for f in fields(TrainConfig):
-        hint = f.metadata.get("help", f.name.replace("_", " "))
         default = (demo[f.name] if demo[f.name] == paper[f.name]
                    else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}")
+        if default in ("", []):  # an empty value means something: say what
+            default = f.metadata["unset"]
         scalar = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}
         annotation = scalar.get(type(demo[f.name]),
                                 Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
+        option = typer.Option(None, help=f"{f.metadata['help']} (default: {default})", show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, help=f"{hint} (default: {default})",
-                                                             show_default=False)))
+                                        default=option))
     return inspect.Signature(params)
 
 

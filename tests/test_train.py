@@ -342,6 +342,19 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert all(torch.equal(a[k], b[k]) for k in a)  # a saved config re-runs the same training
 
 
+def test_every_option_of_train_and_eval_says_what_it_does():
+    """--help: a description for every option, and no empty default printed as `(default: )`."""
+    import typer.main
+
+    import eval as ev
+
+    commands = [typer.main.get_command(train.app), *typer.main.get_command(ev.app).commands.values()]
+    for command in commands:
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help and "(default: )" not in param.help, (command.name, param.name)
+
+
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest):
     args = [*demo_args(demo_manifest), *SMALL]
     reference = run_train("--out", tmp_path / "ref", *args)
