@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from PIL import Image, ImageFilter, ImageOps
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 from safetensors import safe_open
 from torchvision.transforms import functional as TF
 
@@ -677,6 +678,19 @@ def check_languages(items: list[dict], langs: list[str]):
         raise TrainError(f"{unusable} training images have no caption in {','.join(langs)}")
 
 
+class StepRate(ProgressColumn):
+    """steps/s and the time left, from the mean duration of the steps this process has run, shown from the
+    first finished step on (rich's own estimate waits for several updates within 30 s, so a slow run read
+    -:--:-- throughout)."""
+
+    def render(self, task) -> Text:
+        if not task.fields["ran"]:
+            return Text("first step ...")
+        rate = task.fields["ran"] / task.fields["seconds"]
+        left = round((task.total - task.completed) / rate)
+        return Text(f"{rate:.2f} steps/s, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+
+
 def train(cfg: TrainConfig, argv: list[str]) -> Path:
     rank, world, device = setup_distributed()
     is_main = rank == 0
@@ -731,10 +745,11 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not is_main)
+                   StepRate(), disable=not is_main)
     step, tick = start, time.perf_counter()
+    began = tick
     with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
-        task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+        task = bar.add_task("train", total=cfg.steps, completed=start, info="", ran=0, seconds=0.0)
         for batch in loader:
             if batch["failures"]:
                 if cfg.strict_images:
@@ -745,6 +760,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                     bar.console.print(f"warning: skipped {failure} ({skipped} so far)")
             logs = train_step(run, batch, step)
             step += 1
+            bar.update(task, completed=step, ran=step - start, seconds=time.perf_counter() - began)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
@@ -752,8 +768,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 tick = now
                 metrics.write(json.dumps(logs) + "\n")
                 metrics.flush()
-                bar.update(task, completed=step, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
-                                                      f"{logs['images_per_s']:.0f} img/s")
+                bar.update(task, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
+                                      f"{logs['images_per_s']:.0f} img/s")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
                 result = validate(run, val_manifest, "val")
                 metrics.write(json.dumps({"step": step, "val": result}) + "\n")

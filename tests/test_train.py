@@ -340,6 +340,17 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert again.returncode == 0, again.stderr
     a, b = read_model(tmp_path / "run/model.safetensors"), read_model(tmp_path / "rerun/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # a saved config re-runs the same training
+    assert "steps/s" in result.stdout and "left" in result.stdout  # the bar's rate and time left
+
+
+def test_the_bar_shows_steps_per_second_and_time_left_after_one_step():
+    bar = train.Progress(train.StepRate())
+    task = bar.add_task("train", total=100, completed=10, ran=0, seconds=0.0)
+    assert str(train.StepRate().render(bar.tasks[task])) == "first step ..."
+    bar.update(task, completed=11, ran=1, seconds=0.5)  # one step (a resumed run: from step 10) took 0.5 s
+    assert str(train.StepRate().render(bar.tasks[task])) == "2.00 steps/s, 0:00:44 left"
+    bar.update(task, completed=40, ran=30, seconds=4000.0)
+    assert str(train.StepRate().render(bar.tasks[task])) == "0.01 steps/s, 2:13:20 left"
 
 
 def test_every_option_of_train_and_eval_says_what_it_does():
