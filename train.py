@@ -696,6 +696,12 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     is_main = rank == 0
     out = Path(cfg.out)
     checkpoint = out / "checkpoint.safetensors"
+    if (done := finished_step(out)) is not None and done >= cfg.steps:
+        if is_main:
+            print(f"{out} already finished at step {done}: nothing to do, no file changed. To train it "
+                  f"further, run the same command with a larger --steps (e.g. --steps {2 * done}): it "
+                  "continues from its last checkpoint")
+        return out / "model.safetensors"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -731,7 +737,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}")
-    before = validate(run, val_manifest, "test") if is_main and start == 0 else None
+    before = validate(run, val_manifest, "test") if is_main and start == 0 else earlier_before(out)
     if is_main and start == 0:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
 
@@ -788,15 +794,45 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         rsmclip.save(run.core.clip, final)
         tokenizer_copy = out / model.config.tokenizer
         if tokenizer.path.resolve() != tokenizer_copy.resolve():
-            tokenizer_copy.write_bytes(tokenizer.path.read_bytes())
+            data = tokenizer.path.read_bytes()
+            rsmclip.atomic_write(tokenizer_copy, lambda tmp: tmp.write_bytes(data))
         after = validate(run, val_manifest, "test")
         summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {final}; retrieval mR before {mean_recall(before)} -> after {mean_recall(after)}")
+        text = json.dumps(summary, indent=2) + "\n"
+        rsmclip.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
+        print(f"wrote {out / 'summary.json'}")
+        print(f"wrote {final} (tokenizer {tokenizer_copy.name} beside it); retrieval mR before "
+              f"{mean_recall(before)} -> after {mean_recall(after)}")
     if world > 1:
         del run, model  # DDP's reducer holds the process group: see teardown_distributed
         teardown_distributed()
     return final
+
+
+def finished_step(out: Path) -> Optional[int]:
+    """The step of a run directory's checkpoint if the run got to its end (summary.json, the last file
+    written, is there), else None."""
+    checkpoint = out / "checkpoint.safetensors"
+    if not (checkpoint.is_file() and (out / "summary.json").is_file()):
+        return None
+    try:
+        with safe_open(str(checkpoint), "pt") as f:
+            return json.loads(f.metadata()["state"])["step"]
+    except Exception as e:  # any failure here means the file is not a checkpoint of ours
+        raise TrainError(f"{checkpoint}: unreadable checkpoint ({e})") from None
+
+
+def earlier_before(out: Path) -> Optional[dict]:
+    """Retrieval before training as the summary of a finished run, now extended, recorded it; None when the
+    run never finished (a resumed run cannot measure it again: its model has trained)."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["before"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        print(f"warning: {path} is damaged ({e!r}): the new summary's 'before' is null", file=sys.stderr)
+        return None
 
 
 def cut_metrics(path: Path, step: int):

@@ -343,6 +343,32 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert "steps/s" in result.stdout and "left" in result.stdout  # the bar's rate and time left
 
 
+def test_a_finished_run_is_left_alone_and_a_larger_steps_extends_it(tmp_path, demo_manifest):
+    """Re-running a finished run changes no file (bytes and modification times); a larger --steps continues
+    from its checkpoint and keeps the retrieval measured before the first step."""
+    args = ["--out", tmp_path / "run", *demo_args(demo_manifest), *FAST, "--ckpt-every", "2"]
+    first = run_train(*args, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    files = sorted((tmp_path / "run").iterdir())
+
+    def state():
+        return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted((tmp_path / "run").iterdir())}
+
+    before = state()
+    again = run_train(*args, "--steps", "2")
+    assert again.returncode == 0, again.stderr
+    assert f"{tmp_path / 'run'} already finished at step 2" in again.stdout and "--steps" in again.stdout
+    assert state() == before and sorted((tmp_path / "run").iterdir()) == files
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    longer = run_train(*args, "--steps", "4")
+    assert longer.returncode == 0, longer.stderr
+    assert "resuming at step 2" in longer.stdout
+    extended = json.loads((tmp_path / "run/summary.json").read_text())
+    assert extended["steps"] == 4 and extended["before"] == summary["before"] is not None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
 def test_the_bar_shows_steps_per_second_and_time_left_after_one_step():
     bar = train.Progress(train.StepRate())
     task = bar.add_task("train", total=100, completed=10, ran=0, seconds=0.0)
