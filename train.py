@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import html
 import inspect
 import json
 import math
@@ -663,9 +664,13 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
                                          str(run.device), workers=0)
 
 
-def mean_recall(result: Optional[dict]) -> str:
+def recall(result: dict) -> float:
     """mR over languages (or of the only one)."""
-    return "n/a" if result is None else f"{result.get('mean', next(iter(result.values())))['mR']:.2f}"
+    return result.get("mean", next(iter(result.values())))["mR"]
+
+
+def mean_recall(result: Optional[dict]) -> str:
+    return "n/a" if result is None else f"{recall(result):.2f}"
 
 
 def check_languages(items: list[dict], langs: list[str]):
@@ -800,7 +805,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
         text = json.dumps(summary, indent=2) + "\n"
         rsmclip.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
-        print(f"wrote {out / 'summary.json'}")
+        print(f"wrote {out / 'summary.json'}, {plot(out)}")
         print(f"wrote {final} (tokenizer {tokenizer_copy.name} beside it); retrieval mR before "
               f"{mean_recall(before)} -> after {mean_recall(after)}")
     if world > 1:
@@ -847,6 +852,103 @@ def cut_metrics(path: Path, step: int):
         except json.JSONDecodeError:  # the last line, torn by a kill
             break
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+# ===================================================================== the picture of a run: curves.svg
+
+# (metrics.jsonl key, panel title), one panel each when logged; "val" lines hold a validation result
+CURVES = (("loss", "loss (CLIP + distill weight x distillation)"), ("clip", "CLIP loss"),
+          ("distill", "self-distillation loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
+          ("teacher_temp", "teacher temperature"), ("val", "validation mR (val split)"))
+PANEL_W, PANEL_H = 380, 220
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TrainError(f"{path}: no such file; a run directory gets it from its first --log-every steps")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise TrainError(f"{path}: not UTF-8 text ({e})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row, why = None, e.msg
+        else:
+            why = "expected a JSON object with an integer \"step\""
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise TrainError(f"{path} line {number} is damaged ({why}): delete or fix that line")
+        rows.append(row)
+    return rows
+
+
+def nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
+    """Round values (1, 2 or 5 x 10^k apart) from lo to hi, about `count` of them."""
+    raw = (hi - lo) / count
+    unit = 10 ** math.floor(math.log10(raw))
+    gap = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw)
+    return [k * gap for k in range(math.ceil(lo / gap), math.floor(hi / gap) + 1)]
+
+
+def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left: float,
+              top: float) -> list[str]:
+    """One quantity against the step: frame, ticks and labels on both axes, the curve as one polyline."""
+    x0, y0, w, h = left + 64, top + 30, PANEL_W - 84, PANEL_H - 74  # the plotting area
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0  # a flat curve gets a band around it
+    lo, hi = lo - pad, hi + pad
+
+    def x(step):
+        return x0 + w * step / last_step
+
+    def y(value):
+        return y0 + h * (hi - value) / (hi - lo)
+
+    out = [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 18}" text-anchor="middle" font-weight="bold">'
+           f'{html.escape(title)}</text>',
+           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    for t in nice_ticks(lo, hi):
+        out += [f'<line x1="{x0 - 4}" y1="{y(t):.1f}" x2="{x0 + w}" y2="{y(t):.1f}" stroke="#e6e6e6"/>',
+                f'<text x="{x0 - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>']
+    for t in nice_ticks(0, last_step):
+        out += [f'<line x1="{x(t):.1f}" y1="{y0 + h}" x2="{x(t):.1f}" y2="{y0 + h + 4}" stroke="#999"/>',
+                f'<text x="{x(t):.1f}" y="{y0 + h + 16}" text-anchor="middle">{t:g}</text>']
+    out.append(f'<text x="{x0 + w / 2:.1f}" y="{y0 + h + 34}" text-anchor="middle">step</text>')
+    coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+    out.append(f'<polyline points="{coords}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
+    if len(points) == 1:  # a polyline of one point draws nothing
+        out.append(f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="#1f5fa8"/>')
+    return out
+
+
+def plot(run_dir: Path) -> Path:
+    """RUN_DIR/curves.svg from RUN_DIR/metrics.jsonl: one panel per logged quantity of CURVES, a plain-text
+    SVG that any browser shows (no plotting library)."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    panels = []
+    for key, title in CURVES:
+        if key == "val":
+            points = [(r["step"], recall(r["val"])) for r in rows if r.get("val")]
+        else:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points := [(s, v) for s, v in points if math.isfinite(v)]:
+            panels.append((title, points))
+    if not panels:
+        raise TrainError(f"{run_dir / 'metrics.jsonl'}: no logged steps to draw yet")
+    last_step = max(1, *(s for _, points in panels for s, _ in points))
+    width, height = 2 * PANEL_W, 40 + PANEL_H * math.ceil(len(panels) / 2)
+    body = [f'<text x="12" y="24" font-size="15">{html.escape(str(run_dir))}: training curves</text>']
+    for i, (title, points) in enumerate(panels):
+        body += svg_panel(title, points, last_step, PANEL_W * (i % 2), 40 + PANEL_H * (i // 2))
+    svg = "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                     f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+                     f'<rect width="{width}" height="{height}" fill="white"/>', *body, "</svg>", ""])
+    path = run_dir / "curves.svg"
+    rsmclip.atomic_write(path, lambda tmp: tmp.write_text(svg, encoding="utf-8"))
+    return path
 
 
 # ===================================================================== command line: the config is the CLI
@@ -967,7 +1069,8 @@ def check_resume(cfg: TrainConfig):
 def _cli_signature():
     """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
     demo, paper = asdict(RECIPES["demo"]), asdict(RECIPES["rs-m-clip"])
-    params = [inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                 default=typer.Option("demo",
                                                      help=f"defaults to start from: {', '.join(RECIPES)}")),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
@@ -988,7 +1091,10 @@ def _cli_signature():
 
 
 def main(**options):
-    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo."""
+    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo.
+    `python train.py plot RUN_DIR` draws a run's curves."""
+    if options.pop("ctx").invoked_subcommand:  # the options belong to training, not to `plot`
+        return
     preset, config_file = options.pop("preset"), options.pop("config")
     cfg = resolve_config(preset, config_file, options)
     check_config(cfg)
@@ -999,7 +1105,15 @@ def main(**options):
 main.__signature__ = _cli_signature()
 main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command()(main)
+app.callback(invoke_without_command=True)(main)  # training: the options without a command
+
+
+@app.command("plot")
+def plot_command(run_dir: Path = typer.Argument(..., help="a run directory (it holds metrics.jsonl)")):
+    """Draw RUN_DIR/metrics.jsonl into RUN_DIR/curves.svg: loss parts, lr, logit scale, teacher temperature,
+    validation mR (training writes it at the end of every run too)."""
+    print(f"wrote {plot(run_dir)}")
+
 
 if __name__ == "__main__":
     rsmclip.run_cli(app)
