@@ -12,7 +12,9 @@ views (--clip-view light: on one more, lightly cropped view instead) + distill_w
 cross-entropy (every teacher global view -> every other student view). --distill-weight 0 is
 open_clip's recipe: one lightly cropped view per image and the CLIP loss.
 A run directory holds config.json, metrics.jsonl, checkpoint.safetensors (everything needed to resume
-exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it.
+exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it,
+curves.svg (also `python train.py plot RUN_DIR`) and summary.json. A finished run is left alone; a larger
+--steps extends it from its checkpoint.
 """
 from __future__ import annotations
 
@@ -803,9 +805,10 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
             rsmclip.atomic_write(tokenizer_copy, lambda tmp: tmp.write_bytes(data))
         after = validate(run, val_manifest, "test")
         summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
+        curves = plot(out)
         text = json.dumps(summary, indent=2) + "\n"
-        rsmclip.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))
-        print(f"wrote {out / 'summary.json'}, {plot(out)}")
+        rsmclip.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))  # last: finished_step
+        print(f"wrote {curves}, {out / 'summary.json'}")
         print(f"wrote {final} (tokenizer {tokenizer_copy.name} beside it); retrieval mR before "
               f"{mean_recall(before)} -> after {mean_recall(after)}")
     if world > 1:
