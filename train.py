@@ -699,16 +699,16 @@ class StepRate(ProgressColumn):
 
 
 def train(cfg: TrainConfig, argv: list[str]) -> Path:
-    rank, world, device = setup_distributed()
-    is_main = rank == 0
     out = Path(cfg.out)
-    checkpoint = out / "checkpoint.safetensors"
-    if (done := finished_step(out)) is not None and done >= cfg.steps:
-        if is_main:
+    if (done := finished_step(out)) is not None and done >= cfg.steps:  # before any process group exists
+        if os.environ.get("RANK", "0") == "0":
             print(f"{out} already finished at step {done}: nothing to do, no file changed. To train it "
                   f"further, run the same command with a larger --steps (e.g. --steps {2 * done}): it "
                   "continues from its last checkpoint")
         return out / "model.safetensors"
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    checkpoint = out / "checkpoint.safetensors"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
