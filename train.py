@@ -887,12 +887,15 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
-    """Round values (1, 2 or 5 x 10^k apart) from lo to hi, about `count` of them."""
+def nice_ticks(lo: float, hi: float, count: int = 4) -> list[tuple[float, str]]:
+    """Round values (1, 2 or 5 x 10^k apart) from lo to hi, about `count` of them, with labels of the
+    fewest significant digits that tell them apart (14.295 and 14.305 are not both "14.3")."""
     raw = (hi - lo) / count
     unit = 10 ** math.floor(math.log10(raw))
     gap = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw)
-    return [k * gap for k in range(math.ceil(lo / gap), math.floor(hi / gap) + 1)]
+    values = [k * gap for k in range(math.ceil(lo / gap), math.floor(hi / gap) + 1)]
+    digits = next(d for d in range(3, 17) if len({f"{v:.{d}g}" for v in values}) == len(values))
+    return [(v, f"{v:.{digits}g}") for v in values]
 
 
 def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left: float,
@@ -912,12 +915,12 @@ def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left:
     out = [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 18}" text-anchor="middle" font-weight="bold">'
            f'{html.escape(title)}</text>',
            f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
-    for t in nice_ticks(lo, hi):
+    for t, label in nice_ticks(lo, hi):
         out += [f'<line x1="{x0 - 4}" y1="{y(t):.1f}" x2="{x0 + w}" y2="{y(t):.1f}" stroke="#e6e6e6"/>',
-                f'<text x="{x0 - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>']
-    for t in nice_ticks(0, last_step):
+                f'<text x="{x0 - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{label}</text>']
+    for t, label in nice_ticks(0, last_step):
         out += [f'<line x1="{x(t):.1f}" y1="{y0 + h}" x2="{x(t):.1f}" y2="{y0 + h + 4}" stroke="#999"/>',
-                f'<text x="{x(t):.1f}" y="{y0 + h + 16}" text-anchor="middle">{t:g}</text>']
+                f'<text x="{x(t):.1f}" y="{y0 + h + 16}" text-anchor="middle">{label}</text>']
     out.append(f'<text x="{x0 + w / 2:.1f}" y="{y0 + h + 34}" text-anchor="middle">step</text>')
     coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
     out.append(f'<polyline points="{coords}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')

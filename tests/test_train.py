@@ -406,6 +406,8 @@ def test_curves_svg_has_a_panel_per_logged_quantity_and_a_point_per_row(tmp_path
               for line in svg.iter(f"{SVG}polyline")]
     assert [len(p) for p in points] == [4, 4, 4, 4, 4, 4, 2]
     assert points[0][0][1] < points[0][-1][1]  # the loss falls: its curve goes down (SVG's y grows downward)
+    assert [label for _, label in train.nice_ticks(14.29, 14.31)] == ["14.29", "14.3", "14.31"]  # distinct
+    assert [label for _, label in train.nice_ticks(0, 600)] == ["0", "200", "400", "600"]
     clip_only = [{"step": s, "loss": 3.0, "clip": 3.0, "lr": 1e-4, "logit_scale": 14.3} for s in (5, 10)]
     svg = ET.parse(train.plot(write_metrics(tmp_path / "clip", clip_only))).getroot()
     assert len(list(svg.iter(f"{SVG}polyline"))) == 4  # no distillation, teacher or validation panel
