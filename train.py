@@ -933,6 +933,8 @@ def plot(run_dir: Path) -> Path:
     """RUN_DIR/curves.svg from RUN_DIR/metrics.jsonl: one panel per logged quantity of CURVES, a plain-text
     SVG that any browser shows (no plotting library)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainError(f"{run_dir}: no such run directory")
     rows = read_metrics(run_dir / "metrics.jsonl")
     panels = []
     for key, title in CURVES:

@@ -338,6 +338,7 @@ CASES = [
     Case("train: resuming a run without its config.json", "train", TRAIN + ["--batch-size", "7"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, None)),
          words=("no config.json", "use another --out"), unchanged=("run/checkpoint.safetensors",)),
+    Case("train plot: no such folder", "train", ["plot", "{tmp}/run"], words=("run: no such run directory",)),
     Case("train plot: a folder without metrics.jsonl", "train", ["plot", "{tmp}/run"],
          make=lambda tmp: (tmp / "run").mkdir(), words=("run/metrics.jsonl: no such file",),
          absent=("run/curves.svg",)),
