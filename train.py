@@ -744,7 +744,9 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}")
-    before = validate(run, val_manifest, "test") if is_main and start == 0 else earlier_before(out)
+    before = None
+    if is_main:
+        before = validate(run, val_manifest, "test") if start == 0 else earlier_before(out)
     if is_main and start == 0:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
 
