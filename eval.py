@@ -318,7 +318,11 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list
 def evaluate_zeroshot(model, tokenizer, preprocess, data: Path, classes: str, lang: str = "en",
                       templates: Optional[list[str]] = None, split: Optional[str] = None,
                       batch_size: int = 64, device: str = "cpu", workers: int = 2) -> dict:
-    """Top-1 on an ImageFolder tree or a labels.jsonl; classes in sorted folder/label order."""
+    """Top-1 on an ImageFolder tree or a labels.jsonl; classes in sorted folder/label order. Besides "top1":
+    "chance" (100 / classes), "per_class" {label: {"classname", "images", "top1"}}, "confusion" {"labels",
+    "classnames", "matrix": rows the true class, columns the predicted one, image counts} and "predictions",
+    one per image: {"path", "true", "predicted", "top": [[label, probability], ...]} with the softmax over
+    the classes of the logits, the best (up to) 5 classes."""
     data = Path(data)
     if data.is_dir():
         items = [(data / rel, label) for rel, label in scan_image_folder(data)[0]]
@@ -338,10 +342,39 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: Path, classes: str, la
     classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device)
     feats = encode_images(model, preprocess, [p for p, _ in items], batch_size, device, workers)
     target = torch.tensor([labels.index(label) for _, label in items], device=feats.device)
-    top1 = 100 * ((feats @ classifier).argmax(1) == target).float().mean().item()
-    return {"top1": top1, "templates": templates, "classnames": classnames, "labels": labels,
-            "images": len(items), "split": split or "all",
-            "absent_classes": sorted(set(mapping) - set(labels))}
+    logits = 100 * feats @ classifier
+    predicted = logits.argmax(1)
+    top1 = 100 * (predicted == target).float().mean().item()
+    confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)
+    confusion.index_put_((target.cpu(), predicted.cpu()), torch.ones(len(items), dtype=torch.long),
+                         accumulate=True)
+    per_class = {label: {"classname": name, "images": sum(row), "top1": 100 * row[c] / sum(row)}
+                 for c, (label, name, row) in enumerate(zip(labels, classnames, confusion.tolist()))}
+    # stable: among tied logits the first class leads, as in argmax, so "top" starts with "predicted"
+    best = logits.argsort(dim=1, descending=True, stable=True)[:, :5]
+    probs = logits.softmax(1).gather(1, best)
+    predictions = [{"path": str(path), "true": label, "predicted": labels[k[0]],
+                    "top": [[labels[j], q] for j, q in zip(k, p)]}
+                   for (path, label), k, p in zip(items, best.tolist(), probs.tolist())]
+    return {"top1": top1, "chance": 100 / len(labels), "templates": templates, "classnames": classnames,
+            "labels": labels, "images": len(items), "split": split or "all",
+            "absent_classes": sorted(set(mapping) - set(labels)), "per_class": per_class,
+            "confusion": {"labels": labels, "classnames": classnames, "matrix": confusion.tolist()},
+            "predictions": predictions}
+
+
+def zeroshot_table(result: dict, title: str) -> Table:
+    """One row per class (its images, its top-1, the class its errors go to most), then every image with
+    the chance level beside the accuracy."""
+    table = Table("class", "images", "top-1 %", "chance %", "mistaken most for", title=title)
+    matrix = result["confusion"]["matrix"]
+    for c, (label, r) in enumerate(result["per_class"].items()):
+        wrong = [(n, k) for k, n in enumerate(matrix[c]) if k != c and n]
+        most = f"{result['classnames'][max(wrong)[1]]} ({max(wrong)[0]})" if wrong else ""
+        table.add_row(r["classname"], str(r["images"]), f"{r['top1']:.2f}", "", most)
+    table.add_section()
+    table.add_row("all", str(result["images"]), f"{result['top1']:.2f}", f"{result['chance']:.2f}", "")
+    return table
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -695,8 +728,8 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
                                workers)
-    print(f"zero-shot top-1 {result['top1']:.2f}% on {result['images']} images, {len(result['labels'])} "
-          f"classes, {len(result['templates'])} {lang} templates ({model_path.name}, {data})")
+    title = f"zero-shot, {model_path.name} on {data}, {len(result['templates'])} {lang} templates"
+    Console().print(zeroshot_table(result, title))
     if result["absent_classes"]:
         print(f"note: {len(result['absent_classes'])} classes of {classes} have no images here and were not "
               f"scored: {', '.join(result['absent_classes'][:5])}")
@@ -738,7 +771,8 @@ def linear_probe(model_path: Path = MODEL,
 @app.command()
 def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            model_paths: list[Path] = typer.Option(..., "--model", help="weights file (repeat for several)"),
-           out_json: Path = typer.Option(Path("report.json")), out_md: Path = typer.Option(Path("report.md")),
+           out_json: Path = typer.Option(Path("report.json"), help="every result, as JSON"),
+           out_md: Path = typer.Option(Path("report.md"), help="the table, as Markdown"),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
            device: str = DEVICE, ties: str = TIES):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""

@@ -12,12 +12,15 @@ views (--clip-view light: on one more, lightly cropped view instead) + distill_w
 cross-entropy (every teacher global view -> every other student view). --distill-weight 0 is
 open_clip's recipe: one lightly cropped view per image and the CLIP loss.
 A run directory holds config.json, metrics.jsonl, checkpoint.safetensors (everything needed to resume
-exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it.
+exactly, no pickle) and, at the end, model.safetensors (rsmclip format) with its tokenizer beside it,
+curves.svg (also `python train.py plot RUN_DIR`) and summary.json. A finished run is left alone; a larger
+--steps extends it from its checkpoint.
 """
 from __future__ import annotations
 
 import copy
 import gc
+import html
 import inspect
 import json
 import math
@@ -36,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from PIL import Image, ImageFilter, ImageOps
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 from safetensors import safe_open
 from torchvision.transforms import functional as TF
 
@@ -58,16 +62,21 @@ class TrainError(rsmclip.RsmclipError):
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={
-        "help": "captions.jsonl manifests (repeat the flag); none: the built-in demo"})
+        "help": "captions.jsonl manifests (repeat the flag, or separate them with commas)",
+        "unset": "none, the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
     init: str = field(default="", metadata={
-        "help": "weights to start from: a file, or rs-m-clip / laion once downloaded; empty: random init"})
+        "help": "weights to start from: a file, or rs-m-clip / laion once downloaded",
+        "unset": "none, a random init of --arch"})
     arch: str = field(default="tiny", metadata={
         "help": f"architecture when starting from random init: {', '.join(rsmclip.PRESETS)}"})
     tokenizer: str = field(default="", metadata={
-        "help": "SentencePiece model; empty: the one next to --init (the demo: its own)"})
+        "help": "SentencePiece model",
+        "unset": "the one the --init weights name, next to them; the demo's own"})
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
-    val_data: str = field(default="", metadata={"help": "manifest for validation; empty: the first --data"})
+    val_data: str = field(default="", metadata={
+        "help": "manifest for validation (val split every --val-every steps, test split before and after)",
+        "unset": "the first --data"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step and process"})
     lr: float = field(default=5e-4, metadata={
@@ -75,9 +84,9 @@ class TrainConfig:
     head_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the DINO head (same form)"})
     warmup: int = field(default=60, metadata={"help": "warm-up steps"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay for tensors of 2+ dims"})
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (the gradients' running mean)"})
+    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (the squared gradients' running mean)"})
+    eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0: off"})
     text_dropout: float = field(default=0.1, metadata={"help": "XLM-R dropout (0.1 as in open_clip)"})
     distill_weight: float = field(default=1.0, metadata={
@@ -92,11 +101,12 @@ class TrainConfig:
     head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
     head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
-    student_temp: float = 0.1
+    student_temp: float = field(default=0.1, metadata={"help": "DINO student temperature"})
     teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after warm-up"})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at step 0"})
     teacher_temp_steps: int = field(default=180, metadata={"help": "teacher temperature warm-up steps"})
-    center_momentum: float = 0.9
+    center_momentum: float = field(default=0.9, metadata={
+        "help": "momentum of the DINO centre (the running mean of the teacher's outputs)"})
     ema_momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum"})
     ema_schedule: str = field(default="fixed", metadata={"help": "fixed (SILC) or cosine (DINO: ramp to 1)"})
     freeze_last_layer: int = field(default=0, metadata={"help": "steps with frozen head prototypes"})
@@ -111,8 +121,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     workers: int = field(default=1, metadata={"help": "data loader processes"})
-    seed: int = 0
-    log_every: int = 20
+    seed: int = field(default=0, metadata={"help": "seed of the init, data order, augmentation and dropout"})
+    log_every: int = field(default=20, metadata={"help": "write a metrics.jsonl line every N steps"})
     val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
     ckpt_every: int = field(default=100, metadata={
         "help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
@@ -657,9 +667,13 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
                                          str(run.device), workers=0)
 
 
-def mean_recall(result: Optional[dict]) -> str:
+def recall(result: dict) -> float:
     """mR over languages (or of the only one)."""
-    return "n/a" if result is None else f"{result.get('mean', next(iter(result.values())))['mR']:.2f}"
+    return result.get("mean", next(iter(result.values())))["mR"]
+
+
+def mean_recall(result: Optional[dict]) -> str:
+    return "n/a" if result is None else f"{recall(result):.2f}"
 
 
 def check_languages(items: list[dict], langs: list[str]):
@@ -672,10 +686,29 @@ def check_languages(items: list[dict], langs: list[str]):
         raise TrainError(f"{unusable} training images have no caption in {','.join(langs)}")
 
 
+class StepRate(ProgressColumn):
+    """steps/s and the time left, from the mean duration of the steps this process has run, shown from the
+    first finished step on (rich's own estimate waits for several updates within 30 s, so a slow run read
+    -:--:-- throughout)."""
+
+    def render(self, task) -> Text:
+        if not task.fields["ran"]:
+            return Text("first step ...")
+        rate = task.fields["ran"] / task.fields["seconds"]
+        left = round((task.total - task.completed) / rate)
+        return Text(f"{rate:.2f} steps/s, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+
+
 def train(cfg: TrainConfig, argv: list[str]) -> Path:
+    out = Path(cfg.out)
+    if (done := finished_step(out)) is not None and done >= cfg.steps:  # before any process group exists
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{out} already finished at step {done}: nothing to do, no file changed. To train it "
+                  f"further, run the same command with a larger --steps (e.g. --steps {2 * done}): it "
+                  "continues from its last checkpoint")
+        return out / "model.safetensors"
     rank, world, device = setup_distributed()
     is_main = rank == 0
-    out = Path(cfg.out)
     checkpoint = out / "checkpoint.safetensors"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -712,7 +745,9 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}")
-    before = validate(run, val_manifest, "test") if is_main and start == 0 else None
+    before = None
+    if is_main:
+        before = validate(run, val_manifest, "test") if start == 0 else earlier_before(out)
     if is_main and start == 0:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
 
@@ -726,10 +761,11 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not is_main)
+                   StepRate(), disable=not is_main)
     step, tick = start, time.perf_counter()
+    began = tick
     with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
-        task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+        task = bar.add_task("train", total=cfg.steps, completed=start, info="", ran=0, seconds=0.0)
         for batch in loader:
             if batch["failures"]:
                 if cfg.strict_images:
@@ -740,6 +776,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                     bar.console.print(f"warning: skipped {failure} ({skipped} so far)")
             logs = train_step(run, batch, step)
             step += 1
+            bar.update(task, completed=step, ran=step - start, seconds=time.perf_counter() - began)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
@@ -747,8 +784,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 tick = now
                 metrics.write(json.dumps(logs) + "\n")
                 metrics.flush()
-                bar.update(task, completed=step, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
-                                                      f"{logs['images_per_s']:.0f} img/s")
+                bar.update(task, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
+                                      f"{logs['images_per_s']:.0f} img/s")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
                 result = validate(run, val_manifest, "val")
                 metrics.write(json.dumps({"step": step, "val": result}) + "\n")
@@ -767,15 +804,46 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         rsmclip.save(run.core.clip, final)
         tokenizer_copy = out / model.config.tokenizer
         if tokenizer.path.resolve() != tokenizer_copy.resolve():
-            tokenizer_copy.write_bytes(tokenizer.path.read_bytes())
+            data = tokenizer.path.read_bytes()
+            rsmclip.atomic_write(tokenizer_copy, lambda tmp: tmp.write_bytes(data))
         after = validate(run, val_manifest, "test")
         summary = {"steps": cfg.steps, "skipped_images": skipped, "before": before, "after": after}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {final}; retrieval mR before {mean_recall(before)} -> after {mean_recall(after)}")
+        curves = plot(out)
+        text = json.dumps(summary, indent=2) + "\n"
+        rsmclip.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(text))  # last: finished_step
+        print(f"wrote {curves}, {out / 'summary.json'}")
+        print(f"wrote {final} (tokenizer {tokenizer_copy.name} beside it); retrieval mR before "
+              f"{mean_recall(before)} -> after {mean_recall(after)}")
     if world > 1:
         del run, model  # DDP's reducer holds the process group: see teardown_distributed
         teardown_distributed()
     return final
+
+
+def finished_step(out: Path) -> Optional[int]:
+    """The step of a run directory's checkpoint if the run got to its end (summary.json, the last file
+    written, is there), else None."""
+    checkpoint = out / "checkpoint.safetensors"
+    if not (checkpoint.is_file() and (out / "summary.json").is_file()):
+        return None
+    try:
+        with safe_open(str(checkpoint), "pt") as f:
+            return json.loads(f.metadata()["state"])["step"]
+    except Exception as e:  # any failure here means the file is not a checkpoint of ours
+        raise TrainError(f"{checkpoint}: unreadable checkpoint ({e})") from None
+
+
+def earlier_before(out: Path) -> Optional[dict]:
+    """Retrieval before training as the summary of a finished run, now extended, recorded it; None when the
+    run never finished (a resumed run cannot measure it again: its model has trained)."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["before"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        print(f"warning: {path} is damaged ({e!r}): the new summary's 'before' is null", file=sys.stderr)
+        return None
 
 
 def cut_metrics(path: Path, step: int):
@@ -790,6 +858,108 @@ def cut_metrics(path: Path, step: int):
         except json.JSONDecodeError:  # the last line, torn by a kill
             break
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+# ===================================================================== the picture of a run: curves.svg
+
+# (metrics.jsonl key, panel title), one panel each when logged; "val" lines hold a validation result
+CURVES = (("loss", "loss (CLIP + distill weight x distillation)"), ("clip", "CLIP loss"),
+          ("distill", "self-distillation loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
+          ("teacher_temp", "teacher temperature"), ("val", "validation mR (val split)"))
+PANEL_W, PANEL_H = 380, 220
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TrainError(f"{path}: no such file; a run directory gets it from its first --log-every steps")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise TrainError(f"{path}: not UTF-8 text ({e})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row, why = None, e.msg
+        else:
+            why = "expected a JSON object with an integer \"step\""
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise TrainError(f"{path} line {number} is damaged ({why}): delete or fix that line")
+        rows.append(row)
+    return rows
+
+
+def nice_ticks(lo: float, hi: float, count: int = 4) -> list[tuple[float, str]]:
+    """Round values (1, 2 or 5 x 10^k apart) from lo to hi, about `count` of them, with labels of the
+    fewest significant digits that tell them apart (14.295 and 14.305 are not both "14.3")."""
+    raw = (hi - lo) / count
+    unit = 10 ** math.floor(math.log10(raw))
+    gap = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw)
+    values = [k * gap for k in range(math.ceil(lo / gap), math.floor(hi / gap) + 1)]
+    digits = next(d for d in range(3, 17) if len({f"{v:.{d}g}" for v in values}) == len(values))
+    return [(v, f"{v:.{digits}g}") for v in values]
+
+
+def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left: float,
+              top: float) -> list[str]:
+    """One quantity against the step: frame, ticks and labels on both axes, the curve as one polyline."""
+    x0, y0, w, h = left + 64, top + 30, PANEL_W - 84, PANEL_H - 74  # the plotting area
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0  # a flat curve gets a band around it
+    lo, hi = lo - pad, hi + pad
+
+    def x(step):
+        return x0 + w * step / last_step
+
+    def y(value):
+        return y0 + h * (hi - value) / (hi - lo)
+
+    out = [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 18}" text-anchor="middle" font-weight="bold">'
+           f'{html.escape(title)}</text>',
+           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    for t, label in nice_ticks(lo, hi):
+        out += [f'<line x1="{x0 - 4}" y1="{y(t):.1f}" x2="{x0 + w}" y2="{y(t):.1f}" stroke="#e6e6e6"/>',
+                f'<text x="{x0 - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{label}</text>']
+    for t, label in nice_ticks(0, last_step):
+        out += [f'<line x1="{x(t):.1f}" y1="{y0 + h}" x2="{x(t):.1f}" y2="{y0 + h + 4}" stroke="#999"/>',
+                f'<text x="{x(t):.1f}" y="{y0 + h + 16}" text-anchor="middle">{label}</text>']
+    out.append(f'<text x="{x0 + w / 2:.1f}" y="{y0 + h + 34}" text-anchor="middle">step</text>')
+    coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+    out.append(f'<polyline points="{coords}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
+    if len(points) == 1:  # a polyline of one point draws nothing
+        out.append(f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="#1f5fa8"/>')
+    return out
+
+
+def plot(run_dir: Path) -> Path:
+    """RUN_DIR/curves.svg from RUN_DIR/metrics.jsonl: one panel per logged quantity of CURVES, a plain-text
+    SVG that any browser shows (no plotting library)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainError(f"{run_dir}: no such run directory")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    panels = []
+    for key, title in CURVES:
+        if key == "val":
+            points = [(r["step"], recall(r["val"])) for r in rows if r.get("val")]
+        else:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points := [(s, v) for s, v in points if math.isfinite(v)]:
+            panels.append((title, points))
+    if not panels:
+        raise TrainError(f"{run_dir / 'metrics.jsonl'}: no logged steps to draw yet")
+    last_step = max(1, *(s for _, points in panels for s, _ in points))
+    width, height = 2 * PANEL_W, 40 + PANEL_H * math.ceil(len(panels) / 2)
+    body = [f'<text x="12" y="24" font-size="15">{html.escape(str(run_dir))}: training curves</text>']
+    for i, (title, points) in enumerate(panels):
+        body += svg_panel(title, points, last_step, PANEL_W * (i % 2), 40 + PANEL_H * (i // 2))
+    svg = "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                     f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+                     f'<rect width="{width}" height="{height}" fill="white"/>', *body, "</svg>", ""])
+    path = run_dir / "curves.svg"
+    rsmclip.atomic_write(path, lambda tmp: tmp.write_text(svg, encoding="utf-8"))
+    return path
 
 
 # ===================================================================== command line: the config is the CLI
@@ -912,26 +1082,32 @@ def check_resume(cfg: TrainConfig):
 def _cli_signature():
     """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
     demo, paper = asdict(RECIPES["demo"]), asdict(RECIPES["rs-m-clip"])
-    params = [inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                 default=typer.Option("demo",
                                                      help=f"defaults to start from: {', '.join(RECIPES)}")),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, help="re-run a saved run's config.json"))]
+                                default=typer.Option(None, help="re-run a saved run's config.json (default: "
+                                                                    "none, the preset's settings)"))]
     for f in fields(TrainConfig):
-        hint = f.metadata.get("help", f.name.replace("_", " "))
         default = (demo[f.name] if demo[f.name] == paper[f.name]
                    else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}")
+        if default in ("", []):  # an empty value means something: say what
+            default = f.metadata["unset"]
         scalar = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}
         annotation = scalar.get(type(demo[f.name]),
                                 Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
+        option = typer.Option(None, help=f"{f.metadata['help']} (default: {default})", show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, help=f"{hint} (default: {default})",
-                                                             show_default=False)))
+                                        default=option))
     return inspect.Signature(params)
 
 
 def main(**options):
-    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo."""
+    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo.
+    `python train.py plot RUN_DIR` draws a run's curves."""
+    if options.pop("ctx").invoked_subcommand:  # the options belong to training, not to `plot`
+        return
     preset, config_file = options.pop("preset"), options.pop("config")
     cfg = resolve_config(preset, config_file, options)
     check_config(cfg)
@@ -942,7 +1118,15 @@ def main(**options):
 main.__signature__ = _cli_signature()
 main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command()(main)
+app.callback(invoke_without_command=True)(main)  # training: the options without a command
+
+
+@app.command("plot")
+def plot_command(run_dir: Path = typer.Argument(..., help="a run directory (it holds metrics.jsonl)")):
+    """Draw RUN_DIR/metrics.jsonl into RUN_DIR/curves.svg: loss parts, lr, logit scale, teacher temperature,
+    validation mR (training writes it at the end of every run too)."""
+    print(f"wrote {plot(run_dir)}")
+
 
 if __name__ == "__main__":
     rsmclip.run_cli(app)

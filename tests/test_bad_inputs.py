@@ -355,6 +355,14 @@ CASES = [
     Case("train: resuming a run without its config.json", "train", TRAIN + ["--batch-size", "7"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, None)),
          words=("no config.json", "use another --out"), unchanged=("run/checkpoint.safetensors",)),
+    Case("train plot: no such folder", "train", ["plot", "{tmp}/run"], words=("run: no such run directory",)),
+    Case("train plot: a folder without metrics.jsonl", "train", ["plot", "{tmp}/run"],
+         make=lambda tmp: (tmp / "run").mkdir(), words=("run/metrics.jsonl: no such file",),
+         absent=("run/curves.svg",)),
+    Case("train plot: a damaged line in metrics.jsonl", "train", ["plot", "{tmp}/run"],
+         make=lambda tmp: (tmp / "run").mkdir() or (tmp / "run" / "metrics.jsonl").write_text(
+             '{"step": 2, "loss": 3.0}\n{"step": 4, "lo\n{"step": 6, "loss": 2.0}\n'),
+         words=("metrics.jsonl line 2 is damaged", "delete or fix that line"), absent=("run/curves.svg",)),
 ]
 
 

@@ -256,6 +256,42 @@ def test_zeroshot_top1_equals_openclip_pipeline(models, spm_model, tmp_path):
     assert from_labels["top1"] == res["top1"] and from_labels["classnames"] == res["classnames"]
 
 
+def test_zeroshot_result_holds_chance_per_class_confusion_and_predictions(models, spm_model, tmp_path):
+    """On 3 unbalanced classes: the confusion matrix counts every image once, its diagonal over its row sums
+    is the per-class accuracy, which equals a naive loop over the score matrix computed here; each image's
+    prediction is that matrix's argmax and its top classes are the matrix row in order, with softmax
+    probabilities."""
+    ours, _ = models
+    tok, pp = rsmclip.Tokenizer(spm_model), rsmclip.Preprocess(TINY.vision.image_size)
+    classes = tiny_tree(tmp_path / "tree", per_class=4)
+    (tmp_path / "tree/zc_forest/0.png").unlink()
+    res = ev.evaluate_zeroshot(ours, tok, pp, tmp_path / "tree", str(classes), "en", workers=0)
+    labels = res["labels"]
+    assert res["chance"] == pytest.approx(100 / 3) and res["images"] == 11
+    assert res["confusion"]["labels"] == labels and res["confusion"]["classnames"] == res["classnames"]
+    matrix = np.array(res["confusion"]["matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == 11 and list(matrix.sum(1)) == [4, 4, 3]
+    assert list(res["per_class"]) == labels
+    assert res["top1"] == pytest.approx(100 * np.trace(matrix) / 11)
+    files = [Path(p["path"]) for p in res["predictions"]]
+    assert sorted(files) == sorted((tmp_path / "tree").rglob("*.png"))
+    assert [p["true"] for p in res["predictions"]] == [f.parent.name for f in files]
+    scores = ev.encode_images(ours, pp, files, workers=0) @ ev.zeroshot_classifier(
+        ours, tok, res["classnames"], res["templates"])
+    for c, label in enumerate(labels):
+        rows = [i for i, f in enumerate(files) if f.parent.name == label]
+        right = sum(1 for i in rows if int(scores[i].argmax()) == c)
+        per_class = res["per_class"][label]
+        assert per_class["images"] == len(rows) == matrix[c].sum()
+        assert per_class["top1"] == pytest.approx(100 * right / len(rows)) == 100 * matrix[c, c] / len(rows)
+        assert per_class["classname"] == res["classnames"][c]
+    for p, row in zip(res["predictions"], scores):
+        assert p["predicted"] == labels[int(row.argmax())] == p["top"][0][0]
+        assert [label for label, _ in p["top"]] == [labels[int(i)] for i in row.argsort(descending=True)]
+        expected = sorted((100 * row).softmax(0).tolist(), reverse=True)
+        assert [q for _, q in p["top"]] == pytest.approx(expected, abs=1e-6)
+
+
 def test_zeroshot_errors(models, spm_model, tmp_path):
     ours, _ = models
     tok, pp = rsmclip.Tokenizer(spm_model), rsmclip.Preprocess(TINY.vision.image_size)
@@ -420,6 +456,8 @@ def test_retrieval_and_zeroshot_cli_write_the_documented_json(weights, small_man
     doc = json.loads(out.read_text())
     assert doc["classnames"] == ["beach", "field", "forest"] and doc["templates"] == ev.load_templates("en")
     assert 0 <= doc["top1"] <= 100 and "note: 1 classes" in result.output
+    assert {"chance", "per_class", "confusion", "predictions"} <= set(doc) and len(doc["predictions"]) == 9
+    assert "chance %" in result.output and f"{100 / 3:.2f}" in result.output  # beside the accuracy
 
 
 def test_report_shows_models_and_peers_side_by_side(weights, small_manifest, tmp_path):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import rsmclip
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 # ----------------------------------------------------------------------------- parts against references
@@ -340,6 +342,97 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert again.returncode == 0, again.stderr
     a, b = read_model(tmp_path / "run/model.safetensors"), read_model(tmp_path / "rerun/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # a saved config re-runs the same training
+    assert "steps/s" in result.stdout and "left" in result.stdout  # the bar's rate and time left
+    assert f"wrote {tmp_path / 'run/curves.svg'}" in result.stdout  # drawn at the end of every run
+    svg = ET.parse(tmp_path / "run/curves.svg").getroot()
+    lines = svg.findall(f"{SVG}polyline")
+    assert [len(line.get("points").split()) for line in lines] == [3] * len(lines)  # a point per logged step
+
+
+def test_a_finished_run_is_left_alone_and_a_larger_steps_extends_it(tmp_path, demo_manifest):
+    """Re-running a finished run changes no file (bytes and modification times); a larger --steps continues
+    from its checkpoint and keeps the retrieval measured before the first step."""
+    args = ["--out", tmp_path / "run", *demo_args(demo_manifest), *FAST, "--ckpt-every", "2"]
+    first = run_train(*args, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    files = sorted((tmp_path / "run").iterdir())
+
+    def state():
+        return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted((tmp_path / "run").iterdir())}
+
+    before = state()
+    again = run_train(*args, "--steps", "2")
+    assert again.returncode == 0, again.stderr
+    assert f"{tmp_path / 'run'} already finished at step 2" in again.stdout and "--steps" in again.stdout
+    assert state() == before and sorted((tmp_path / "run").iterdir()) == files
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    longer = run_train(*args, "--steps", "4")
+    assert longer.returncode == 0, longer.stderr
+    assert "resuming at step 2" in longer.stdout
+    extended = json.loads((tmp_path / "run/summary.json").read_text())
+    assert extended["steps"] == 4 and extended["before"] == summary["before"] is not None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_the_bar_shows_steps_per_second_and_time_left_after_one_step():
+    bar = train.Progress(train.StepRate())
+    task = bar.add_task("train", total=100, completed=10, ran=0, seconds=0.0)
+    assert str(train.StepRate().render(bar.tasks[task])) == "first step ..."
+    bar.update(task, completed=11, ran=1, seconds=0.5)  # one step (a resumed run: from step 10) took 0.5 s
+    assert str(train.StepRate().render(bar.tasks[task])) == "2.00 steps/s, 0:00:44 left"
+    bar.update(task, completed=40, ran=30, seconds=4000.0)
+    assert str(train.StepRate().render(bar.tasks[task])) == "0.01 steps/s, 2:13:20 left"
+
+
+def write_metrics(run: Path, rows: list[dict]) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_curves_svg_has_a_panel_per_logged_quantity_and_a_point_per_row(tmp_path):
+    steps = [20, 40, 60, 80]
+    rows = [{"step": s, "loss": 9 - s / 40, "clip": 3 - s / 80, "distill": 6.9, "lr": 5e-4 * s / 80,
+             "logit_scale": 14.3 + s / 100, "teacher_temp": 0.04 + s / 8000, "grad_norm": 1.0} for s in steps]
+    rows.insert(2, {"step": 40, "val": {"en": {"mR": 3.5}, "pt": {"mR": 2.5}, "mean": {"mR": 3.0}}})
+    rows.append({"step": 80, "val": {"en": {"mR": 4.0}}})
+    path = train.plot(write_metrics(tmp_path / "run", rows))
+    assert path == tmp_path / "run/curves.svg"
+    svg = ET.parse(path).getroot()
+    titles = [t.text for t in svg.iter(f"{SVG}text") if t.get("font-weight") == "bold"]
+    assert titles == [title for _, title in train.CURVES]
+    points = [[tuple(map(float, p.split(","))) for p in line.get("points").split()]
+              for line in svg.iter(f"{SVG}polyline")]
+    assert [len(p) for p in points] == [4, 4, 4, 4, 4, 4, 2]
+    assert points[0][0][1] < points[0][-1][1]  # the loss falls: its curve goes down (SVG's y grows downward)
+    assert [label for _, label in train.nice_ticks(14.29, 14.31)] == ["14.29", "14.3", "14.31"]  # distinct
+    assert [label for _, label in train.nice_ticks(0, 600)] == ["0", "200", "400", "600"]
+    clip_only = [{"step": s, "loss": 3.0, "clip": 3.0, "lr": 1e-4, "logit_scale": 14.3} for s in (5, 10)]
+    svg = ET.parse(train.plot(write_metrics(tmp_path / "clip", clip_only))).getroot()
+    assert len(list(svg.iter(f"{SVG}polyline"))) == 4  # no distillation, teacher or validation panel
+
+
+def test_plot_command_writes_curves_and_says_so(tmp_path, capsys):
+    write_metrics(tmp_path / "run", [{"step": 1, "loss": 2.0}])
+    with pytest.raises(SystemExit) as done:
+        rsmclip.run_cli(train.app, ["plot", str(tmp_path / "run")])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'run/curves.svg'}\n"
+    assert len(list(ET.parse(tmp_path / "run/curves.svg").getroot().iter(f"{SVG}circle"))) == 1  # one point
+
+
+def test_every_option_of_train_and_eval_says_what_it_does():
+    """--help: a description for every option, and no empty default printed as `(default: )`."""
+    import typer.main
+
+    import eval as ev
+
+    commands = [typer.main.get_command(train.app), *typer.main.get_command(ev.app).commands.values()]
+    for command in commands:
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help and "(default: )" not in param.help, (command.name, param.name)
 
 
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest):
