@@ -603,6 +603,7 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
         model, preprocess, tok = rsmclip.load(w, tokenizer, device)
         for task in suite["tasks"]:
             data = Path(suite_path).parent / task["data"]
+            rsmclip.warn_if_toy(model.config, w, [data])
             if task["task"] == "retrieval":
                 result = evaluate_retrieval(model, tok, preprocess, data, task.get("split", "test"),
                                             task.get("langs"), batch_size, device, workers, ties)
@@ -701,6 +702,7 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
         raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
     rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
+    rsmclip.warn_if_toy(model.config, model_path, [data])
     results = evaluate_retrieval(model, tok, preprocess, data, split,
                                  rsmclip.parse_langs(langs) if langs else None, batch_size, device, workers,
                                  ties)
@@ -725,6 +727,7 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
     """Zero-shot top-1 accuracy with per-language class names and templates."""
     rsmclip.refuse_overwrite(out, [model_path, data, templates, tokenizer, Path(classes)])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
+    rsmclip.warn_if_toy(model.config, model_path, [data])
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
                                workers)
@@ -759,6 +762,7 @@ def linear_probe(model_path: Path = MODEL,
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
     rsmclip.refuse_overwrite(out, [model_path, data])
     cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
+    rsmclip.warn_if_toy(cfg, model_path, [data])
     model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
                                    rsmclip.weights_fingerprint(model_path), batch_size, device, workers)

@@ -1264,7 +1264,8 @@ def warn_unknown(tokenizer: Tokenizer, texts: list[str], what: str = "query"):
 
 
 def is_demo_image(path: Path) -> bool:
-    """An image inside a folder that data/demo.py made (its VERSION stamp names the demo)."""
+    """An image (or a manifest, a folder) inside a folder that data/demo.py made (its VERSION stamp names
+    the demo)."""
     for folder in Path(path).resolve().parents:
         stamp = folder / "VERSION"
         if stamp.is_file():
@@ -1274,7 +1275,8 @@ def is_demo_image(path: Path) -> bool:
 
 def warn_if_toy(cfg: CLIPConfig, weights: Path, paths: list[Path]):
     """The tiny architecture is the demo's toy (64-pixel input, 1.4M parameters, synthetic scenes): on
-    real imagery its scores are flat and mean little. Say so whenever it sees images not from the demo."""
+    real imagery its scores are flat and mean little. Say so whenever it sees images not from the demo
+    (`paths`: the images, or the manifest or folder that holds them)."""
     tiny = PRESETS["tiny"]
     if (cfg.vision, cfg.embed_dim) == (tiny.vision, tiny.embed_dim) and not all(map(is_demo_image, paths)):
         print(f"warning: {display(weights)} is the tiny demo model, a toy trained on synthetic scenes: its "

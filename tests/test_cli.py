@@ -241,6 +241,17 @@ def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_pat
     assert "toy" not in result.stderr  # the demo model on the demo's own images is what it is for
 
 
+def test_the_toy_warning_knows_the_demo_folder_and_the_architecture(demo_manifest, tmp_path, capsys):
+    """eval.py passes the manifest or class folder: inside the demo's folder no warning, elsewhere one."""
+    tiny = rsmclip.PRESETS["tiny"]
+    rsmclip.warn_if_toy(tiny, "w.safetensors", [demo_manifest, demo_manifest.parent / "images"])
+    assert capsys.readouterr().err == ""
+    rsmclip.warn_if_toy(tiny, "w.safetensors", [demo_manifest, tmp_path])
+    assert "w.safetensors is the tiny demo model, a toy" in capsys.readouterr().err
+    rsmclip.warn_if_toy(rsmclip.PRESETS["xlmr-b32"], "w.safetensors", [tmp_path])
+    assert capsys.readouterr().err == ""
+
+
 def test_known_weight_names_resolve_in_the_user_cache(tiny_weights, user_cache, tmp_path):
     with pytest.raises(rsmclip.WeightsError, match="rs-m-clip: not downloaded yet; `rsmclip download rs-m"):
         rsmclip.load("rs-m-clip")
