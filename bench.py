@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -277,6 +278,133 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     print(f"{f'rsmclip multi-crop (2x{size} + {local_crops}x{local} px)':34} {t_crop * 1e3:9.1f} "
           f"{batch_size / t_crop:9.1f} {m_crop:9.0f}")
     print(f"multi-crop cost: {t_crop / t_ours:.2f}x our CLIP-only step")
+
+
+# ----------------------------------------------------------------------------- data pipeline benchmark
+
+SHARED_UCM = Path(__file__).resolve().parent.parent / "shared/datasets/ucm_captions_trainval"
+
+
+def dino_transform(cfg: train.TrainConfig, size: int):
+    """DINO's DataAugmentationDINO (main_dino.py), built from torchvision.transforms: 2 global crops (blur
+    p 1; blur p 0.1 + solarisation p 0.2) and the local crops (blur p 0.5), each flipped, jittered and
+    greyed; with our crop sizes and scales. DINO blurs and solarises with PIL, as here."""
+    import torchvision.transforms as T
+    from PIL import ImageFilter
+
+    def blur(p):
+        return T.RandomApply([T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(
+            radius=torch.empty(()).uniform_(0.1, 2.0).item())))], p=p)
+
+    colour = [T.RandomHorizontalFlip(0.5), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+              T.RandomGrayscale(0.2)]
+    tensor = [T.ToTensor(), T.Normalize(rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)]
+    bicubic = T.InterpolationMode.BICUBIC
+    global1 = T.Compose([T.RandomResizedCrop(size, cfg.global_scale, interpolation=bicubic), *colour,
+                         blur(1.0), *tensor])
+    global2 = T.Compose([T.RandomResizedCrop(size, cfg.global_scale, interpolation=bicubic), *colour,
+                         blur(0.1), T.RandomSolarize(128, 0.2), *tensor])
+    local = T.Compose([T.RandomResizedCrop(cfg.local_size, cfg.local_scale, interpolation=bicubic), *colour,
+                       blur(0.5), *tensor])
+    return lambda image: [global1(image), global2(image)] + [local(image) for _ in range(cfg.local_crops)]
+
+
+def ucm_manifest(folder: Path) -> Path:
+    """UCM-Captions train/val from ../shared as a manifest in `folder` (its images linked there)."""
+    from data import prepare
+
+    if not SHARED_UCM.is_dir():
+        raise rsmclip.RsmclipError(f"{SHARED_UCM}: not found; pass --manifest")
+    (folder / "images").symlink_to(SHARED_UCM / "images")
+    prepare.build_captions(SHARED_UCM / "dataset_ucm_trainval.json", folder / "images",
+                           folder / "captions.jsonl", "ucm")
+    return folder / "captions.jsonl"
+
+
+@app.command()
+def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (default: UCM-Captions from "
+                                                 "../shared, train split)"),
+         tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: ../shared's "
+                                                  "XLM-R vocabulary)"),
+         samples: int = typer.Option(96, help="samples per measurement"),
+         workers: int = typer.Option(0, help="loader processes for the N-worker line (0: every core)"),
+         batch_size: int = typer.Option(32, help="samples per batch of the tensor path")):
+    """Samples/s of the paper-shaped multi-crop pipeline (2 x 224 + 8 x 96 px), each side in one process
+    with one thread unless said: ours with PIL (files, 1 and N loader processes), ours from the decoded
+    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline. Ratios are
+    to our PIL pipeline in one process, all measured in this run."""
+    import os
+    import random
+    import tempfile
+
+    from data import augment
+    from data.prepare import ImageCache, build_cache
+
+    cfg = replace(train.RECIPES["rs-m-clip"], langs="en")
+    size = 224
+    workers = workers or os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = manifest or ucm_manifest(Path(tmp))
+        tokenizer = rsmclip.Tokenizer(
+            tokenizer or SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model")
+        items = train.read_manifests([str(manifest)], "train")
+        start = time.perf_counter()
+        cache_file = Path(tmp) / "cache.safetensors"
+        build_cache(manifest, cache_file)
+        built = time.perf_counter() - start
+        cache = ImageCache(cache_file, manifest)
+        torch.set_num_threads(1)
+        keys = [(i % len(items), 1000 + i) for i in range(samples)]
+        rows = []
+
+        def measure(name, fn, processes=1):
+            fn(keys[:4])  # warm-up: page cache, lazy imports
+            start = time.perf_counter()
+            fn(keys)
+            rate = samples / (time.perf_counter() - start)
+            rows.append((name, processes, rate))
+            print(f"{name:52} {processes:>9} {rate:9.1f} {rate / processes:9.1f} "
+                  f"{rate / rows[0][2]:7.2f}", flush=True)
+
+        pil = train.MultiCropDataset(items, cfg, size, tokenizer)
+
+        def loader(ks, n):
+            batches = [ks[i:i + batch_size] for i in range(0, len(ks), batch_size)]
+            for _ in torch.utils.data.DataLoader(pil, batch_sampler=batches, collate_fn=train.collate,
+                                                 num_workers=n):
+                pass
+
+        def tensor_path(device):
+            ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
+
+            def run(ks):
+                for i in range(0, len(ks), batch_size):
+                    batch = train.collate([ds[k] for k in ks[i:i + batch_size]])
+                    pixels = batch["pixels"].to(device)
+                    augment.views(pixels, batch["view_plan"], size)
+                    augment.views(pixels, batch["local_plan"], cfg.local_size)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+            return run
+
+        dino = dino_transform(cfg, size)
+
+        def dino_run(ks):
+            for index, seed in ks:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                dino(rsmclip.open_image(items[index]["path"]))
+
+        print(f"multi-crop samples (2 x {size} + {cfg.local_crops} x {cfg.local_size} px) of {len(items)} "
+              f"images from {manifest}; CPU {os.cpu_count()} cores, torch {torch.__version__}; cache built "
+              f"in {built:.1f} s, {cache_file.stat().st_size / 2 ** 20:.0f} MiB")
+        print(f"{'pipeline':52} {'processes':>9} {'samples/s':>9} {'per proc':>9} {'ratio':>7}")
+        measure("ours, PIL from files (MultiCropDataset)", lambda ks: [pil[k] for k in ks])
+        measure(f"ours, PIL from files, {workers} loader processes", lambda ks: loader(ks, workers), workers)
+        measure("ours, cache + tensor ops on CPU (1 thread)", tensor_path("cpu"))
+        measure("DINO's torchvision pipeline (DataAugmentationDINO)", dino_run)
+        if torch.cuda.is_available():
+            measure(f"ours, cache + tensor ops on {torch.cuda.get_device_name()}", tensor_path("cuda"))
 
 
 if __name__ == "__main__":
