@@ -383,10 +383,12 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
             def run(ks):
                 for i in range(0, len(ks), batch_size):
                     batch = train.collate([ds[k] for k in ks[i:i + batch_size]])
+                    if device is None:  # what a GPU host's loader processes do: read, draw, collate
+                        continue
                     pixels = batch["pixels"].to(device)
                     augment.views(pixels, batch["view_plan"], size)
                     augment.views(pixels, batch["local_plan"], cfg.local_size)
-                if device != "cpu":
+                if device == "cuda":
                     torch.cuda.synchronize()
             return run
 
@@ -405,6 +407,7 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
         measure("ours, PIL from files (MultiCropDataset)", lambda ks: [pil[k] for k in ks])
         measure(f"ours, PIL from files, {workers} loader processes", lambda ks: loader(ks, workers), workers)
         measure("ours, cache + tensor ops on CPU (1 thread)", tensor_path("cpu"))
+        measure("ours, cache, loader's share only (device augments)", tensor_path(None))
         measure("DINO's torchvision pipeline (DataAugmentationDINO)", dino_run)
         if torch.cuda.is_available():
             measure(f"ours, cache + tensor ops on {torch.cuda.get_device_name()}", tensor_path("cuda"))
