@@ -564,9 +564,19 @@ class ImageCache:
         self.offsets = np.array(mapped("offsets", np.int64))
         self.shapes = np.array(mapped("shapes", np.int32)).reshape(-1, 2)
         self.images, self.max_side = json.loads(meta["images"]), int(meta["max_side"])
+        self.mapping = (path, 8 + n + header["pixels"]["data_offsets"][0], len(self.pixels))
 
     def __len__(self):
         return len(self.images)
+
+    def __getstate__(self):
+        """Sent to a loader process that is spawned, not forked: the mapping, never the pixels."""
+        return {k: v for k, v in self.__dict__.items() if k != "pixels"}
+
+    def __setstate__(self, state):
+        self.__dict__ = state
+        path, offset, size = self.mapping
+        self.pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.pixels[self.offsets[i]:self.offsets[i + 1]].reshape(*self.shapes[i], 3)

@@ -4,6 +4,7 @@ torchvision's samplers (RandomResizedCrop.get_params, ColorJitter), and the deco
 (data/prepare.py) against the files it was made from."""
 import json
 import math
+import pickle
 import random
 from dataclasses import replace
 
@@ -153,6 +154,9 @@ def test_cache_holds_the_decoded_images_memory_mapped(tmp_path):
     assert "3 train images" in report[0] and "1 downscaled" in report[0] and path.exists()
     cache = prepare.ImageCache(path, manifest)
     assert isinstance(cache.pixels, np.memmap) and len(cache) == 3
+    sent = pickle.loads(pickle.dumps(cache))  # to a spawned loader process: mapped again, not copied
+    assert isinstance(sent.pixels, np.memmap) and len(pickle.dumps(cache)) < 10_000
+    assert np.array_equal(sent[2], cache[2])
     for i in range(3):
         image = rsmclip.open_image(manifest.parent / f"imgs/{i}.{'png' if i % 2 else 'jpg'}")
         if max(image.size) > 256:  # 600 x 200 -> 256 x 85, bicubic
