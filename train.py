@@ -4,6 +4,8 @@
     python train.py --preset rs-m-clip --data rsicd/captions.jsonl --data rsitmd/captions.jsonl \
         --init weights/xlmr-b32-laion5b.safetensors --out runs/rs-m-clip
     torchrun --nproc_per_node 4 train.py --preset rs-m-clip ...    # DDP: same script, no flags
+    python data/prepare.py cache D.jsonl && python train.py ... --data D.jsonl \
+        --image-cache D.train.imagecache.safetensors      # decoded once; views made on the GPU (README)
 
 Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
 ViT class token) sees every crop; an EMA teacher (image tower + head) sees the global crops. Loss =
