@@ -8,6 +8,7 @@ memory of each. open_clip is a benchmark peer only (pip install -r requirements-
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -565,9 +566,10 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
         del run
 
     # ----- bench.py train: ours against open_clip -----
-    report["train_vs_open_clip"] = train_bench(
-        preset=arch, batch_size=4 if quick else 128, steps=3 if quick else 10, device=device,
-        precision="auto", local_crops=2 if quick else 8, threads=0, captions=None, tokenizer=None)
+    with contextlib.redirect_stdout(sys.stderr):  # its table joins the progress lines; stdout: the JSON
+        report["train_vs_open_clip"] = train_bench(
+            preset=arch, batch_size=4 if quick else 128, steps=3 if quick else 10, device=device,
+            precision="auto", local_crops=2 if quick else 8, threads=0, captions=None, tokenizer=None)
     text = json.dumps(report, indent=2)
     print(text)
     if out:

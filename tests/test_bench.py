@@ -23,6 +23,7 @@ def test_bench_gpu_runs_end_to_end_in_quick_mode_on_cpu(tmp_path):
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "gpu.json").read_text())
+    assert json.loads(result.stdout) == report  # stdout is the one JSON
     assert {"device", "parity_bf16_vs_fp32", "demo", "demo_compiled", "paper", "paper_compiled", "data_bound",
             "train_vs_open_clip"} <= report.keys()
     assert {"images_per_s", "mfu", "peak_memory_mb", "flops_per_sample"} <= report["paper"].keys()
