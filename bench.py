@@ -335,8 +335,8 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
          batch_size: int = typer.Option(32, help="samples per batch of the tensor path")):
     """Samples/s of the paper-shaped multi-crop pipeline (2 x 224 + 8 x 96 px), each side in one process
     with one thread unless said: ours with PIL (files, 1 and N loader processes), ours from the decoded
-    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline. Ratios are
-    to our PIL pipeline in one process, all measured in this run."""
+    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline. Ratio: a
+    line's samples/s (all its processes) / our PIL pipeline's in one process, all measured in this run."""
     import os
     import random
     import tempfile
