@@ -8,6 +8,7 @@ memory of each. open_clip is a benchmark peer only (pip install -r requirements-
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -15,10 +16,12 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import typer
 
 import rsmclip
@@ -277,7 +280,301 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     print(f"{f'rsmclip multi-crop (2x{size} + {local_crops}x{local} px)':34} {t_crop * 1e3:9.1f} "
           f"{batch_size / t_crop:9.1f} {m_crop:9.0f}")
     print(f"multi-crop cost: {t_crop / t_ours:.2f}x our CLIP-only step")
+    return {"ours_ms": t_ours * 1e3, "open_clip_ms": t_theirs * 1e3, "ratio": t_ours / t_theirs,
+            "multicrop_ms": t_crop * 1e3}
+
+
+# ----------------------------------------------------------------------------- data pipeline benchmark
+
+SHARED_UCM = Path(__file__).resolve().parent.parent / "shared/datasets/ucm_captions_trainval"
+
+
+def dino_transform(cfg: train.TrainConfig, size: int):
+    """DINO's DataAugmentationDINO (main_dino.py), built from torchvision.transforms: 2 global crops (blur
+    p 1; blur p 0.1 + solarisation p 0.2) and the local crops (blur p 0.5), each flipped, jittered and
+    greyed; with our crop sizes and scales. DINO blurs and solarises with PIL, as here."""
+    import torchvision.transforms as T
+    from PIL import ImageFilter
+
+    def blur(p):
+        return T.RandomApply([T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(
+            radius=torch.empty(()).uniform_(0.1, 2.0).item())))], p=p)
+
+    colour = [T.RandomHorizontalFlip(0.5), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+              T.RandomGrayscale(0.2)]
+    tensor = [T.ToTensor(), T.Normalize(rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)]
+    bicubic = T.InterpolationMode.BICUBIC
+    global1 = T.Compose([T.RandomResizedCrop(size, cfg.global_scale, interpolation=bicubic), *colour,
+                         blur(1.0), *tensor])
+    global2 = T.Compose([T.RandomResizedCrop(size, cfg.global_scale, interpolation=bicubic), *colour,
+                         blur(0.1), T.RandomSolarize(128, 0.2), *tensor])
+    local = T.Compose([T.RandomResizedCrop(cfg.local_size, cfg.local_scale, interpolation=bicubic), *colour,
+                       blur(0.5), *tensor])
+    return lambda image: [global1(image), global2(image)] + [local(image) for _ in range(cfg.local_crops)]
+
+
+def ucm_manifest(folder: Path) -> Path:
+    """UCM-Captions train/val from ../shared as a manifest in `folder` (its images linked there)."""
+    from data import prepare
+
+    if not SHARED_UCM.is_dir():
+        raise rsmclip.RsmclipError(f"{SHARED_UCM}: not found; pass --manifest")
+    (folder / "images").symlink_to(SHARED_UCM / "images")
+    prepare.build_captions(SHARED_UCM / "dataset_ucm_trainval.json", folder / "images",
+                           folder / "captions.jsonl", "ucm")
+    return folder / "captions.jsonl"
+
+
+@app.command()
+def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (default: UCM-Captions from "
+                                                 "../shared, train split)"),
+         tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece model (default: ../shared's "
+                                                  "XLM-R vocabulary)"),
+         samples: int = typer.Option(96, help="samples per measurement"),
+         workers: int = typer.Option(0, help="loader processes for the N-worker line (0: every core)"),
+         batch_size: int = typer.Option(32, help="samples per batch of the tensor path")):
+    """Samples/s of the paper-shaped multi-crop pipeline (2 x 224 + 8 x 96 px), each side in one process
+    with one thread unless said: ours with PIL (files, 1 and N loader processes), ours from the decoded
+    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline. Ratio: a
+    line's samples/s (all its processes) / our PIL pipeline's in one process, all measured in this run."""
+    import os
+    import random
+    import tempfile
+
+    from data import augment
+    from data.prepare import ImageCache, build_cache
+
+    cfg = replace(train.RECIPES["rs-m-clip"], langs="en")
+    size = 224
+    workers = workers or os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = manifest or ucm_manifest(Path(tmp))
+        tokenizer = rsmclip.Tokenizer(
+            tokenizer or SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model")
+        items = train.read_manifests([str(manifest)], "train")
+        start = time.perf_counter()
+        cache_file = Path(tmp) / "cache.safetensors"
+        build_cache(manifest, cache_file)
+        built = time.perf_counter() - start
+        cache = ImageCache(cache_file, manifest)
+        torch.set_num_threads(1)
+        keys = [(i % len(items), 1000 + i) for i in range(samples)]
+        rows = []
+
+        def measure(name, fn, processes=1):
+            fn(keys[:4])  # warm-up: page cache, lazy imports
+            start = time.perf_counter()
+            fn(keys)
+            rate = samples / (time.perf_counter() - start)
+            rows.append((name, processes, rate))
+            print(f"{name:52} {processes:>9} {rate:9.1f} {rate / processes:9.1f} "
+                  f"{rate / rows[0][2]:7.2f}", flush=True)
+
+        pil = train.MultiCropDataset(items, cfg, size, tokenizer)
+
+        def loader(ks, n):
+            batches = [ks[i:i + batch_size] for i in range(0, len(ks), batch_size)]
+            for _ in torch.utils.data.DataLoader(pil, batch_sampler=batches, collate_fn=train.collate,
+                                                 num_workers=n):
+                pass
+
+        def tensor_path(device):
+            ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
+
+            def run(ks):
+                for i in range(0, len(ks), batch_size):
+                    batch = train.collate([ds[k] for k in ks[i:i + batch_size]])
+                    if device is None:  # what a GPU host's loader processes do: read, draw, collate
+                        continue
+                    pixels = batch["pixels"].to(device)
+                    augment.views(pixels, batch["view_plan"], size)
+                    augment.views(pixels, batch["local_plan"], cfg.local_size)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            return run
+
+        dino = dino_transform(cfg, size)
+
+        def dino_run(ks):
+            for index, seed in ks:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                dino(rsmclip.open_image(items[index]["path"]))
+
+        print(f"multi-crop samples (2 x {size} + {cfg.local_crops} x {cfg.local_size} px) of {len(items)} "
+              f"images from {manifest}; CPU {os.cpu_count()} cores, torch {torch.__version__}; cache built "
+              f"in {built:.1f} s, {cache_file.stat().st_size / 2 ** 20:.0f} MiB")
+        print(f"{'pipeline':52} {'processes':>9} {'samples/s':>9} {'per proc':>9} {'ratio':>7}")
+        measure("ours, PIL from files (MultiCropDataset)", lambda ks: [pil[k] for k in ks])
+        measure(f"ours, PIL from files, {workers} loader processes", lambda ks: loader(ks, workers), workers)
+        measure("ours, cache + tensor ops on CPU (1 thread)", tensor_path("cpu"))
+        measure("ours, cache, loader's share only (device augments)", tensor_path(None))
+        measure("DINO's torchvision pipeline (DataAugmentationDINO)", dino_run)
+        if torch.cuda.is_available():
+            measure(f"ours, cache + tensor ops on {torch.cuda.get_device_name()}", tensor_path("cuda"))
+
+
+# ----------------------------------------------------------------------------- one-shot GPU check
+
+# Dense bf16 tensor-core peaks (vendor data sheets, without sparsity), for MFU
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def transformer_flops(layers: int, width: int, hidden: int, tokens: int) -> float:
+    """Forward FLOPs of one sequence: per layer and token 2 x (4 w^2 attention projections + 2 w hidden MLP
+    weights), plus 2 x 2 n w for the scores and the weighted sum (multiply-add = 2 FLOPs)."""
+    return layers * (2 * tokens * (4 * width ** 2 + 2 * width * hidden) + 4 * tokens ** 2 * width)
+
+
+def sample_flops(model: rsmclip.CLIPConfig, cfg: train.TrainConfig, text_tokens: int) -> float:
+    """Training FLOPs of one sample, counted on paper: backward = 2 x forward, so the student (every view,
+    its captions, the head) costs 3 x its forward, the EMA teacher (2 global crops + head) 1 x."""
+    v, t = model.vision, model.text
+
+    def vit(size):
+        patches = (size // v.patch_size) ** 2
+        return (transformer_flops(v.layers, v.width, int(v.width * v.mlp_ratio), patches + 1)
+                + 2 * patches * 3 * v.patch_size ** 2 * v.width)
+
+    n_views, n_clip = train.view_layout(cfg)
+    local = cfg.local_crops if cfg.distill_weight > 0 else 0
+    head = 2 * (v.width * cfg.head_hidden + cfg.head_hidden ** 2 + cfg.head_hidden * cfg.head_bottleneck
+                + cfg.head_bottleneck * cfg.prototypes) if cfg.distill_weight > 0 else 0
+    student = (n_views * vit(v.image_size) + local * vit(cfg.local_size)
+               + n_clip * transformer_flops(t.layers, t.width, t.intermediate, text_tokens)
+               + (2 + local) * head)
+    teacher = 2 * (vit(v.image_size) + head) if cfg.distill_weight > 0 else 0
+    return 3 * student + teacher
+
+
+@app.command()
+def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only for the quick smoke run)"),
+        quick: bool = typer.Option(False, help="tiny model, batch 4, 3 steps: a smoke run of this script"),
+        steps: int = typer.Option(50, help="timed steps per configuration"),
+        out: Optional[Path] = typer.Option(None, help="also write the JSON here")):
+    """One-shot GPU check (meant to take at most 5 minutes on one H100/H200), one JSON: bf16 vs fp32
+    parity of the model; the demo step and the paper-shaped multi-crop step (batch 256: 2 x 224 + 8 x 96
+    px) with AMP and fused AdamW, with and without torch.compile: images/s, MFU, peak memory; whether
+    training from the image cache with tensor augmentation is data-bound; bench.py train's ratio against
+    open_clip. Not yet run on a GPU: README says which figures are calculated."""
+    import os
+    import tempfile
+
+    from data.demo import make_demo
+    from data.prepare import ImageCache, build_cache
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise rsmclip.RsmclipError("bench.py gpu: CUDA is not available on this machine (torch "
+                                   f"{torch.__version__}); run it where a GPU is, or --device cpu --quick "
+                                   "for a smoke run")
+    dev = torch.device(device)
+    steps = 3 if quick else steps
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    peak = next((p for key, p in PEAK_BF16.items() if key in name), None)
+    report = {"device": name, "torch": torch.__version__, "peak_bf16_flops": peak, "steps": steps}
+    arch = "tiny" if quick else "xlmr-b32"
+    model_cfg = rsmclip.PRESETS[arch]
+
+    # ----- bf16 vs fp32 parity on the device -----
+    torch.manual_seed(0)
+    model = rsmclip.CLIP(model_cfg).to(dev).eval()
+    size = model_cfg.vision.image_size
+    pixels = torch.randn(16, 3, size, size, device=dev)
+    ids = make_ids(caption_lengths(16), model_cfg.text.vocab_size).to(dev)
+    with torch.no_grad():
+        fp32 = model(pixels, ids)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            bf16 = model(pixels, ids)
+    cos = [float(F.cosine_similarity(a.float(), b.float(), dim=-1).min()) for a, b in zip(fp32[:2], bf16[:2])]
+    logits = [f[2] * f[0].float() @ f[1].float().T for f in (fp32, bf16)]
+    report["parity_bf16_vs_fp32"] = {"image_cosine_min": cos[0], "text_cosine_min": cos[1],
+                                     "logits_max_abs_diff": float((logits[0] - logits[1]).abs().max())}
+    del model
+
+    # ----- model steps on batches already on the device -----
+    demo = replace(train.RECIPES["demo"], batch_size=4 if quick else 32, local_crops=2 if quick else 8)
+    paper = replace(train.RECIPES["rs-m-clip"], batch_size=4 if quick else 256, arch=arch,
+                    local_size=24 if quick else 96, prototypes=1024 if quick else 65536)
+    lengths = caption_lengths(paper.batch_size * 2)
+    report["text_tokens"] = max(lengths)
+    for label, cfg, preset in (("demo", demo, "tiny"), ("paper", paper, arch)):
+        mc = rsmclip.PRESETS[preset]
+        n_views, n_clip = train.view_layout(cfg)
+        g = torch.Generator().manual_seed(0)
+        batch = {"views": torch.randn(n_views * cfg.batch_size, 3, mc.vision.image_size, mc.vision.image_size,
+                                      generator=g).to(dev),
+                 "locals": torch.randn(cfg.local_crops * cfg.batch_size, 3, cfg.local_size, cfg.local_size,
+                                       generator=g).to(dev),
+                 "ids": make_ids(lengths[:n_clip * cfg.batch_size], mc.text.vocab_size).to(dev)}
+        flops = sample_flops(mc, cfg, max(lengths))
+        for compiled in (False, True):
+            if compiled and quick:  # compiling takes minutes on a CPU: not for a smoke run
+                report[f"{label}_compiled"] = {"skipped": "--quick"}
+                continue
+            cfg_run = replace(cfg, precision="bf16", compile=compiled, steps=10_000)
+            torch.manual_seed(0)
+            run = train.build_run(cfg_run, rsmclip.CLIP(mc), None, dev)
+            start = time.perf_counter()
+            for i in range(3):  # warm-up: compilation, optimizer state
+                train.train_step(run, batch, i)
+            train.read_logs(train.train_step(run, batch, 3))
+            warmup = time.perf_counter() - start
+            with PeakMemory(dev.type) as mem:
+                start = time.perf_counter()
+                for i in range(steps):
+                    logs = train.train_step(run, batch, 4 + i)
+                loss = train.read_logs(logs)["loss"]  # waits for the device
+                elapsed = time.perf_counter() - start
+            rate = steps * cfg.batch_size / elapsed
+            report[f"{label}{'_compiled' if compiled else ''}"] = {
+                "batch": cfg.batch_size, "images_per_s": rate, "ms_per_step": 1e3 * elapsed / steps,
+                "warmup_s": warmup, "flops_per_sample": flops, "mfu": rate * flops / peak if peak else None,
+                "peak_memory_mb": mem.peak, "loss": loss}
+            del run
+            print(json.dumps({label: report[f"{label}{'_compiled' if compiled else ''}"]}), file=sys.stderr)
+
+    # ----- is training from the cache with tensor augmentation data-bound? -----
+    with tempfile.TemporaryDirectory() as tmp:
+        if quick or not SHARED_UCM.is_dir():
+            manifest, mc = make_demo(Path(tmp) / "demo"), rsmclip.PRESETS["tiny"]
+            cfg, tokenizer = replace(demo, langs="en"), manifest.parent / "spm.model"
+        else:
+            manifest, cfg, mc = ucm_manifest(Path(tmp)), replace(paper, langs="en"), model_cfg
+            tokenizer = SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model"
+        build_cache(manifest, Path(tmp) / "cache.safetensors")
+        items = train.read_manifests([str(manifest)], "train")
+        dataset = train.MultiCropDataset(items, cfg, mc.vision.image_size, rsmclip.Tokenizer(tokenizer),
+                                         ImageCache(Path(tmp) / "cache.safetensors", manifest), tensor=True)
+        sampler = train.StepSampler(len(items), cfg.batch_size, 0, 1, 0, 0, steps + 3)
+        workers = 0 if quick else min(8, os.cpu_count())
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=train.collate,
+                                                  num_workers=workers, pin_memory=dev.type == "cuda"))
+        torch.manual_seed(0)
+        run = train.build_run(replace(cfg, precision="bf16", steps=10_000), rsmclip.CLIP(mc), None, dev)
+        waiting = computing = 0.0
+        for i in range(steps + 3):
+            start = time.perf_counter()
+            batch = next(loader)
+            middle = time.perf_counter()
+            train.read_logs(train.train_step(run, batch, i))  # waits for the device: times the step
+            if i >= 3:
+                waiting, computing = waiting + middle - start, computing + time.perf_counter() - middle
+        source = "demo" if mc.vision.image_size == 64 else "UCM-Captions train"
+        report["data_bound"] = {"data": source, "workers": workers, "batch": cfg.batch_size,
+                                "waiting_for_loader_s": waiting, "computing_s": computing,
+                                "data_bound": waiting > 0.1 * computing}
+        del run
+
+    # ----- bench.py train: ours against open_clip -----
+    with contextlib.redirect_stdout(sys.stderr):  # its table joins the progress lines; stdout: the JSON
+        report["train_vs_open_clip"] = train_bench(
+            preset=arch, batch_size=4 if quick else 128, steps=3 if quick else 10, device=device,
+            precision="auto", local_crops=2 if quick else 8, threads=0, captions=None, tokenizer=None)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        rsmclip.atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))
 
 
 if __name__ == "__main__":
-    app()
+    rsmclip.run_cli(app)

@@ -4,6 +4,8 @@
     python train.py --preset rs-m-clip --data rsicd/captions.jsonl --data rsitmd/captions.jsonl \
         --init laion --out runs/rs-m-clip
     torchrun --nproc_per_node 4 train.py --preset rs-m-clip ...    # DDP: same script, no flags
+    python data/prepare.py cache D.jsonl && python train.py ... --data D.jsonl \
+        --image-cache D.train.imagecache.safetensors      # decoded once; views made on the GPU (README)
 
 Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
 ViT class token) sees every crop; an EMA teacher (image tower + head) sees the global crops. Loss =
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,8 +49,9 @@ from torchvision.transforms import functional as TF
 
 import eval as evaluation
 import rsmclip
+from data import augment
 from data.demo import make_demo
-from data.prepare import load_manifest
+from data.prepare import ImageCache, load_manifest
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "demo_data"
@@ -121,6 +125,12 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     workers: int = field(default=1, metadata={"help": "data loader processes"})
+    image_cache: str = field(default="", metadata={
+        "help": "decoded image cache of the --data manifest (data/prepare.py cache): no decoding in the "
+                "loop", "unset": "none, images decoded from their files"})
+    augment: str = field(default="auto", metadata={
+        "help": "pil (in the loader processes), tensor (batched on the training device), auto: tensor on "
+                "CUDA, pil on CPU"})
     seed: int = field(default=0, metadata={"help": "seed of the init, data order, augmentation and dropout"})
     log_every: int = field(default=20, metadata={"help": "write a metrics.jsonl line every N steps"})
     val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
@@ -200,41 +210,66 @@ def crop_box(width: int, height: int, scale: tuple, rng: random.Random) -> tuple
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(image: Image.Image, size: int, scale: tuple, rng: random.Random) -> Image.Image:
-    """RandomResizedCrop as torchvision applies it to PIL images: crop, then bicubic resize."""
-    left, top, w, h = crop_box(*image.size, scale, rng)
-    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return TF.normalize(TF.pil_to_tensor(image).float().div(255), rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """One view's random choices. Drawn once (draw_view), applied by either path: PIL here (apply_pil) or
+    batched tensor ops on the training device (augment.py), so both see the same distribution."""
+    box: tuple[int, int, int, int]  # (left, top, width, height) in the source image
+    flip: bool = False
+    jitter: tuple[tuple[str, float], ...] = ()  # (brightness | contrast | saturation | hue, factor), in order
+    grey: bool = False
+    blur: float = 0.0  # Gaussian sigma (PIL's radius) in pixels; 0: no blur
+    solarize: bool = False
+
+
+def draw_view(width: int, height: int, scale: tuple, blur: float, solarize: float, cfg: TrainConfig,
+              rng: random.Random, model_size: int) -> ViewParams:
+    """DINO's view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, each drawn from `rng`
+    in this order (the order fixes every sample's views for a seed: resume depends on it)."""
+    box = crop_box(width, height, scale, rng)
+    flip = rng.random() < cfg.flip
+    jitter = ()
+    if rng.random() < cfg.jitter_prob:
+        ops = [("brightness", rng.uniform(0.6, 1.4)), ("contrast", rng.uniform(0.6, 1.4)),
+               ("saturation", rng.uniform(0.8, 1.2)), ("hue", rng.uniform(-cfg.hue, cfg.hue))]
+        rng.shuffle(ops)  # ColorJitter applies its four changes in random order
+        jitter = tuple(ops)
+    grey = rng.random() < cfg.grayscale
+    # DINO's radius 0.1-2 px is for 224-px models: relative to the model's size
+    sigma = rng.uniform(0.1, 2.0) * model_size / 224 if rng.random() < blur else 0.0
+    return ViewParams(box, flip, jitter, grey, sigma, rng.random() < solarize)
+
+
+PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+def apply_pil(image: Image.Image, size: int, p: ViewParams) -> torch.Tensor:
+    """A view as torchvision makes it from a PIL image: crop + bicubic resize (RandomResizedCrop), then the
+    colour changes on 8-bit pixels, then CLIP mean/std."""
+    left, top, w, h = p.box
+    x = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if p.flip:
+        x = ImageOps.mirror(x)
+    for name, factor in p.jitter:
+        x = PIL_JITTER[name](x, factor)
+    if p.grey:
+        x = x.convert("L").convert("RGB")
+    if p.blur:
+        x = x.filter(ImageFilter.GaussianBlur(radius=p.blur))
+    if p.solarize:
+        x = ImageOps.solarize(x, 128)
+    return to_tensor(x)
 
 
 def light_view(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     """open_clip's training transform (image_transform(is_train=True), default augmentation): a crop of
     90-100% of the area, bicubic, nothing else."""
-    return to_tensor(random_resized_crop(image, size, (0.9, 1.0), rng))
-
-
-def augment(image, size, scale, blur, solarize, cfg: TrainConfig, rng: random.Random,
-            model_size: int) -> torch.Tensor:
-    """One DINO view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, CLIP mean/std."""
-    x = random_resized_crop(image, size, scale, rng)
-    if rng.random() < cfg.flip:
-        x = ImageOps.mirror(x)
-    if rng.random() < cfg.jitter_prob:
-        ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
-               (TF.adjust_saturation, rng.uniform(0.8, 1.2)), (TF.adjust_hue, rng.uniform(-cfg.hue, cfg.hue))]
-        rng.shuffle(ops)  # ColorJitter applies its four changes in random order
-        for op, factor in ops:
-            x = op(x, factor)
-    if rng.random() < cfg.grayscale:
-        x = x.convert("L").convert("RGB")
-    if rng.random() < blur:  # DINO's radius 0.1-2 px is for 224-px models: relative to the model's size
-        x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * model_size / 224))
-    if rng.random() < solarize:
-        x = ImageOps.solarize(x, 128)
-    return to_tensor(x)
+    return apply_pil(image, size, ViewParams(crop_box(*image.size, (0.9, 1.0), rng)))
 
 
 def view_layout(cfg: TrainConfig) -> tuple[int, int]:
@@ -246,52 +281,116 @@ def view_layout(cfg: TrainConfig) -> tuple[int, int]:
     return (3, 1) if cfg.clip_view == "light" else (2, 2)
 
 
+def draw_sample(width: int, height: int, cfg: TrainConfig, size: int,
+                rng: random.Random) -> tuple[list[ViewParams], list[ViewParams]]:
+    """-> (full-size views (view_layout), local crops) of one image: DINO's 2 global crops (the first always
+    blurred, the second rarely, maybe solarised), or open_clip's light views, then the local crops."""
+    n_views = view_layout(cfg)[0]
+    views = []
+    if cfg.distill_weight > 0:
+        views = [draw_view(width, height, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
+                 draw_view(width, height, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)]
+    views += [ViewParams(crop_box(width, height, (0.9, 1.0), rng)) for _ in range(n_views - len(views))]
+    local = [draw_view(width, height, cfg.local_scale, 0.5, 0.0, cfg, rng, size)
+             for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
+    return views, local
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Sample (index, seed) -> full-size views (see view_layout), local crops and a caption per CLIP view.
-    An unreadable image is replaced by the next readable one (batches keep their size, which DDP
-    needs) and reported."""
+    Images come from their files or, with `cache`, from the decoded image cache (no decoding). With
+    tensor=True a sample is its 8-bit image and its views' parameters: the training device applies them
+    to the whole batch (collate, data/augment.py). An unreadable image is replaced by the next readable one
+    (batches keep their size, which DDP needs) and reported."""
 
-    def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int, tokenizer: rsmclip.Tokenizer):
+    def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int, tokenizer: rsmclip.Tokenizer,
+                 cache: Optional[ImageCache] = None, tensor: bool = False):
         self.items, self.cfg, self.image_size, self.tokenizer = items, cfg, image_size, tokenizer
         self.langs = rsmclip.parse_langs(cfg.langs)
+        self.cache, self.tensor = cache, tensor
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        rng, cfg, failures = random.Random(seed), self.cfg, []
+    def read(self, index: int) -> tuple[dict, np.ndarray | Image.Image, list[str]]:
+        """-> (item, image, failures): [H, W, 3] uint8 from the cache, else the first readable file from
+        `index` on."""
+        if self.cache is not None:
+            return self.items[index], self.cache[index], []
+        failures = []
         for attempt in range(len(self.items)):
             item = self.items[(index + attempt) % len(self.items)]
             try:
-                image = rsmclip.open_image(item["path"])
-                break
+                return item, rsmclip.open_image(item["path"]), failures
             except rsmclip.ImageError as e:
                 failures.append(str(e))
-        else:
-            raise TrainError("no training image can be read")
-        size, (n_views, n_clip) = self.image_size, view_layout(cfg)
-        views = []
-        if cfg.distill_weight > 0:
-            views = [augment(image, size, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
-                     augment(image, size, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)]
-        views += [light_view(image, size, rng) for _ in range(n_views - len(views))]
-        local = [augment(image, cfg.local_size, cfg.local_scale, 0.5, 0.0, cfg, rng, size)
-                 for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
+        raise TrainError("no training image can be read")
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        rng, cfg = random.Random(seed), self.cfg
+        item, image, failures = self.read(index)
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
+        views, local = draw_sample(width, height, cfg, self.image_size, rng)
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
-        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(n_clip)]
-        return {"views": torch.stack(views), "locals": torch.stack(local) if local else None,
-                "ids": self.tokenizer(captions), "failures": failures}
+        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(view_layout(cfg)[1])]
+        sample = {"ids": self.tokenizer(captions), "failures": failures}
+        if self.tensor:
+            return sample | {"pixels": torch.from_numpy(np.array(image)), "view_params": views,
+                             "local_params": local}
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        return sample | {"views": torch.stack([apply_pil(image, self.image_size, p) for p in views]),
+                         "locals": torch.stack([apply_pil(image, cfg.local_size, p) for p in local])
+                         if local else None}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect."""
-    out = {"views": torch.stack([s["views"] for s in samples], 1).flatten(0, 1),
-           "ids": torch.stack([s["ids"] for s in samples], 1).flatten(0, 1),
+    """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect. Tensor
+    samples give their images, padded to one size, and the plans of their views (data/augment.py)."""
+    out = {"ids": torch.stack([s["ids"] for s in samples], 1).flatten(0, 1),
            "failures": [f for s in samples for f in s["failures"]]}
+    if "pixels" in samples[0]:
+        def view_major(key):
+            return [(i, s[key][v]) for v in range(len(samples[0][key])) for i, s in enumerate(samples)]
+
+        return out | {"pixels": pad_images([s["pixels"] for s in samples]),
+                      "view_plan": plan(view_major("view_params")),
+                      "local_plan": plan(view_major("local_params"))}
+    out["views"] = torch.stack([s["views"] for s in samples], 1).flatten(0, 1)
     out["locals"] = (torch.stack([s["locals"] for s in samples], 1).flatten(0, 1)
                      if samples[0]["locals"] is not None else None)
     return out
+
+
+def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """[H, W, 3] uint8 images of any sizes -> [B, H max, W max, 3], each padded by repeating its last row and
+    column: a crop at the image's edge then samples what PIL's crop would (the edge pixel), not padding."""
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    out = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
+    for b, image in enumerate(images):
+        h, w = image.shape[:2]
+        out[b, :h, :w] = image
+        out[b, :h, w:] = image[:, -1:]
+        out[b, h:] = out[b, h - 1:h]
+    return out
+
+
+def plan(views: list[tuple[int, ViewParams]]) -> Optional[augment.Plan]:
+    """(image index in the batch, parameters) of each view -> the tensors data/augment.py applies."""
+    if not views:
+        return None
+    order = torch.full((len(views), len(augment.JITTER)), -1, dtype=torch.int8)
+    factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(len(views), 1)  # identities of the four ops
+    for row, (_, p) in enumerate(views):
+        for position, (name, factor) in enumerate(p.jitter):
+            order[row, position] = augment.JITTER.index(name)
+            factors[row, augment.JITTER.index(name)] = factor
+    return augment.Plan(
+        boxes=torch.tensor([[i, left, top, left + w, top + h] for i, (left, top, w, h) in
+                            ((i, p.box) for i, p in views)], dtype=torch.float32),
+        flip=torch.tensor([p.flip for _, p in views]), order=order, factors=factors,
+        grey=torch.tensor([p.grey for _, p in views]), sigma=torch.tensor([p.blur for _, p in views]),
+        solarize=torch.tensor([p.solarize for _, p in views]))
 
 
 class StepSampler:
@@ -463,8 +562,13 @@ class Run:
 def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     """Forward every crop once per resolution; CLIP loss on each CLIP view, DINO loss from the teacher."""
     cfg, dev = run.cfg, run.device
-    views = batch["views"].to(dev, non_blocking=True)
-    locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
+    if "pixels" in batch:  # --augment tensor: the views are made here, on the device, from 8-bit images
+        pixels = batch["pixels"].to(dev, non_blocking=True)
+        views = augment.views(pixels, batch["view_plan"], run.core.clip.config.vision.image_size)
+        locals_ = augment.views(pixels, batch["local_plan"], cfg.local_size) if batch["local_plan"] else None
+    else:
+        views = batch["views"].to(dev, non_blocking=True)
+        locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
     ids = batch["ids"].to(dev, non_blocking=True)
     n_views, n_clip = view_layout(cfg)
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
@@ -483,16 +587,15 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict:
-    """Schedule, forward, losses, backward, clip, AdamW, logit_scale clamp, EMA: one open_clip/DINO step."""
+    """Schedule, forward, losses, backward, clip, AdamW, logit_scale clamp, EMA: one open_clip/DINO step.
+    -> its logs: losses, logit scale and gradient norm as device tensors, read by the loop only on logging
+    steps (reading them here would make the host wait for the device every step)."""
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, group["base_lr"], cfg.warmup, cfg.steps)
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
     run.optimizer.zero_grad(set_to_none=True)
     loss, parts = compute_loss(run, batch, step)
-    if not torch.isfinite(loss):
-        raise TrainError(f"non-finite loss ({float(loss)}) at step {step}; the last checkpoint is kept")
-
     (run.scaler.scale(loss) if run.scaler else loss).backward()
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
@@ -500,7 +603,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
         for p in run.core.head.last_layer():  # DINO: the prototypes stay put while the head settles
             p.grad = None
     grad_norm = (torch.nn.utils.clip_grad_norm_(run.core.parameters(), cfg.grad_clip) if cfg.grad_clip
-                 else torch.tensor(float("nan")))
+                 else torch.full((), float("nan"), device=run.device))
     if run.scaler:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -514,10 +617,35 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
         ema_update(run.teacher, student, momentum)
     lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
         {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.core.head is not None else {})
-    parts = {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}
-    return {"loss": float(loss.detach()), **parts, **lrs,
-            "logit_scale": float(run.core.clip.logit_scale.detach().exp()), "ema_momentum": momentum,
-            "grad_norm": float(grad_norm)}
+    parts = {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+    return {"loss": loss.detach(), **parts, **lrs, "logit_scale": run.core.clip.logit_scale.detach().exp(),
+            "ema_momentum": momentum, "grad_norm": grad_norm}
+
+
+def read_logs(logs: dict) -> dict:
+    """train_step's logs as numbers: one transfer for all the device values."""
+    names = [k for k, v in logs.items() if torch.is_tensor(v)]
+    values = torch.stack([logs[k].float().reshape(()) for k in names]).tolist() if names else []
+    return logs | dict(zip(names, values))
+
+
+class FiniteWatch:
+    """The first step whose loss is not finite, kept on the device (no host sync per step); check() reads
+    it, on logging steps and before each checkpoint, so no checkpoint is ever written past that step."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, step: int):
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss.float(), self.loss)
+
+    def check(self):
+        step, loss = torch.stack([self.step.float(), self.loss]).tolist()
+        if step >= 0:
+            raise TrainError(f"non-finite loss ({loss}) at step {int(step)}; the last checkpoint is kept")
 
 
 # ===================================================================== checkpoints (no pickle)
@@ -722,6 +850,10 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     if not items:
         raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
     check_languages(items, rsmclip.parse_langs(cfg.langs))
+    cache = ImageCache(Path(cfg.image_cache), Path(cfg.data[0])) if cfg.image_cache else None
+    # Batched on a GPU the augmentation costs little of the step; on a CPU it would share the cores with
+    # the model, while PIL runs in the loader processes beside it
+    tensor = cfg.augment == "tensor" or cfg.augment == "auto" and device.type == "cuda"
     if len(items) < cfg.batch_size * world:
         raise TrainError(f"{len(items)} training images: fewer than one batch of {cfg.batch_size * world}")
 
@@ -744,7 +876,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         rsmclip.atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
-              f"parameters, device {device}, precision {cfg.precision}")
+              f"parameters, device {device}, precision {cfg.precision}, "
+              f"augment {'tensor' if tensor else 'pil'}" + (f" from {cfg.image_cache}" if cache else ""))
     before = None
     if is_main:
         before = validate(run, val_manifest, "test") if start == 0 else earlier_before(out)
@@ -752,7 +885,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
 
     # ----- loop -----
-    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
+    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer, cache, tensor)
     sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
@@ -762,7 +895,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    StepRate(), disable=not is_main)
-    step, tick = start, time.perf_counter()
+    step, tick, finite = start, time.perf_counter(), FiniteWatch(device)
     began = tick
     with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="", ran=0, seconds=0.0)
@@ -775,12 +908,16 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 for failure in batch["failures"]:
                     bar.console.print(f"warning: skipped {failure} ({skipped} so far)")
             logs = train_step(run, batch, step)
+            finite.update(logs["loss"], step)
             step += 1
             bar.update(task, completed=step, ran=step - start, seconds=time.perf_counter() - began)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                finite.check()
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
-                logs |= {"step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
-                         "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
+                logs = read_logs(logs) | {
+                    "step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
+                    "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
                 tick = now
                 metrics.write(json.dumps(logs) + "\n")
                 metrics.flush()
@@ -791,6 +928,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 metrics.write(json.dumps({"step": step, "val": result}) + "\n")
                 bar.console.print(f"step {step}: validation mR {mean_recall(result)}")
             if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                finite.check()
                 if is_main:
                     save_checkpoint(run, checkpoint, step, skipped)
                 barrier()
@@ -998,6 +1136,7 @@ def check_config(cfg: TrainConfig):
         need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
     for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")),
                           ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
+                          ("augment", ("auto", "pil", "tensor")),
                           ("arch", tuple(rsmclip.PRESETS))):
         need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
     try:
@@ -1010,6 +1149,13 @@ def check_config(cfg: TrainConfig):
         need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
     missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
     need("data", not missing, f"no such file: {', '.join(missing)}")
+    need("image_cache", not cfg.image_cache or len(cfg.data) == 1, "one cache holds one manifest: give one "
+         "--data (merge several with data/prepare.py merge)")
+    if cfg.image_cache and len(cfg.data) == 1 and not missing:
+        try:  # a stale or foreign cache must stop the run before any work
+            ImageCache(Path(cfg.image_cache), Path(cfg.data[0]))
+        except rsmclip.RsmclipError as e:
+            bad.append(f"--image-cache: {e}")
     need("tokenizer", cfg.tokenizer or cfg.init, "training a new model from --data needs --tokenizer "
          "(the SentencePiece model for its vocabulary; with --init it is the one next to the weights)")
     if bad:
@@ -1061,7 +1207,8 @@ def resolved(key: str, value):
     """Paths compare by the file they name: runs/x/, ./runs/x and /abs/runs/x are one run directory."""
     if key == "data":
         return [str(Path(v).resolve()) for v in value]
-    return str(Path(value).resolve()) if key in ("out", "init", "tokenizer", "val_data") and value else value
+    paths = ("out", "init", "tokenizer", "val_data", "image_cache")
+    return str(Path(value).resolve()) if key in paths and value else value
 
 
 def check_resume(cfg: TrainConfig):

@@ -185,6 +185,24 @@ def run_dir(tmp: Path, config: Optional[str]):
         (tmp / "run" / "config.json").write_text(config)
 
 
+def cache(tmp: Path, split: str = "test", edit: bool = False):
+    """A manifest (test split) and its image cache c.safetensors; edit: the manifest changed afterwards."""
+    path = manifest(tmp, {"en": ["a road"]})
+    prepare.build_cache(path, tmp / "c.safetensors", split)
+    if edit:
+        records = prepare.load_manifest(path)
+        prepare.write_jsonl([r | {"captions": {"en": ["a river"]}} for r in records], path)
+
+
+def train_split(tmp: Path, missing: bool = False):
+    """A manifest of 2 train images (missing: one of them absent)."""
+    path = manifest(tmp, {"en": ["a road"]})
+    records = [r | {"split": "train"} for r in prepare.load_manifest(path)]
+    if missing:
+        records[1]["image"] = "imgs/gone.png"
+    prepare.write_jsonl(records, path)
+
+
 CASES = [
     # --- rsmclip.py
     Case("weights file missing", "rsmclip", ["info", "{tmp}/none.safetensors"],
@@ -308,6 +326,20 @@ CASES = [
          make=lambda tmp: manifest(tmp, {}), words=("2 records have no captions: d/0, d/1",),
          absent=("train.jsonl",)),
     # --- translate.py
+    Case("cache: no such manifest", "prepare", ["cache", "{tmp}/none.jsonl"],
+         words=("none.jsonl: no such file",)),
+    Case("cache: a split without images", "prepare", ["cache", MANIFEST],
+         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("no train images to cache",),
+         absent=("ds/*.safetensors",)),
+    Case("cache --split bogus", "prepare", ["cache", MANIFEST, "--split", "bogus"],
+         make=lambda tmp: manifest(tmp, {"en": ["a"]}), words=("--split 'bogus': choose one of train",)),
+    Case("cache --max-side 8", "prepare", ["cache", MANIFEST, "--max-side", "8"],
+         make=train_split, words=("--max-side 8: at least 32",)),
+    Case("cache --out the manifest", "prepare", ["cache", MANIFEST, "--out", MANIFEST],
+         make=train_split, words=("captions.jsonl",), unchanged=("ds/captions.jsonl",)),
+    Case("cache: an image missing", "prepare", ["cache", MANIFEST, "--out", "{tmp}/c.safetensors"],
+         make=lambda tmp: train_split(tmp, missing=True),
+         words=("1 of 2 train images are unreadable", "gone.png"), absent=("c.safetensors",)),
     Case("translate: an empty English caption", "translate", NOWHERE,
          make=lambda tmp: manifest(tmp, {"en": ["a", " "]}), words=("2 English captions are empty",),
          absent=("out.jsonl*",)),
@@ -346,6 +378,24 @@ CASES = [
                           (("--arch", "bogus"), "--arch 'bogus': choose xlmr-b32, tiny"),
                           (("--val-data", "{tmp}/none.jsonl"), "--val-data '"),
                           (("--langs", "en,xx"), "unknown language xx"))),
+    Case("train: --augment bogus", "train", TRAIN + ["--augment", "bogus"], make=train_split,
+         words=("--augment 'bogus': choose auto, pil, tensor",), absent=("run",)),
+    Case("train: --image-cache that does not exist", "train", TRAIN + ["--image-cache", "{tmp}/none"],
+         make=train_split, words=("none: no such image cache", "python data/prepare.py cache"),
+         absent=("run",)),
+    Case("train: --image-cache that is not a cache", "train",
+         TRAIN + ["--image-cache", "{tmp}/w.safetensors"],
+         make=lambda tmp: (train_split(tmp), rsmclip.save(rsmclip.CLIP(TINY), tmp / "w.safetensors")),
+         words=("w.safetensors: not an rsmclip image cache",), absent=("run",)),
+    Case("train: --image-cache of an edited manifest", "train",
+         TRAIN + ["--image-cache", "{tmp}/c.safetensors"],
+         make=lambda tmp: cache(tmp, edit=True), words=("made from another manifest", "rebuild it"),
+         absent=("run",)),
+    Case("train: --image-cache of another split", "train", TRAIN + ["--image-cache", "{tmp}/c.safetensors"],
+         make=cache, words=("holds the test split, training reads train",), absent=("run",)),
+    Case("train: --image-cache with two --data", "train",
+         TRAIN + ["--data", MANIFEST, "--image-cache", "{tmp}/c.safetensors"], make=cache,
+         words=("one cache holds one manifest",), absent=("run",)),
     Case("train: a --config that is not JSON", "train", TRAIN + ["--config", "{tmp}/c.json"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), (tmp / "c.json").write_text('{"steps": 3')),
          words=("c.json: unreadable",), absent=("run",)),

@@ -471,6 +471,59 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest)
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 
 
+def test_sigkill_and_resume_from_the_cache_with_tensor_augmentation(tmp_path, demo_manifest):
+    """--image-cache + --augment tensor on CPU with --deterministic: a killed and resumed run equals an
+    uninterrupted one bit for bit (the views' parameters are drawn per (seed, step, position) as with PIL)."""
+    from data.prepare import build_cache
+
+    build_cache(demo_manifest, tmp_path / "cache.safetensors")
+    args = [*demo_args(demo_manifest), *SMALL, "--augment", "tensor", "--image-cache",
+            tmp_path / "cache.safetensors"]
+    reference = run_train("--out", tmp_path / "ref", *args)
+    assert reference.returncode == 0, reference.stderr
+    assert "augment tensor from" in reference.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"),
+                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=ROOT)
+    checkpoint = tmp_path / "cut/checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train("--out", tmp_path / "cut", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout
+    with safe_open(str(tmp_path / "ref/checkpoint.safetensors"), "pt") as f, \
+            safe_open(str(checkpoint), "pt") as g:
+        assert f.keys() == g.keys() and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path, demo_manifest, monkeypatch):
+    """The finiteness check is read on logging steps only, yet names the exact step, and no checkpoint is
+    written past it."""
+    real = train.compute_loss
+
+    def poisoned(run, batch, step):
+        loss, parts = real(run, batch, step)
+        return (loss * float("nan") if step == 2 else loss), parts
+
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    given = {"data": [str(demo_manifest)], "tokenizer": str(demo_manifest.parent / "spm.model"),
+             "out": str(tmp_path / "run"), "steps": 8, "log_every": 4, "ckpt_every": 2, "batch_size": 8,
+             "local_crops": 2, "prototypes": 64, "workers": 0, "langs": "en"}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(train.TrainError, match=r"non-finite loss \(nan\) at step 2; the last checkpoint"):
+            train.train(train.resolve_config("demo", None, given), ["train.py"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    with safe_open(str(tmp_path / "run/checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 2  # written before step 2 ran; not at step 4
+
+
 def test_kill_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path, demo_manifest):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     checkpoint, rng = tmp_path / "run/checkpoint.safetensors", random.Random(1)

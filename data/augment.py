@@ -1,0 +1,137 @@
+"""DINO's multi-crop augmentation as batched tensor ops, for the training device (CPU or CUDA).
+
+train.py draws every view's random choices on the CPU (train.draw_view, the same draws as its PIL path)
+and collates them into a Plan; `views` applies a plan to a batch of decoded 8-bit images in one pass per
+crop size: crop + resize (roi_align), flip, colour jitter in each view's own order, greyscale, Gaussian
+blur with each view's sigma, solarisation, CLIP mean/std. Pixels are floats in [0, 1] throughout, as in
+torchvision's tensor functions, which each op here equals (tests/test_augment.py); unlike the PIL path
+nothing is rounded to 8 bits between ops. Which views an op touches is known on the host from the plan,
+so applying a plan never waits for the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from rsmclip import CLIP_MEAN, CLIP_STD
+
+GREY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
+JITTER = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass
+class Plan:
+    """K views of one size, from images 0..B-1 of a batch (CPU tensors)."""
+    boxes: torch.Tensor  # [K, 5] float: image index, left, top, right, bottom (pixels)
+    flip: torch.Tensor  # [K] bool
+    order: torch.Tensor  # [K, 4] int8: the jitter op (index into JITTER) at each position; -1: no jitter
+    factors: torch.Tensor  # [K, 4] float: the factor of each op of JITTER
+    grey: torch.Tensor  # [K] bool
+    sigma: torch.Tensor  # [K] float: blur sigma in pixels, 0: none
+    solarize: torch.Tensor  # [K] bool
+
+
+# ----------------------------------------------------------------------------- the ops, on [N, 3, H, W]
+
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [K, 3, size, size]: each box resized to size x size. roi_align with aligned=True
+    samples at pixel centres; with sampling_ratio=-1 every output pixel averages ceil(box / size) samples
+    per axis, so shrinking is antialiased (a box filter where PIL uses bicubic weights)."""
+    return roi_align(images, boxes.to(images.dtype), size, 1.0, -1, True)
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma, repeated on the three channels."""
+    weights = x.new_tensor(GREY).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True).expand_as(x)
+
+
+def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Towards the mean luma of each image."""
+    return blend(x, grey(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return blend(x, grey(x), f)
+
+
+def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by f turns, keeping HSV's value and saturation (each channel from the shifted hue
+    with the closed form c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1)."""
+    r, g, b = x.unbind(1)
+    v, lo = x.amax(1), x.amin(1)
+    chroma = v - lo  # = v * s
+    d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h6 = torch.where(v == r, ((g - b) / d) % 6, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
+    h6 = (h6 + 6 * f.view(-1, 1, 1)) % 6
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each image blurred with its own sigma: a separable (2 radius + 1)-tap kernel, reflected borders,
+    one grouped convolution per axis for the whole batch."""
+    n, c, h, w = x.shape
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma.to(x.dtype).view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n * c, taps]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    return F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
+
+
+def blur_radius(sigma: float) -> int:
+    """Taps each side: 3 sigma, where the Gaussian's tail is below 1.2% of its peak."""
+    return max(1, math.ceil(3 * sigma))
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """PIL's solarize(128): levels of 128/255 and above are inverted."""
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+# ----------------------------------------------------------------------------- a plan on a batch
+
+OPS = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+
+
+def views(pixels: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
+    """pixels: [B, H, W, 3] uint8 on the device (images padded to one size by repeating their edges) ->
+    [K, 3, size, size] normalised views. Ops touch only the views that drew them (indices from the CPU)."""
+    dev = pixels.device
+    images = pixels.permute(0, 3, 1, 2).float().div_(255)
+    x = crop(images, plan.boxes.to(dev, non_blocking=True), size)
+
+    def where(mask: torch.Tensor) -> torch.Tensor | None:
+        index = mask.nonzero().flatten()  # a CPU tensor: no device sync
+        return index.to(dev, non_blocking=True) if len(index) else None
+
+    if (i := where(plan.flip)) is not None:
+        x[i] = x[i].flip(-1)
+    factors = plan.factors.to(dev, non_blocking=True)
+    for position in range(len(JITTER)):
+        for op, name in enumerate(JITTER):
+            if (i := where(plan.order[:, position] == op)) is not None:
+                x[i] = OPS[name](x[i], factors[i, op])
+    if (i := where(plan.grey)) is not None:
+        x[i] = grey(x[i])
+    if (i := where(plan.sigma > 0)) is not None:
+        sigma = plan.sigma[plan.sigma > 0]
+        x[i] = gaussian_blur(x[i], sigma.to(dev, non_blocking=True), blur_radius(float(sigma.max())))
+    if (i := where(plan.solarize)) is not None:
+        x[i] = solarize(x[i])
+    mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
