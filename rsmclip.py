@@ -304,16 +304,19 @@ class TextTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         keep = ids != self.pad_id
-        # Cut the columns after the last real token: captions need ~25 of the 77 positions, and pads
-        # change nothing (their keys are masked and the mean skips them).
-        last = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
-        ids, keep = ids[:, :last], keep[:, :last]
+        mask = keep[:, None, None, :]
+        if ids.device.type == "cpu":
+            # Cut the columns after the last real token: captions need ~25 of the 77 positions, and pads
+            # change nothing (their keys are masked and the mean skips them); with no pad left, no mask
+            # lets SDPA pick its fastest kernel. On an accelerator reading the lengths would make the host
+            # wait for the device at every step: there the caller cuts (train.collate does, on the CPU).
+            last = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
+            ids, keep = ids[:, :last], keep[:, :last]
+            mask = None if bool(keep.all()) else keep[:, None, None, :]
         # XLM-R: 2, 3, ... for tokens, pad id for pads
         positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         x = self.tok_embed(ids) + self.pos_embed(positions) + self.type_embed
         x = self.drop(self.ln_embed(x))
-        # no mask lets SDPA pick its fastest kernel
-        mask = None if bool(keep.all()) else keep[:, None, None, :]
         x = _run_blocks(self.blocks, x, mask, self.grad_checkpointing)
         weights = keep.unsqueeze(-1).to(x.dtype)
         return self.proj((x * weights).sum(1) / weights.sum(1))

@@ -347,8 +347,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
 def collate(samples: list[dict]) -> dict:
     """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect. Tensor
     samples give their images, padded to one size, and the plans of their views (data/augment.py)."""
-    out = {"ids": torch.stack([s["ids"] for s in samples], 1).flatten(0, 1),
-           "failures": [f for s in samples for f in s["failures"]]}
+    ids = torch.stack([s["ids"] for s in samples], 1).flatten(0, 1)
+    # cut after the longest caption here, on the CPU: the text tower does not on a GPU (a host sync)
+    last = int((ids != rsmclip.PAD).any(0).nonzero().max()) + 1
+    out = {"ids": ids[:, :last], "failures": [f for s in samples for f in s["failures"]]}
     if "pixels" in samples[0]:
         def view_major(key):
             return [(i, s[key][v]) for v in range(len(samples[0][key])) for i, s in enumerate(samples)]
