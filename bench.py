@@ -574,6 +574,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     print(text)
     if out:
         rsmclip.atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))
+        print(f"wrote {out}", file=sys.stderr)  # stdout stays the one JSON
 
 
 if __name__ == "__main__":
