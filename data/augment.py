@@ -86,10 +86,15 @@ def crop(pixels: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tenso
     return out
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W]."""
+    r, g, b = x.unbind(1)
+    return (GREY[0] * r + GREY[1] * g + GREY[2] * b).unsqueeze(1)
+
+
 def grey(x: torch.Tensor) -> torch.Tensor:
     """Luma, repeated on the three channels."""
-    weights = x.new_tensor(GREY).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True).expand_as(x)
+    return luma(x).expand_as(x)
 
 
 def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -98,16 +103,16 @@ def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 def blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
 
 
 def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Towards the mean luma of each image."""
-    return blend(x, grey(x).mean((1, 2, 3), keepdim=True), f)
+    return blend(x, luma(x).mean((1, 2, 3), keepdim=True), f)
 
 
 def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return blend(x, grey(x), f)
+    return blend(x, luma(x), f)
 
 
 def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -116,11 +121,15 @@ def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     v, lo = x.amax(1), x.amin(1)
     chroma = v - lo  # = v * s
-    d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    h6 = torch.where(v == r, ((g - b) / d) % 6, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
-    h6 = (h6 + 6 * f.view(-1, 1, 1)) % 6
-    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6
-    return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+    d = torch.where(chroma > 0, chroma, 1)
+    h6 = torch.where(v == r, (g - b).div_(d),
+                     torch.where(v == g, (b - r).div_(d).add_(2), (r - g).div_(d).add_(4)))  # in [-1, 5)
+    # the mod on the per-view shift only: the pixels' k is in [5, 17), one subtraction brings it into
+    # [-1, 6), and clamp(min(k, 4 - k), 0, 1) is 0 on [-1, 0) as on [5, 6)
+    shift = (x.new_tensor([5.0, 3.0, 1.0]) + 6 * f.view(-1, 1)) % 6 + 6
+    k = h6.unsqueeze(1) + shift.view(-1, 3, 1, 1)
+    k = k.sub_(torch.where(k >= 12, 12.0, 6.0))
+    return torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma.unsqueeze(1)).neg_().add_(v.unsqueeze(1))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
