@@ -11,7 +11,7 @@ touches is known on the host from the plan, so applying a plan never waits for t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from rsmclip import CLIP_MEAN, CLIP_STD
 
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 JITTER = ("brightness", "contrast", "saturation", "hue")
+CPU_CHUNK = 2 ** 18  # pixels of views augmented together on a CPU: ~3 MiB of floats, about a core's L2
 
 
 @dataclass
@@ -64,22 +65,26 @@ def resample_weights(start: torch.Tensor, end: torch.Tensor, size: int, length: 
     return out[:, :, taps:taps + length]
 
 
-def crop(pixels: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None,
-         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """[B, H, W, 3] 8-bit pixels -> [K, 3, size, size] floats in [0, 1]: each box resized to size x size as
-    PIL's crop + bicubic resize, two matrix products per view over the box only (columns, then rows); a
-    flip reverses the column weights. In bfloat16 by default (8-bit levels are exact in it; CPUs with AMX
-    and GPUs multiply it several times faster), which costs ~0.1 of 255 against PIL: PIL itself rounds
-    to 8 bits after each pass."""
+def planes(pixels: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """[B, H, W, 3] 8-bit pixels -> [B, H, 3, W] in `dtype`, 0-255: rows of channel planes, so that a box's
+    pixels are one 2-D matrix [box height * 3, box width] for crop. In bfloat16 by default: 8-bit levels
+    are exact in it, and CPUs with AMX and GPUs multiply it several times faster than float32."""
+    return pixels.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
+
+
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
+         flip: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, 3, W] images from `planes` -> [K, 3, size, size] floats in [0, 1]: each box resized to size x
+    size as PIL's crop + bicubic resize, two matrix products per view over the box only (columns, then
+    rows); a flip reverses the column weights. bfloat16 costs ~0.1 of 255 against PIL (tests/test_augment.py);
+    PIL itself rounds to 8 bits after each pass."""
     index, left, top, right, bottom = boxes.long().unbind(1)
-    wx = resample_weights(boxes[:, 1], boxes[:, 3], size, pixels.shape[2], 1 / 255)
-    wy = resample_weights(boxes[:, 2], boxes[:, 4], size, pixels.shape[1])
+    wx = resample_weights(boxes[:, 1], boxes[:, 3], size, images.shape[3], 1 / 255)
+    wy = resample_weights(boxes[:, 2], boxes[:, 4], size, images.shape[1])
     if flip is not None:
         wx[flip] = wx[flip].flip(1)
-    wx, wy = wx.to(pixels.device, dtype), wy.to(pixels.device, dtype)
-    # rows of [channel, column] pixels: a box's pixels are then a 2-D matrix [box height * 3, box width]
-    images = pixels.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
-    out = torch.empty(len(boxes), 3, size, size, device=pixels.device)
+    wx, wy = wx.to(images.device, images.dtype), wy.to(images.device, images.dtype)
+    out = torch.empty(len(boxes), 3, size, size, device=images.device)
     for k, (i, x0, y0, x1, y1) in enumerate(zip(*(t.tolist() for t in (index, left, top, right, bottom)))):
         columns = images[i, y0:y1, :, x0:x1].reshape(-1, x1 - x0) @ wx[k, :, x0:x1].T  # [h * 3, size]
         out[k] = (wy[k, :, y0:y1] @ columns.view(y1 - y0, -1)).view(size, 3, size).transpose(0, 1)
@@ -161,9 +166,22 @@ OPS = {"brightness": brightness, "contrast": contrast, "saturation": saturation,
 
 def views(pixels: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
     """pixels: [B, H, W, 3] uint8 on the device (images padded to one size by repeating their edges) ->
-    [K, 3, size, size] normalised views. Ops touch only the views that drew them (indices from the CPU)."""
-    dev = pixels.device
-    x = crop(pixels, plan.boxes, size, plan.flip)
+    [K, 3, size, size] normalised views. On the CPU a few views at a time (CPU_CHUNK pixels), which stay in
+    the core's cache through all the ops; on a GPU all at once."""
+    images = planes(pixels)
+    out = torch.empty(len(plan.boxes), 3, size, size, device=pixels.device)
+    step = len(out) if pixels.device.type != "cpu" else max(1, CPU_CHUNK // size ** 2)
+    for start in range(0, len(out), step):
+        part = Plan(*(getattr(plan, f.name)[start:start + step] for f in fields(Plan)))
+        out[start:start + step] = apply(images, part, size)
+    return out
+
+
+def apply(images: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
+    """The views of a plan from `planes` images. Ops touch only the views that drew them (indices from the
+    CPU)."""
+    dev = images.device
+    x = crop(images, plan.boxes, size, plan.flip)
 
     def where(mask: torch.Tensor) -> torch.Tensor | None:
         index = mask.nonzero().flatten()  # a CPU tensor: no device sync
@@ -181,5 +199,4 @@ def views(pixels: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
         x[i] = gaussian_blur(x[i], sigma.to(dev, non_blocking=True), blur_radius(float(sigma.max())))
     if (i := where(plan.solarize)) is not None:
         x[i] = solarize(x[i])
-    mean, std = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1), x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)).div_(x.new_tensor(CLIP_STD).view(1, 3, 1, 1))

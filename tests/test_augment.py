@@ -63,7 +63,7 @@ def test_crop_equals_pils_crop_and_bicubic_resize_within_tolerance():
     below 0.6 on average and 0.8 for every crop (measured: 0.45 and 0.47 here; 0.40 and 0.51 on 40
     UCM-Captions images; in float32 0.33 and 0.36 here). A flipped crop is the crop, flipped."""
     image = scene()
-    pixels = torch.from_numpy(np.array(image))[None]
+    pixels = augment.planes(torch.from_numpy(np.array(image))[None])
     rng, errors = random.Random(0), []
     for i in range(40):
         size, scale = (224, (0.4, 1.0)) if i % 2 else (96, (0.05, 0.4))
