@@ -65,10 +65,11 @@ def resample_weights(start: torch.Tensor, end: torch.Tensor, size: int, length: 
     return out[:, :, taps:taps + length]
 
 
-def planes(pixels: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def planes(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, H, W, 3] 8-bit pixels -> [B, H, 3, W] in `dtype`, 0-255: rows of channel planes, so that a box's
-    pixels are one 2-D matrix [box height * 3, box width] for crop. In bfloat16 by default: 8-bit levels
-    are exact in it, and CPUs with AMX and GPUs multiply it several times faster than float32."""
+    pixels are one 2-D matrix [box height * 3, box width] for crop. float32: bfloat16 (exact for 8-bit
+    levels) multiplies 1.8x faster with AMX on a repeated batch, but oneDNN compiles a kernel for every new
+    matrix shape, and every box has its own: on fresh batches it was slower than float32."""
     return pixels.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
 
 
@@ -76,8 +77,8 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
          flip: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H, 3, W] images from `planes` -> [K, 3, size, size] floats in [0, 1]: each box resized to size x
     size as PIL's crop + bicubic resize, two matrix products per view over the box only (columns, then
-    rows); a flip reverses the column weights. bfloat16 costs ~0.1 of 255 against PIL (tests/test_augment.py);
-    PIL itself rounds to 8 bits after each pass."""
+    rows); a flip reverses the column weights. What is left against PIL is mostly PIL's own rounding to 8
+    bits after each pass (tests/test_augment.py)."""
     index, left, top, right, bottom = boxes.long().unbind(1)
     wx = resample_weights(boxes[:, 1], boxes[:, 3], size, images.shape[3], 1 / 255)
     wy = resample_weights(boxes[:, 2], boxes[:, 4], size, images.shape[1])
