@@ -76,20 +76,43 @@ def planes(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
          flip: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H, 3, W] images from `planes` -> [K, 3, size, size] floats in [0, 1]: each box resized to size x
-    size as PIL's crop + bicubic resize, two matrix products per view over the box only (columns, then
-    rows); a flip reverses the column weights. What is left against PIL is mostly PIL's own rounding to 8
-    bits after each pass (tests/test_augment.py)."""
-    index, left, top, right, bottom = boxes.long().unbind(1)
+    size as PIL's crop + bicubic resize, two matrix products per view (columns, then rows); a flip reverses
+    the column weights. What is left against PIL is mostly PIL's own rounding to 8 bits after each pass
+    (tests/test_augment.py)."""
     wx = resample_weights(boxes[:, 1], boxes[:, 3], size, images.shape[3], 1 / 255)
     wy = resample_weights(boxes[:, 2], boxes[:, 4], size, images.shape[1])
     if flip is not None:
         wx[flip] = wx[flip].flip(1)
     wx, wy = wx.to(images.device, images.dtype), wy.to(images.device, images.dtype)
-    out = torch.empty(len(boxes), 3, size, size, device=images.device)
-    for k, (i, x0, y0, x1, y1) in enumerate(zip(*(t.tolist() for t in (index, left, top, right, bottom)))):
+    if images.device.type == "cpu":
+        return crop_each(images, boxes, wx, wy)
+    return crop_batched(images, boxes[:, 0].long().to(images.device), wx, wy)
+
+
+def crop_each(images: torch.Tensor, boxes: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """On a CPU, view by view over its box only: a fraction of the arithmetic of crop_batched (a local box
+    is a few % of the image), and cheap per-view calls."""
+    size = wx.shape[1]
+    out = torch.empty(len(boxes), 3, size, size)
+    for k, (i, x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
         columns = images[i, y0:y1, :, x0:x1].reshape(-1, x1 - x0) @ wx[k, :, x0:x1].T  # [h * 3, size]
         out[k] = (wy[k, :, y0:y1] @ columns.view(y1 - y0, -1)).view(size, 3, size).transpose(0, 1)
     return out
+
+
+def crop_batched(images: torch.Tensor, index: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor,
+                 chunk: int = 256) -> torch.Tensor:
+    """On a GPU, all views in two batched products over whole rows and columns (the weights are zero
+    outside each box): more arithmetic than crop_each, but a handful of kernels per batch instead of three
+    per view, which is what costs there. `chunk` views at a time bound the gathered copies of the images."""
+    size = wx.shape[1]
+    parts = []
+    for start in range(0, len(index), chunk):
+        views = slice(start, start + chunk)
+        columns = images[index[views]] @ wx[views, None].transpose(2, 3)  # [k, H, 3, size]
+        rows = wy[views] @ columns.flatten(2)  # [k, size, 3 * size]
+        parts.append(rows.view(-1, size, 3, size).transpose(1, 2))
+    return torch.cat(parts)
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,26 @@ def test_crop_equals_pils_crop_and_bicubic_resize_within_tolerance():
     assert np.mean(errors) < 0.45 and max(errors) < 0.5, (np.mean(errors), max(errors))
 
 
+def test_the_gpus_batched_crop_equals_the_cpus_crop_by_box():
+    """crop_batched (GPUs: whole rows, all views at once, in chunks) and crop_each (CPUs: each box alone)
+    apply the same weights; they differ only in the order of float32 sums."""
+    images = [scene((120, 90)), scene((70, 100), seed=1)]
+    pixels = augment.planes(train.pad_images([torch.from_numpy(np.array(i)) for i in images]))
+    rng, boxes = random.Random(0), []
+    for k in range(12):
+        left, top, w, h = train.crop_box(*images[k % 2].size, (0.05, 1.0), rng)
+        boxes.append([k % 2, left, top, left + w, top + h])
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    flip = torch.arange(12) % 3 == 0
+    wx = augment.resample_weights(boxes[:, 1], boxes[:, 3], 32, pixels.shape[3], 1 / 255)
+    wy = augment.resample_weights(boxes[:, 2], boxes[:, 4], 32, pixels.shape[1])
+    wx[flip] = wx[flip].flip(1)
+    each = augment.crop_each(pixels, boxes, wx, wy)
+    assert torch.equal(each, augment.crop(pixels, boxes, 32, flip))
+    batched = augment.crop_batched(pixels, boxes[:, 0].long(), wx, wy, chunk=5)
+    assert batched.shape == each.shape and (batched - each).abs().max() < 1e-5
+
+
 def test_tensor_views_equal_pil_views_for_the_same_parameters(tmp_path, spm_model):
     """The whole sample: both paths of MultiCropDataset draw the same parameters from a seed; applied, the
     views differ only by resampling and 8-bit rounding (PIL rounds after every op)."""
