@@ -4,7 +4,7 @@ The model is open_clip's `xlm-roberta-base-ViT-B-32` (a ViT-B/32 image tower and
 text tower), re-implemented so that it gives the same numbers as open_clip on the same weights, loads
 and exports open_clip checkpoints, and reads its own safetensors files that carry their config.
 
-    model, preprocess, tokenizer = rsmclip.load("weights/rs-m-clip.safetensors")
+    model, preprocess, tokenizer = rsmclip.load("rs-m-clip")  # or a weights file
     image = model.encode_image(preprocess("scene.tif")[None], normalize=True)
     text = model.encode_text(tokenizer(["many planes parked at an airport"]), normalize=True)
 
