@@ -656,9 +656,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 def write_json(obj: dict, path: Optional[Path]):
     if path:
-        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-        rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        print(f"wrote {path}")
+        rsmclip.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 @app.callback(invoke_without_command=True)
@@ -788,8 +786,7 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)
-    rsmclip.atomic_write(out_md, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    print(f"wrote {out_md}")
+    rsmclip.write_text(out_md, markdown)
 
 
 def main():

@@ -915,6 +915,15 @@ def weights_path(spec: str | Path) -> Path:
     return path
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks (weights are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None  # the hub's first answer carries the LFS size and sha256; keep it, do not follow
@@ -991,15 +1000,10 @@ def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 6
     if info["size"] is not None and size != info["size"]:
         raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; "
                            "run again to resume")
-    if info["sha256"]:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        if digest.hexdigest() != info["sha256"]:
-            part.unlink()
-            raise RsmclipError(f"{url}: sha256 {digest.hexdigest()} differs from the announced "
-                               f"{info['sha256']}; the file was deleted")
+    if info["sha256"] and (digest := file_sha256(part)) != info["sha256"]:
+        part.unlink()
+        raise RsmclipError(f"{url}: sha256 {digest} differs from the announced {info['sha256']}; the file "
+                           "was deleted")
     os.replace(part, dest)
     return dest
 
@@ -1180,11 +1184,7 @@ def weights_fingerprint(path: Path) -> str:
     """The identity of a weights file: its size and the SHA-256 of every byte (a sampled hash missed edits
     to single tensors). Hashing runs at about disk speed, like the load that goes with it."""
     path = weights_path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return f"{path.stat().st_size}:{digest.hexdigest()[:32]}"
+    return f"{path.stat().st_size}:{file_sha256(path)[:32]}"
 
 
 def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
@@ -1424,17 +1424,15 @@ def embed(model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
                            f"{' or '.join(EMBED_FORMATS)}")
     lines = text_lines(texts) if texts else []
     model, preprocess, tok = load(model_path, tokenizer, device)
-    arrays, paths = {}, []
+    tensors, names = {}, {}  # the embeddings, and what each row is
     if images:
         paths = list_images(images)
         warn_if_toy(model.config, model_path, paths)
         feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device)
-        arrays["image_embeddings"], arrays["images"] = feats.cpu(), [display(p) for p in ok]
+        tensors["image_embeddings"], names["images"] = feats.cpu(), [display(p) for p in ok]
     if lines:
         warn_unknown(tok, lines, "text")
-        arrays["text_embeddings"], arrays["texts"] = embed_texts(model, tok, lines, device=device), lines
-    tensors = {k: v for k, v in arrays.items() if isinstance(v, torch.Tensor)}
-    names = {k: v for k, v in arrays.items() if isinstance(v, list)}
+        tensors["text_embeddings"], names["texts"] = embed_texts(model, tok, lines, device=device), lines
     if out.suffix == ".npz":
         def write(tmp: Path):
             with open(tmp, "wb") as f:  # np.savez adds .npz to a file name, not to an open file
@@ -1521,11 +1519,11 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     warn_if_toy(model.config, weights, [folder / e["path"] for e in entries])
     warn_unknown(tok, queries)
     scores = embed_texts(model, tok, queries, device=device) @ feats.T
+    top = scores.topk(min(top_k, len(entries)), dim=1)
+    hits = [list(zip(s, i)) for s, i in zip(top.values.tolist(), top.indices.tolist())]  # per query
     results = {}
-    for query, row in zip(queries, scores):
-        top = row.topk(min(top_k, len(entries)))
-        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)}
-                          for s, i in zip(top.values.tolist(), top.indices.tolist())]
+    for query, best in zip(queries, hits):
+        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)} for s, i in best]
         table = Table("rank", "score", "image", title=query)
         for rank, hit in enumerate(results[query], 1):
             table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
@@ -1535,14 +1533,14 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     if html_page:
         write_text(html_page, results_page(f"search in {display(folder)}", [
             (query, [(folder / entries[i]["path"], [f"#{rank}  score {s:.4f}", entries[i]["path"]])
-                     for rank, (s, i) in enumerate(zip(*row.topk(min(top_k, len(entries)))), 1)])
-            for query, row in zip(queries, scores)]))
+                     for rank, (s, i) in enumerate(best, 1)])
+            for query, best in zip(queries, hits)]))
 
 
 def readable_help(command) -> typer.core.TyperCommand:
     """typer 0.29 writes help as `{folder}`, `<list[str]>`, `--top-k <int range>` and `--help <bool>`:
     give every parameter the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER) instead, so the
-    help reads as other command lines do (tests/test_cli.py checks every script's help)."""
+    help reads as other command lines do (tests/test_project.py checks every script's help)."""
     for sub in getattr(command, "commands", {}).values():
         readable_help(sub)
     for param in command.params:
@@ -1559,7 +1557,8 @@ def readable_help(command) -> typer.core.TyperCommand:
     return command
 
 
-METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER"}
+METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER",
+            "list[Path]": "PATH"}
 
 
 def run_cli(app: typer.Typer, args: Optional[list[str]] = None):

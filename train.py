@@ -915,16 +915,16 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
             bar.update(task, completed=step, ran=step - start, seconds=time.perf_counter() - began)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 finite.check()
-            if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-                now = time.perf_counter()
-                logs = read_logs(logs) | {
-                    "step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
-                    "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
-                tick = now
-                metrics.write(json.dumps(logs) + "\n")
-                metrics.flush()
-                bar.update(task, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
-                                      f"{logs['images_per_s']:.0f} img/s")
+                if is_main:
+                    now = time.perf_counter()
+                    logs = read_logs(logs) | {
+                        "step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
+                        "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
+                    tick = now
+                    metrics.write(json.dumps(logs) + "\n")
+                    metrics.flush()
+                    bar.update(task, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
+                                          f"{logs['images_per_s']:.0f} img/s")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
                 result = validate(run, val_manifest, "val")
                 metrics.write(json.dumps({"step": step, "val": result}) + "\n")

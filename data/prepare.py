@@ -465,14 +465,6 @@ CACHE_FORMAT, CACHE_VERSION = "rsmclip-image-cache", "1"
 MAX_SIDE = 512
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_cache(manifest: Path, split: str = "train") -> Path:
     return manifest.with_name(f"{manifest.stem}.{split}.imagecache.safetensors")
 
@@ -487,7 +479,7 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
     out = out or default_cache(manifest, split)
     rsmclip.refuse_overwrite(out, [manifest])
     records = [r for r in load_manifest(manifest) if r["split"] == split]
-    digest = sha256(manifest)
+    digest = rsmclip.file_sha256(manifest)
     if not records:
         raise DataError(f"{manifest}: no {split} images to cache")
     arrays, bad, resized = [], [], 0
@@ -543,7 +535,7 @@ class ImageCache:
         if meta["version"] != CACHE_VERSION:
             raise DataError(f"{path}: image cache format {meta['version']}, this rsmclip reads "
                             f"{CACHE_VERSION}; {rebuild}")
-        digest = sha256(manifest)
+        digest = rsmclip.file_sha256(manifest)
         if meta["manifest_sha256"] != digest:
             raise DataError(f"{path} was made from another manifest (SHA-256 {meta['manifest_sha256'][:16]}, "
                             f"{manifest} now has {digest[:16]}): its images may not be the manifest's; "
