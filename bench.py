@@ -378,6 +378,8 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
                                                  num_workers=n):
                 pass
 
+        radius = augment.blur_radius(train.BLUR[1])  # at 224 px, as train.py passes it
+
         def tensor_path(device):
             ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
 
@@ -387,8 +389,8 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
                     if device is None:  # what a GPU host's loader processes do: read, draw, collate
                         continue
                     pixels = batch["pixels"].to(device)
-                    augment.views(pixels, batch["view_plan"], size)
-                    augment.views(pixels, batch["local_plan"], cfg.local_size)
+                    augment.views(pixels, batch["view_plan"], size, radius)
+                    augment.views(pixels, batch["local_plan"], cfg.local_size, radius)
                 if device == "cuda":
                     torch.cuda.synchronize()
             return run

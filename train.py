@@ -214,6 +214,9 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return TF.normalize(TF.pil_to_tensor(image).float().div(255), rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
 
 
+BLUR = (0.1, 2.0)  # DINO's Gaussian blur sigma (PIL's radius) in pixels, for 224-px models: scaled with size
+
+
 @dataclass(frozen=True)
 class ViewParams:
     """One view's random choices. Drawn once (draw_view), applied by either path: PIL here (apply_pil) or
@@ -239,8 +242,7 @@ def draw_view(width: int, height: int, scale: tuple, blur: float, solarize: floa
         rng.shuffle(ops)  # ColorJitter applies its four changes in random order
         jitter = tuple(ops)
     grey = rng.random() < cfg.grayscale
-    # DINO's radius 0.1-2 px is for 224-px models: relative to the model's size
-    sigma = rng.uniform(0.1, 2.0) * model_size / 224 if rng.random() < blur else 0.0
+    sigma = rng.uniform(*BLUR) * model_size / 224 if rng.random() < blur else 0.0
     return ViewParams(box, flip, jitter, grey, sigma, rng.random() < solarize)
 
 
@@ -378,19 +380,26 @@ def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def plan(views: list[tuple[int, ViewParams]]) -> Optional[augment.Plan]:
-    """(image index in the batch, parameters) of each view -> the tensors data/augment.py applies."""
+    """(image index in the batch, parameters) of each view -> the tensors data/augment.py applies. A view's
+    jitter changes before its hue fill the first blend slots, those after it the slots after the hue."""
     if not views:
         return None
-    order = torch.full((len(views), len(augment.JITTER)), -1, dtype=torch.int8)
-    factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(len(views), 1)  # identities of the four ops
+    blend = torch.full((len(views), 2 * augment.SLOTS), -1, dtype=torch.int8)
+    amount = torch.ones(len(views), 2 * augment.SLOTS)
+    hue = torch.zeros(len(views))
     for row, (_, p) in enumerate(views):
+        names = [name for name, _ in p.jitter]
+        after = names.index("hue") if "hue" in names else len(names)
         for position, (name, factor) in enumerate(p.jitter):
-            order[row, position] = augment.JITTER.index(name)
-            factors[row, augment.JITTER.index(name)] = factor
+            if name == "hue":
+                hue[row] = factor
+                continue
+            slot = position if position < after else augment.SLOTS + position - after - 1
+            blend[row, slot], amount[row, slot] = augment.JITTER.index(name), factor
     return augment.Plan(
         boxes=torch.tensor([[i, left, top, left + w, top + h] for i, (left, top, w, h) in
                             ((i, p.box) for i, p in views)], dtype=torch.float32),
-        flip=torch.tensor([p.flip for _, p in views]), order=order, factors=factors,
+        flip=torch.tensor([p.flip for _, p in views]), blend=blend, amount=amount, hue=hue,
         grey=torch.tensor([p.grey for _, p in views]), sigma=torch.tensor([p.blur for _, p in views]),
         solarize=torch.tensor([p.solarize for _, p in views]))
 
@@ -566,8 +575,11 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     cfg, dev = run.cfg, run.device
     if "pixels" in batch:  # --augment tensor: the views are made here, on the device, from 8-bit images
         pixels = batch["pixels"].to(dev, non_blocking=True)
-        views = augment.views(pixels, batch["view_plan"], run.core.clip.config.vision.image_size)
-        locals_ = augment.views(pixels, batch["local_plan"], cfg.local_size) if batch["local_plan"] else None
+        size = run.core.clip.config.vision.image_size
+        radius = augment.blur_radius(BLUR[1] * size / 224)  # the largest drawn: one compiled shape on a CPU
+        views = augment.views(pixels, batch["view_plan"], size, radius)
+        locals_ = (augment.views(pixels, batch["local_plan"], cfg.local_size, radius) if batch["local_plan"]
+                   else None)
     else:
         views = batch["views"].to(dev, non_blocking=True)
         locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None

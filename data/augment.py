@@ -1,17 +1,31 @@
 """DINO's multi-crop augmentation as batched tensor ops, for the training device (CPU or CUDA).
 
 train.py draws every view's random choices on the CPU (train.draw_view, the same draws as its PIL path)
-and collates them into a Plan; `views` applies a plan to a batch of decoded 8-bit images in one pass per
-crop size: crop + resize with PIL's bicubic weights (flip folded in), colour jitter in each view's own
-order, greyscale, Gaussian blur with each view's sigma, solarisation, CLIP mean/std. Pixels are floats
-in [0, 1] throughout, as in torchvision's tensor functions, which each op here equals
-(tests/test_augment.py); unlike the PIL path nothing is rounded to 8 bits between ops. Which views an op
-touches is known on the host from the plan, so applying a plan never waits for the device.
+and collates them into a Plan; `views` applies a plan to a batch of decoded 8-bit images: crop + resize
+to 8-bit pixels as PIL's crop + bicubic resize, flip, colour jitter in each view's own order, greyscale,
+Gaussian blur with each view's sigma, solarisation, CLIP mean/std. After the crop, pixels are floats in
+[0, 1], as in torchvision's tensor functions, which each op here equals (tests/test_augment.py); unlike
+the PIL path they are not rounded to 8 bits between ops.
+
+Every op applies to every view with per-view parameters (an op a view did not draw is the identity for
+it), so a plan runs as one fixed sequence of tensor ops: no per-view branches, no host syncs. ColorJitter's
+random order of four changes is written as three blend slots, the hue, three blend slots: a view's changes
+before its hue go in the first three slots, the rest after, and unused slots blend by 1 (the identity).
+The colour ops work on three [N, H, W] channel planes, so each pixel's hue is computed once for its three
+channels.
+
+On a CPU the colour ops run through torch.compile (one fused C++ loop per op group instead of one pass
+over memory per tensor op) on chunks of views that fit a core's cache; crops use torch's 8-bit
+antialiased resampling, a port of Pillow-SIMD's. On a GPU everything is eager and batched: crops are two
+batched matrix products with PIL's bicubic weights.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, fields
+import os
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +34,8 @@ from rsmclip import CLIP_MEAN, CLIP_STD
 
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 JITTER = ("brightness", "contrast", "saturation", "hue")
-CPU_CHUNK = 2 ** 18  # pixels of views augmented together on a CPU: ~3 MiB of floats, about a core's L2
+SLOTS = 3  # blend slots on each side of the hue: ColorJitter's other three changes, before or after it
+CPU_CHUNK = 2 ** 17  # pixels of views augmented together on a CPU: 1.5 MiB of floats, a core's L2
 
 
 @dataclass
@@ -28,14 +43,15 @@ class Plan:
     """K views of one size, from images 0..B-1 of a batch (CPU tensors)."""
     boxes: torch.Tensor  # [K, 5] float: image index, left, top, right, bottom (pixels)
     flip: torch.Tensor  # [K] bool
-    order: torch.Tensor  # [K, 4] int8: the jitter op (index into JITTER) at each position; -1: no jitter
-    factors: torch.Tensor  # [K, 4] float: the factor of each op of JITTER
+    blend: torch.Tensor  # [K, 2 SLOTS] int8: the change (index into JITTER) of each slot, -1: none
+    amount: torch.Tensor  # [K, 2 SLOTS] float: its factor (1 where none)
+    hue: torch.Tensor  # [K] float: hue shift in turns, 0: none
     grey: torch.Tensor  # [K] bool
     sigma: torch.Tensor  # [K] float: blur sigma in pixels, 0: none
     solarize: torch.Tensor  # [K] bool
 
 
-# ----------------------------------------------------------------------------- the ops, on [N, 3, H, W]
+# ----------------------------------------------------------------------------- crops: 8-bit [K, 3, s, s]
 
 def bicubic(x: torch.Tensor) -> torch.Tensor:
     """PIL's bicubic filter (a = -0.5), zero beyond 2."""
@@ -45,12 +61,11 @@ def bicubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resample_weights(start: torch.Tensor, end: torch.Tensor, size: int, length: int,
-                     gain: float = 1.0) -> torch.Tensor:
+def resample_weights(start: torch.Tensor, end: torch.Tensor, size: int, length: int) -> torch.Tensor:
     """[K] integer box edges on one axis -> [K, size, length]: PIL's antialiased bicubic weights of resizing
     pixels start..end-1 to `size` (ImagingResample: output pixel i centred at start + (i + 0.5) * scale, the
     filter stretched by max(scale, 1) when shrinking, cut at the box's edges as PIL's crop does, each row
-    normalised to `gain`). Zero outside the box, so edge padding of the batch is never read."""
+    normalised to 1). Zero outside the box, so edge padding of the batch is never read."""
     scale = ((end - start) / size).view(-1, 1, 1)
     stretch = scale.clamp(min=1)
     taps = 2 * math.ceil(2 * float(stretch.max())) + 1
@@ -58,119 +73,97 @@ def resample_weights(start: torch.Tensor, end: torch.Tensor, size: int, length: 
     pixel = (centre - 2 * stretch).floor() + torch.arange(taps, dtype=scale.dtype)  # [K, size, taps]
     w = bicubic((pixel + 0.5 - centre) / stretch)
     w = w * ((pixel >= start.view(-1, 1, 1)) & (pixel < end.view(-1, 1, 1)))
-    w = w * (gain / w.sum(-1, keepdim=True))
+    w = w / w.sum(-1, keepdim=True)
     # the taps only, scattered into the row: offset by `taps` so that every index is distinct and in range
     out = w.new_zeros(len(w), size, length + 2 * taps)
     out.scatter_(2, pixel.long() + taps, w)
     return out[:, :, taps:taps + length]
 
 
-def planes(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, H, W, 3] 8-bit pixels -> [B, H, 3, W] in `dtype`, 0-255: rows of channel planes, so that a box's
-    pixels are one 2-D matrix [box height * 3, box width] for crop. float32: bfloat16 (exact for 8-bit
-    levels) multiplies 1.8x faster with AMX on a repeated batch, but oneDNN compiles a kernel for every new
-    matrix shape, and every box has its own: on fresh batches it was slower than float32."""
-    return pixels.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
-
-
-def crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
-         flip: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, H, 3, W] images from `planes` -> [K, 3, size, size] floats in [0, 1]: each box resized to size x
-    size as PIL's crop + bicubic resize, two matrix products per view (columns, then rows); a flip reverses
-    the column weights. What is left against PIL is mostly PIL's own rounding to 8 bits after each pass
-    (tests/test_augment.py)."""
-    wx = resample_weights(boxes[:, 1], boxes[:, 3], size, images.shape[3], 1 / 255)
-    wy = resample_weights(boxes[:, 2], boxes[:, 4], size, images.shape[1])
-    if flip is not None:
-        wx[flip] = wx[flip].flip(1)
-    wx, wy = wx.to(images.device, images.dtype), wy.to(images.device, images.dtype)
-    if images.device.type == "cpu":
-        return crop_each(images, boxes, wx, wy)
-    return crop_batched(images, boxes[:, 0].long().to(images.device), wx, wy)
-
-
-def crop_each(images: torch.Tensor, boxes: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
-    """On a CPU, view by view over its box only: a fraction of the arithmetic of crop_batched (a local box
-    is a few % of the image), and cheap per-view calls."""
-    size = wx.shape[1]
-    out = torch.empty(len(boxes), 3, size, size)
-    for k, (i, x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-        columns = images[i, y0:y1, :, x0:x1].reshape(-1, x1 - x0) @ wx[k, :, x0:x1].T  # [h * 3, size]
-        out[k] = (wy[k, :, y0:y1] @ columns.view(y1 - y0, -1)).view(size, 3, size).transpose(0, 1)
+def crop_each(pixels: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """On a CPU, view by view: torch's 8-bit antialiased bicubic resize of the box (a port of Pillow-SIMD's
+    resampling, so within one 8-bit level of PIL's crop + resize), then the flip."""
+    images = pixels.permute(0, 3, 1, 2)  # channels-last [B, 3, H, W]: the layout the 8-bit kernel reads
+    out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8)
+    for k, ((i, x0, y0, x1, y1), mirror) in enumerate(zip(boxes.long().tolist(), flip.tolist())):
+        view = F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(size, size), mode="bicubic",
+                             antialias=True)[0]
+        out[k] = view.flip(-1) if mirror else view
     return out
 
 
-def crop_batched(images: torch.Tensor, index: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor,
+def crop_batched(pixels: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
                  chunk: int = 256) -> torch.Tensor:
-    """On a GPU, all views in two batched products over whole rows and columns (the weights are zero
-    outside each box): more arithmetic than crop_each, but a handful of kernels per batch instead of three
-    per view, which is what costs there. `chunk` views at a time bound the gathered copies of the images."""
-    size = wx.shape[1]
+    """On a GPU, all views in two batched products over whole rows and columns with PIL's weights (zero
+    outside each box; a flip reverses the column weights), rounded to 8 bits as PIL does: more arithmetic
+    than resizing each box, but a handful of kernels per batch instead of several per view, which is what
+    costs there. `chunk` views at a time bound the gathered copies of the images."""
+    dev = pixels.device
+    wx = resample_weights(boxes[:, 1], boxes[:, 3], size, pixels.shape[2])
+    wy = resample_weights(boxes[:, 2], boxes[:, 4], size, pixels.shape[1])
+    wx[flip] = wx[flip].flip(1)
+    wx, wy = wx.to(dev, non_blocking=True), wy.to(dev, non_blocking=True)
+    index = boxes[:, 0].long().to(dev, non_blocking=True)
+    rows = pixels.transpose(2, 3).float()  # [B, H, 3, W]: a box's pixels are one matrix [H * 3, W]
     parts = []
     for start in range(0, len(index), chunk):
         views = slice(start, start + chunk)
-        columns = images[index[views]] @ wx[views, None].transpose(2, 3)  # [k, H, 3, size]
-        rows = wy[views] @ columns.flatten(2)  # [k, size, 3 * size]
-        parts.append(rows.view(-1, size, 3, size).transpose(1, 2))
-    return torch.cat(parts)
+        columns = rows[index[views]] @ wx[views, None].transpose(2, 3)  # [k, H, 3, size]
+        parts.append((wy[views] @ columns.flatten(2)).view(-1, size, 3, size).transpose(1, 2))
+    return torch.cat(parts).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W]."""
-    r, g, b = x.unbind(1)
-    return (GREY[0] * r + GREY[1] * g + GREY[2] * b).unsqueeze(1)
+# ----------------------------------------------------------------------------- colour: planes [N, H, W]
+
+def luma(r: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return GREY[0] * r + GREY[1] * g + GREY[2] * b
 
 
-def grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma, repeated on the three channels."""
-    return luma(x).expand_as(x)
+def blend(rgb: tuple, change: torch.Tensor, amount: torch.Tensor) -> tuple:
+    """One jitter slot: each view's channels blended by its amount f with, per its change, black
+    (brightness), its mean luma (contrast) or its luma (saturation), clamped as torchvision's _blend; a
+    view whose slot is empty has f = 1, the identity."""
+    change, f = change.view(-1, 1, 1), amount.view(-1, 1, 1).to(rgb[0].dtype)
+    y = luma(*rgb)
+    towards = torch.where(change == 1, y.mean((1, 2), keepdim=True), torch.where(change == 2, y, 0.0))
+    return tuple((f * c + (1 - f) * towards).clamp(0, 1) for c in rgb)
 
 
-def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+def hue(rgb: tuple, turns: torch.Tensor) -> tuple:
+    """Rotate each view's hue by its turns, keeping HSV's value and saturation, as torchvision's adjust_hue.
+    Each channel from the shifted hue h': c = v - clamp(min(k, 4 - k), 0, 1) * chroma, k = (n + 6 h') mod 6,
+    n = 5, 3, 1, with every term multiplied by chroma, so no division: 6 h chroma is a difference of two
+    channels plus 0, 2 or 4 chroma. Views with turns 0 are left as they are."""
+    r, g, b = rgb
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)
+    hue6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * chroma, r - g + 4 * chroma))  # [-1, 5)
+    # the mod on the per-view shift only: the pixels' k is then in [5, 17) chroma, and one subtraction
+    # brings it into [-1, 6); clamp(min(k, 4 - k), 0, 1) is 0 on [-1, 0) as on [5, 6)
+    shift = (torch.tensor([5.0, 3.0, 1.0], device=r.device) + 6 * turns.view(-1, 1).to(r.dtype)) % 6 + 6
+    rotate = (turns != 0).view(-1, 1, 1)
+    out = []
+    for c, channel in enumerate(rgb):
+        k = hue6 + chroma * shift[:, c].view(-1, 1, 1)
+        k = k - torch.where(k >= 12 * chroma, 12 * chroma, 6 * chroma)
+        out.append(torch.where(rotate, v - torch.minimum(k, 4 * chroma - k).clamp(min=0).minimum(chroma),
+                               channel))
+    return tuple(out)
 
 
-def blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
+def grey(rgb: tuple, mask: torch.Tensor) -> tuple:
+    """Luma on the three channels of the views in mask."""
+    y, mask = luma(*rgb), mask.view(-1, 1, 1)
+    return tuple(torch.where(mask, y, c) for c in rgb)
 
 
-def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Towards the mean luma of each image."""
-    return blend(x, luma(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return blend(x, luma(x), f)
-
-
-def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by f turns, keeping HSV's value and saturation (each channel from the shifted hue
-    with the closed form c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1)."""
-    r, g, b = x.unbind(1)
-    v, lo = x.amax(1), x.amin(1)
-    chroma = v - lo  # = v * s
-    d = torch.where(chroma > 0, chroma, 1)
-    h6 = torch.where(v == r, (g - b).div_(d),
-                     torch.where(v == g, (b - r).div_(d).add_(2), (r - g).div_(d).add_(4)))  # in [-1, 5)
-    # the mod on the per-view shift only: the pixels' k is in [5, 17), one subtraction brings it into
-    # [-1, 6), and clamp(min(k, 4 - k), 0, 1) is 0 on [-1, 0) as on [5, 6)
-    shift = (x.new_tensor([5.0, 3.0, 1.0]) + 6 * f.view(-1, 1)) % 6 + 6
-    k = h6.unsqueeze(1) + shift.view(-1, 3, 1, 1)
-    k = k.sub_(torch.where(k >= 12, 12.0, 6.0))
-    return torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma.unsqueeze(1)).neg_().add_(v.unsqueeze(1))
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Each image blurred with its own sigma: a separable (2 radius + 1)-tap kernel, reflected borders,
-    one grouped convolution per axis for the whole batch."""
-    n, c, h, w = x.shape
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma.to(x.dtype).view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n * c, taps]
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
-    return F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
+def blur_weights(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N] sigmas -> [N, 2 radius + 1] Gaussian taps, each cut at its own blur_radius (torchvision's kernel
+    of that size), normalised; sigma 0: the identity."""
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    own = (3 * sigma).ceil().clamp(min=1).view(-1, 1)
+    w = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-3).view(-1, 1)) ** 2) * (taps.abs() <= own)
+    return torch.where(sigma.view(-1, 1) > 0, w / w.sum(1, keepdim=True), (taps == 0).float())
 
 
 def blur_radius(sigma: float) -> int:
@@ -178,49 +171,95 @@ def blur_radius(sigma: float) -> int:
     return max(1, math.ceil(3 * sigma))
 
 
-def solarize(x: torch.Tensor) -> torch.Tensor:
-    """PIL's solarize(128): levels of 128/255 and above are inverted."""
-    return torch.where(x >= 128 / 255, 1 - x, x)
+def gaussian_blur(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] planes, each blurred with its own separable kernel [N, taps], reflected borders (as
+    torchvision's gaussian_blur): a sum of shifted copies per axis, which torch.compile fuses into one
+    loop."""
+    r = weights.shape[1] // 2
+    w = weights.to(x.dtype).view(-1, 1, 1, weights.shape[1])
+    padded = torch.cat([x[:, :, 1:r + 1].flip(2), x, x[:, :, -r - 1:-1].flip(2)], 2)
+    x = sum(w[..., t] * padded[:, :, t:t + x.shape[2]] for t in range(2 * r + 1))
+    padded = torch.cat([x[:, 1:r + 1].flip(1), x, x[:, -r - 1:-1].flip(1)], 1)
+    return sum(w[..., t] * padded[:, t:t + x.shape[1]] for t in range(2 * r + 1))
+
+
+def solarize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PIL's solarize(128) on the views in mask: levels of 128/255 and above are inverted."""
+    return torch.where(mask.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+
+
+def colour(pixels: torch.Tensor, blends: torch.Tensor, amount: torch.Tensor, turns: torch.Tensor,
+           greyed: torch.Tensor, weights: torch.Tensor | None, solarized: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] 8-bit crops -> normalised views: the jitter slots around the hue, greyscale, blur
+    (none when weights is None), solarisation, CLIP mean/std."""
+    n, _, height, width = pixels.shape
+    rgb = (pixels.float() / 255).unbind(1)
+    for slot in range(2 * SLOTS):
+        if slot == SLOTS:
+            rgb = hue(rgb, turns)
+        rgb = blend(rgb, blends[:, slot], amount[:, slot])
+    x = torch.stack(grey(rgb, greyed), 1)
+    if weights is not None:
+        x = gaussian_blur(x.view(n * 3, height, width), weights.repeat_interleave(3, 0)).view(x.shape)
+    x = solarize(x, solarized)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
 
 
 # ----------------------------------------------------------------------------- a plan on a batch
 
-OPS = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+COMPILED = None  # colour as a CPU runs it, set on first use: compiled, or colour itself
 
 
-def views(pixels: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
+def compiled_colour(*args) -> torch.Tensor:
+    """colour through torch.compile on a CPU, shapes fixed (a graph per view size and with or without blur,
+    compiled once and kept in torch's on-disk cache). Without a working C++ compiler, or with
+    RSMCLIP_COMPILE=0, it runs eagerly: the same ops, several times slower."""
+    global COMPILED
+    if COMPILED is None:
+        COMPILED = colour
+        if os.environ.get("RSMCLIP_COMPILE", "1") != "0":
+            # its CUDA_HOME notice on a CPU-only machine says nothing about this compile
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            COMPILED = torch.compile(colour, dynamic=False)
+    try:
+        return COMPILED(*args)
+    except Exception as error:  # Inductor's errors have no common base class; eager shows real bugs
+        if COMPILED is colour:
+            raise
+        COMPILED = colour
+        why = " ".join(str(error).split())[:160]
+        print(f"data/augment.py: torch.compile failed ({type(error).__name__}: {why}); the tensor "
+              "augmentation runs eagerly, several times slower", file=sys.stderr)
+        return colour(*args)
+
+
+def views(pixels: torch.Tensor, plan: Plan, size: int, radius: int = 1) -> torch.Tensor:
     """pixels: [B, H, W, 3] uint8 on the device (images padded to one size by repeating their edges) ->
-    [K, 3, size, size] normalised views. On the CPU a few views at a time (CPU_CHUNK pixels), which stay in
-    the core's cache through all the ops; on a GPU all at once."""
-    images = planes(pixels)
-    out = torch.empty(len(plan.boxes), 3, size, size, device=pixels.device)
-    step = len(out) if pixels.device.type != "cpu" else max(1, CPU_CHUNK // size ** 2)
-    for start in range(0, len(out), step):
-        part = Plan(*(getattr(plan, f.name)[start:start + step] for f in fields(Plan)))
-        out[start:start + step] = apply(images, part, size)
+    [K, 3, size, size] normalised views. `radius`: blur taps each side, at least enough for the plan's
+    largest sigma (train.py passes the recipe's largest, so the CPU's compiled shapes stay fixed)."""
+    radius = max(radius, blur_radius(float(plan.sigma.max())))
+    weights = blur_weights(plan.sigma, radius)
+    if pixels.device.type != "cpu":
+        crops = crop_batched(pixels, plan.boxes, plan.flip, size)
+        dev = pixels.device
+        return colour(crops, *(t.to(dev, non_blocking=True) for t in (
+            plan.blend, plan.amount, plan.hue, plan.grey, weights, plan.solarize)))
+    # On a CPU: blurred views first, then the others, in chunks of a fixed number of views (the last
+    # padded by repeating a view), each through the graph with or without blur
+    chunk = max(1, CPU_CHUNK // size ** 2)
+    blurred = plan.sigma > 0
+    out = torch.empty(len(plan.boxes), 3, size, size)
+    for group, blur in ((blurred.nonzero().flatten(), True), ((~blurred).nonzero().flatten(), False)):
+        if not len(group):
+            continue
+        padded = torch.cat([group, group[:1].repeat(-len(group) % chunk)])
+        crops = crop_each(pixels, plan.boxes[padded], plan.flip[padded], size)
+        for start in range(0, len(padded), chunk):
+            part = padded[start:start + chunk]
+            made = compiled_colour(crops[start:start + chunk], plan.blend[part], plan.amount[part],
+                                   plan.hue[part], plan.grey[part], weights[part] if blur else None,
+                                   plan.solarize[part])
+            keep = group[start:start + chunk]
+            out[keep] = made[:len(keep)]
     return out
-
-
-def apply(images: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
-    """The views of a plan from `planes` images. Ops touch only the views that drew them (indices from the
-    CPU)."""
-    dev = images.device
-    x = crop(images, plan.boxes, size, plan.flip)
-
-    def where(mask: torch.Tensor) -> torch.Tensor | None:
-        index = mask.nonzero().flatten()  # a CPU tensor: no device sync
-        return index.to(dev, non_blocking=True) if len(index) else None
-
-    factors = plan.factors.to(dev, non_blocking=True)
-    for position in range(len(JITTER)):
-        for op, name in enumerate(JITTER):
-            if (i := where(plan.order[:, position] == op)) is not None:
-                x[i] = OPS[name](x[i], factors[i, op])
-    if (i := where(plan.grey)) is not None:
-        x[i] = grey(x[i])
-    if (i := where(plan.sigma > 0)) is not None:
-        sigma = plan.sigma[plan.sigma > 0]
-        x[i] = gaussian_blur(x[i], sigma.to(dev, non_blocking=True), blur_radius(float(sigma.max())))
-    if (i := where(plan.solarize)) is not None:
-        x[i] = solarize(x[i])
-    return x.sub_(x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)).div_(x.new_tensor(CLIP_STD).view(1, 3, 1, 1))

@@ -1,8 +1,13 @@
 """Shared fixtures: a multilingual test corpus and a SentencePiece model trained on it."""
+import os
 from pathlib import Path
 
 import pytest
 import sentencepiece
+
+# The CPU's tensor augmentation runs eagerly in tests, subprocesses included: compiling it costs about 30 s
+# per shape on two cores. test_augment compiles one shape and compares it with the eager ops.
+os.environ["RSMCLIP_COMPILE"] = "0"
 
 CORPUS = [  # all ten languages, plus the text that breaks tokenizers
     "Many planes are parked next to a long runway at the airport.",
