@@ -241,10 +241,7 @@ def views(pixels: torch.Tensor, plan: Plan, size: int, radius: int = 1) -> torch
     radius = max(radius, blur_radius(float(plan.sigma.max())))
     weights = blur_weights(plan.sigma, radius)
     if pixels.device.type != "cpu":
-        crops = crop_batched(pixels, plan.boxes, plan.flip, size)
-        dev = pixels.device
-        return colour(crops, *(t.to(dev, non_blocking=True) for t in (
-            plan.blend, plan.amount, plan.hue, plan.grey, weights, plan.solarize)))
+        return views_batched(pixels, plan, size, weights)
     # On a CPU: blurred views first, then the others, in chunks of a fixed number of views (the last
     # padded by repeating a view), each through the graph with or without blur
     chunk = max(1, CPU_CHUNK // size ** 2)
@@ -263,3 +260,11 @@ def views(pixels: torch.Tensor, plan: Plan, size: int, radius: int = 1) -> torch
             keep = group[start:start + chunk]
             out[keep] = made[:len(keep)]
     return out
+
+
+def views_batched(pixels: torch.Tensor, plan: Plan, size: int, weights: torch.Tensor) -> torch.Tensor:
+    """A GPU's way (it runs on any device; the tests run it on the CPU): every view at once, eagerly, the
+    plan copied to the device without waiting."""
+    dev = pixels.device
+    return colour(crop_batched(pixels, plan.boxes, plan.flip, size), *(t.to(dev, non_blocking=True) for t in (
+        plan.blend, plan.amount, plan.hue, plan.grey, weights, plan.solarize)))
