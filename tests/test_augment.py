@@ -164,17 +164,21 @@ def reference_view(crop: torch.Tensor, p: train.ViewParams) -> torch.Tensor:
     return TF.normalize(x, rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
 
 
+def drawn_views(n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """A padded batch of two scenes and n views of them drawn as local crops are (all changes possible)."""
+    images = [scene((120, 90)), scene((70, 100), seed=1)]
+    pixels = train.pad_images([torch.from_numpy(np.array(i)) for i in images])
+    cfg, rng = train.TrainConfig(hue=0.1, grayscale=0.3), random.Random(seed)
+    return pixels, [(k % 2, train.draw_view(*images[k % 2].size, (0.05, 1.0), 0.5, 0.3, cfg, rng, 224))
+                    for k in range(n)]
+
+
 def test_a_plan_applies_each_views_changes_in_its_drawn_order(monkeypatch):
     """The blend slots around the hue give every view its own order of ColorJitter's four changes (24
     orders), and the CPU's grouping (blurred views first) and chunking (the last chunk padded) put every
     view back in its place: views() equals torchvision's ops applied view by view in the drawn order."""
     monkeypatch.setattr(augment, "CPU_CHUNK", 5 * 24 * 24)  # 5 views per chunk
-    images = [scene((120, 90)), scene((70, 100), seed=1)]
-    pixels = train.pad_images([torch.from_numpy(np.array(i)) for i in images])
-    cfg = train.TrainConfig(hue=0.1, grayscale=0.3)
-    rng = random.Random(0)
-    drawn = [(k % 2, train.draw_view(*images[k % 2].size, (0.05, 1.0), 0.5, 0.3, cfg, rng, 224))
-             for k in range(61)]
+    pixels, drawn = drawn_views(61, seed=0)
     assert len({tuple(name for name, _ in p.jitter) for _, p in drawn}) >= 20
     plan = train.plan(drawn)
     got = augment.views(pixels, plan, 24, radius=6)
@@ -187,12 +191,7 @@ def test_the_gpus_way_equals_the_cpus_and_keeps_every_tensor_on_the_device():
     """views_batched (what a GPU runs: batched crop, every view at once, eagerly) against the CPU's views:
     the same within the crops' rounding (mean difference below 0.5 8-bit levels; measured: 0.15). On
     the meta device, a stand-in for CUDA here, no CPU tensor meets a device tensor."""
-    images = [scene((120, 90)), scene((70, 100), seed=1)]
-    pixels = train.pad_images([torch.from_numpy(np.array(i)) for i in images])
-    cfg = train.TrainConfig(hue=0.1, grayscale=0.3)
-    rng = random.Random(1)
-    drawn = [(k % 2, train.draw_view(*images[k % 2].size, (0.05, 1.0), 0.5, 0.3, cfg, rng, 224))
-             for k in range(24)]
+    pixels, drawn = drawn_views(24, seed=1)
     plan = train.plan(drawn)
     weights = augment.blur_weights(plan.sigma, 6)
     batched = augment.views_batched(pixels, plan, 32, weights)
