@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import sentencepiece
 
-# The CPU's tensor augmentation runs eagerly in tests, subprocesses included: compiling it costs about 30 s
+# The CPU's tensor augmentation runs eagerly in tests, subprocesses included: compiling it costs about 13 s
 # per shape on two cores. test_augment compiles one shape and compares it with the eager ops.
 os.environ["RSMCLIP_COMPILE"] = "0"
 
