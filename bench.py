@@ -378,7 +378,7 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
                                                  num_workers=n):
                 pass
 
-        radius = augment.blur_radius(train.BLUR[1])  # at 224 px, as train.py passes it
+        radius = train.blur_taps(size)
 
         def tensor_path(device):
             ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)

@@ -217,6 +217,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 BLUR = (0.1, 2.0)  # DINO's Gaussian blur sigma (PIL's radius) in pixels, for 224-px models: scaled with size
 
 
+def blur_taps(model_size: int) -> int:
+    """Blur taps each side for the largest sigma drawn for this model size: fixed, so the CPU's compiled
+    augmentation (data/augment.py) keeps one shape."""
+    return augment.blur_radius(BLUR[1] * model_size / 224)
+
+
 @dataclass(frozen=True)
 class ViewParams:
     """One view's random choices. Drawn once (draw_view), applied by either path: PIL here (apply_pil) or
@@ -576,7 +582,7 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     if "pixels" in batch:  # --augment tensor: the views are made here, on the device, from 8-bit images
         pixels = batch["pixels"].to(dev, non_blocking=True)
         size = run.core.clip.config.vision.image_size
-        radius = augment.blur_radius(BLUR[1] * size / 224)  # the largest drawn: one compiled shape on a CPU
+        radius = blur_taps(size)
         views = augment.views(pixels, batch["view_plan"], size, radius)
         locals_ = (augment.views(pixels, batch["local_plan"], cfg.local_size, radius) if batch["local_plan"]
                    else None)
