@@ -23,6 +23,7 @@ import typer
 
 import eval as evaluation
 import rsmclip
+import rsmclip_cli
 from data.demo import train_tokenizer
 from data.prepare import build_captions, load_manifest
 
@@ -118,4 +119,4 @@ def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: its Karpathy file and
 if __name__ == "__main__":
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)

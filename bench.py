@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import typer
 
 import rsmclip
+import rsmclip_cli
 import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
@@ -112,7 +113,7 @@ def make_ids(lengths: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
 @app.command()
 def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated presets"),
           batch_sizes: str = typer.Option("8,32", help="comma-separated batch sizes"),
-          device: str = typer.Option(rsmclip.default_device(), help="cpu or cuda"),
+          device: str = rsmclip_cli.DEVICE,
           precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast (CUDA)"),
           repeats: int = typer.Option(5, help="timed calls per measurement (median reported)"),
           threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
@@ -175,7 +176,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
 def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                 batch_size: int = typer.Option(32, help="images per step"),
                 steps: int = typer.Option(6, help="timed steps per side (median reported)"),
-                device: str = typer.Option(rsmclip.default_device(), help="cpu or cuda"),
+                device: str = rsmclip_cli.DEVICE,
                 precision: str = typer.Option("auto",
                                               help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
                 local_crops: int = typer.Option(8, help="local crops for the multi-crop measurement"),
@@ -580,4 +581,4 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
 
 
 if __name__ == "__main__":
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)

@@ -27,6 +27,7 @@ from PIL import Image
 
 import eval as ev
 import rsmclip
+import rsmclip_cli
 from data import demo, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
@@ -73,7 +74,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def speed(images: int = typer.Option(10000, help="number of images (5 captions each)"),
          batch_size: int = typer.Option(64, help="images per forward pass"),
          workers: int = typer.Option(2, help="decoding processes, end to end"),
-         device: str = typer.Option(rsmclip.default_device(), help=rsmclip.DEVICE_HELP),
+         device: str = rsmclip_cli.DEVICE,
          workdir: Path = typer.Option(Path(tempfile.gettempdir()) / "rsmclip-bench-eval",
                                       help="folder for the generated images (kept for the next run)"),
          out: Path = typer.Option(None, help="also write the numbers as JSON")):
@@ -121,7 +122,7 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"),
          split: str = typer.Option("val", help="the split to measure (never tune on test)"),
          tokenizer: Path = typer.Option(..., help="the XLM-R SentencePiece model"),
          seed: int = typer.Option(0, help="seed of the noise written into every parameter"),
-         device: str = typer.Option(rsmclip.default_device(), help=rsmclip.DEVICE_HELP)):
+         device: str = rsmclip_cli.DEVICE):
     """Repeated captions and the three tie rules, on one split, with seeded-noise xlmr-b32 weights (what a
     checkpoint sees before it learns anything; trained checkpoints tie on the same repeated captions)."""
     records = [r for r in prepare.load_manifest(data) if r["split"] == split]

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import rsmclip
+import rsmclip_cli
 from data.demo import make_demo
 from data.prepare import load_labels, load_manifest, read_json, scan_image_folder
 
@@ -51,6 +52,13 @@ def retrieval_protocol(ties: str = "expected") -> str:
             "their captions in the top K; text->image R@K = % of captions whose image is in the top K; mR = "
             f"mean of the six. Ties ({ties}): {TIE_RULE_TEXT[ties]}. Captions as given (no lower-casing or "
             "prefix); each distinct caption is encoded once, so identical captions tie exactly.")
+
+
+def check_ties(ties: str) -> str:
+    """The one check of a tie rule (the --ties option's and the library call's)."""
+    if ties not in TIE_RULES:
+        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    return ties
 
 
 ZEROSHOT_PROTOCOL = (
@@ -208,8 +216,7 @@ def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str 
     "captions", "distinct_captions", "chance_mR"}} plus "mean" over languages when there are several.
     Each unique image file and each distinct caption is encoded once; every split size works, down to
     one image."""
-    if ties not in TIE_RULES:
-        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
+    check_ties(ties)
     manifest = Path(manifest)
     records = load_manifest(manifest)
     chosen = [r for r in records if r["split"] == split]
@@ -678,13 +685,12 @@ def demo(ctx: typer.Context):
           "--data demo_data/captions.jsonl")
 
 
-# Options shared by the commands
-MODEL = typer.Option(..., "--model", help="weights file (ours, or open_clip's safetensors)")
-TOKENIZER = typer.Option(None, help="SentencePiece model (default: the one the weights name, next to them)")
+# Options shared by the commands (--model, --tokenizer and --device: those of every script)
+MODEL, TOKENIZER, DEVICE = rsmclip_cli.MODEL, rsmclip_cli.TOKENIZER, rsmclip_cli.DEVICE
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
 WORKERS = typer.Option(min(4, os.cpu_count() or 1), help="image decoding processes")
-DEVICE = typer.Option(rsmclip.default_device(), help="cpu, cuda, cuda:1, ...")
-TIES = typer.Option("expected", help="tie rule for retrieval: expected (random order of tied scores), "
+TIES = typer.Option("expected", callback=check_ties,
+                    help="tie rule for retrieval: expected (random order of tied scores), "
                     "against (ties lose: lower bound) or favour (ties win: upper bound)")
 
 
@@ -696,8 +702,6 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
               tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
               device: str = DEVICE, ties: str = TIES):
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
-    if ties not in TIE_RULES:
-        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
     rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     rsmclip.warn_if_toy(model.config, model_path, [data])
@@ -778,8 +782,6 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
            device: str = DEVICE, ties: str = TIES):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
-    if ties not in TIE_RULES:
-        raise EvalError(f"--ties {ties!r}: choose one of {', '.join(TIE_RULES)}")
     for out, option in ((out_json, "--out-json"), (out_md, "--out-md")):
         rsmclip.refuse_overwrite(out, [suite, tokenizer, *model_paths], option)
     result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
@@ -790,7 +792,7 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
 
 
 def main():
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)
 
 
 if __name__ == "__main__":

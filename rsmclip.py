@@ -8,17 +8,23 @@ and exports open_clip checkpoints, and reads its own safetensors files that carr
     image = model.encode_image(preprocess("scene.tif")[None], normalize=True)
     text = model.encode_text(tokenizer(["many planes parked at an airport"]), normalize=True)
 
-Also a command line: `python rsmclip.py --help` (info, download, convert, embed, classify, search).
+The public API (`__all__`): `load` returns (a `CLIP` in eval mode, a `Preprocess`, a `Tokenizer`);
+`CLIP.encode_image` / `CLIP.encode_text` embed one batch; `embed_images` / `embed_texts` embed many
+(batched, L2-normalised); `save` writes a model as safetensors (ours or open_clip's names); `convert`
+turns an open_clip checkpoint into ours or back; `PRESETS` and `CLIPConfig` describe architectures.
+
+Importing it only defines: no Typer app, no CUDA query, no global setting changed. The `rsmclip`
+command (info, download, convert, embed, classify, search) lives in rsmclip_cli.py; `python rsmclip.py
+--help` runs it too.
 """
+
 from __future__ import annotations
 
-import base64
 import contextlib
+import functools
 import glob
 import hashlib
 import html
-import http.client
-import io
 import json
 import math
 import os
@@ -26,9 +32,6 @@ import re
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,22 +42,13 @@ import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import typer
 from PIL import Image
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+__all__ = ["load", "CLIP", "Preprocess", "Tokenizer", "embed_images", "embed_texts", "save", "convert",
+           "PRESETS", "CLIPConfig", "RsmclipError"]
 
 # The ten languages of RS-M-CLIP (English and Tower's nine): the one list; prompts, templates, class
 # names, the demo's text tables and translate.py's targets are derived from it or tested against it.
@@ -64,8 +58,6 @@ LANGS = tuple(LANGUAGES)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-UMASK = os.umask(0o022)  # the only way to read the umask is to set it: put it back at once
-os.umask(UMASK)
 
 
 class RsmclipError(Exception):
@@ -473,13 +465,13 @@ class Tokenizer:
 # tiles first, as for any CLIP. PIL's own bomb check is set to the same limit.
 MAX_PIXELS = 100_000_000
 MAX_ASPECT = 20
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 STRETCH_PERCENTILES = (1, 99)
 
 
 def open_image(path: str | Path) -> Image.Image:
     """Read an image file as 8-bit RGB, or raise ImageError naming the file and the problem."""
     path = Path(path)
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's bomb check, at our limit: set where images are opened
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     try:
@@ -753,72 +745,6 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
     return model
 
 
-def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
-    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
-    symlink or a hard link too), which writing it would destroy."""
-    if out is None:
-        return
-    out = Path(out)
-    if out.is_dir():
-        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
-    if parent := next((d for d in out.absolute().parents if d.exists()), None):
-        if not parent.is_dir():
-            raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
-    for given in map(Path, filter(None, inputs)):
-        if given.resolve() == out.resolve() or (out.exists() and given.exists()
-                                                and os.path.samefile(given, out)):
-            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
-                               f"choose another {option}")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
-    flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
-    On any failure (disk full, an exception) the temporary file is removed and an existing `path` keeps
-    its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
-    before it could clean up (SIGKILL) is swept away by the next write of the same file."""
-    path = Path(path)
-    refuse_overwrite(path, [], "the output")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = stale.name[len(path.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, no permission: the old file stays, the message names the file
-        tmp.unlink(missing_ok=True)
-        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); "
-                           "an existing file is unchanged") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save(tensors: dict, path: Path, metadata: dict):
-    """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
 def save(model: CLIP, path: str | Path, openclip_names: bool = False):
     """Our format (config in the metadata) or, with openclip_names, tensors named as open_clip's
     state_dict (loadable there with strict=True; our config rides along in the metadata)."""
@@ -878,7 +804,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# ----------------------------------------------------------------------------- download
+# ----------------------------------------------------------------------------- weights by name
 
 HUB_FILES = {  # name -> (Hugging Face repo, candidate files in order of preference, saved as)
     "rs-m-clip": ("joaodaniel/RS-M-CLIP", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
@@ -915,148 +841,14 @@ def weights_path(spec: str | Path) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 16 MiB blocks (weights are GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+def weights_fingerprint(path: Path) -> str:
+    """The identity of a weights file: its size and the SHA-256 of every byte (a sampled hash missed edits
+    to single tensors). Hashing runs at about disk speed, like the load that goes with it."""
+    path = weights_path(path)
+    return f"{path.stat().st_size}:{file_sha256(path)[:32]}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None  # the hub's first answer carries the LFS size and sha256; keep it, do not follow
-
-
-def _request(url: str, method: str = "GET", headers: Optional[dict] = None) -> urllib.request.Request:
-    req = urllib.request.Request(url, method=method, headers={"User-Agent": "rsmclip", **(headers or {})})
-    if token := os.environ.get("HF_TOKEN"):
-        req.add_unredirected_header("Authorization", f"Bearer {token}")  # never forwarded to the CDN
-    return req
-
-
-def remote_info(url: str, timeout: float = 60) -> Optional[dict]:
-    """Size and sha256 the server announces for a file (None if it has no such file). The hub sends an
-    LFS file's sha256 in X-Linked-Etag (ETag on direct answers); a git blob ETag is no sha256."""
-    opener = urllib.request.build_opener(_NoRedirect)
-    try:
-        resp = opener.open(_request(url, "HEAD"), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return None
-        if e.code not in (301, 302, 303, 307, 308):
-            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}"
-                               + (" (gated or private: set HF_TOKEN)"
-                                  if e.code in (401, 403) else "")) from None
-        resp = e
-    except (urllib.error.URLError, OSError) as e:
-        raise RsmclipError(f"{url}: cannot connect ({e})") from None
-    h = resp.headers
-    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
-    size = (h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None) or "").strip()
-    if size and not size.isdigit():
-        print(f"warning: {url}: the server announced the size {size[:40]!r}, not a number; no size check",
-              file=sys.stderr)
-    return {"size": int(size) if size.isdigit() else None,
-            "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None}
-
-
-def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 60) -> Path:
-    """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
-    checks, and an atomic rename. A dropped connection, or no byte for `timeout` seconds, is resumed
-    up to `retries` times; after that the .part file stays and the same command continues from it."""
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        if info["size"] is not None and have > info["size"]:
-            part.unlink()
-            have = 0
-        try:
-            resp = urllib.request.urlopen(_request(url, headers={"Range": f"bytes={have}-"} if have else {}),
-                                          timeout=timeout)
-            if have and resp.status != 206:  # the server ignored the range: start over
-                have = 0
-            with open(part, "ab" if have else "wb") as f, Progress(
-                    "[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
-                task = bar.add_task(dest.name, total=info["size"], completed=have)
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.advance(task, len(chunk))
-            if info["size"] is not None and part.stat().st_size < info["size"]:
-                raise ConnectionError("the server closed the connection early")  # http.client just stops
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # already complete
-                break
-            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # a dropped connection
-            if attempt == retries:
-                raise RsmclipError(f"{url}: download interrupted ({e}); {part.stat().st_size} bytes are "
-                                   f"kept in {part}: run the same command again to resume") from None
-            print(f"connection lost or stalled for {timeout:g} s ({e}), resuming", file=sys.stderr)
-    size = part.stat().st_size
-    if info["size"] is not None and size != info["size"]:
-        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; "
-                           "run again to resume")
-    if info["sha256"] and (digest := file_sha256(part)) != info["sha256"]:
-        part.unlink()
-        raise RsmclipError(f"{url}: sha256 {digest} differs from the announced {info['sha256']}; the file "
-                           "was deleted")
-    os.replace(part, dest)
-    return dest
-
-
-def download_problem(name: str, path: Path) -> Optional[str]:
-    """Why a file in the download folder is not a usable `name` (None if it is): presence is not enough,
-    an HTML error page saved under the name, or an empty file, must not pass as "already present"."""
-    try:
-        if path.stat().st_size == 0:
-            return "it is empty"
-        if name == "tokenizer":
-            Tokenizer(path)
-        else:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            config_from_json(meta.get("config"), path)
-    except (RsmclipError, SafetensorError, OSError, ValueError) as e:
-        return str(e).removeprefix(f"{path}: ")
-    return None
-
-
-def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Path:
-    repo, candidates, saved_as = HUB_FILES[name]
-    final = out_dir / saved_as
-    if final.exists():
-        if problem := download_problem(name, final):
-            raise RsmclipError(f"{final}: present but not usable ({problem}); delete it and run again")
-        print(f"{final}: already present (checked)")
-        return final
-    parsed = urllib.parse.urlparse(endpoint)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise RsmclipError(f"--endpoint {endpoint!r}: not an http(s) URL such as https://huggingface.co")
-    for filename in candidates:
-        url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
-        if (info := remote_info(url, timeout)) is None:
-            continue
-        checks = " and ".join(c for c, v in (("size", info["size"]), ("sha256", info["sha256"])) if v) or "no"
-        print(f"{repo}/{filename} -> {final} ({checks} check; {timeout:g} s without data counts as a stall)")
-        if name == "tokenizer":
-            fetch(url, final, info, timeout=timeout)
-            if problem := download_problem(name, final):
-                final.unlink()
-                raise RsmclipError(f"{url}: the server sent no SentencePiece model ({problem}); deleted")
-            return final
-        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info, timeout=timeout)
-        convert(raw, final)  # open_clip names (and maybe a pickle) -> our safetensors with its config
-        raw.unlink()
-        print(f"converted to {final}")
-        return final
-    raise RsmclipError(f"{repo}: none of {', '.join(candidates)} found at {endpoint}")
-
-
-# ----------------------------------------------------------------------------- inference helpers
+# ----------------------------------------------------------------------------- batch embedding
 
 # One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
 # sets in data/.
@@ -1090,17 +882,6 @@ def check_template(template: str) -> str:
     return template
 
 
-def display(path) -> str:
-    """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
-    UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def listing(items: list, n: int = 5) -> str:
-    """The first n items of a list in a message (printable, see display), and how many there are in all."""
-    return ", ".join(map(display, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
     reported by the main process (a worker's exception would arrive as a traceback)."""
@@ -1132,6 +913,9 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
     decoded by `workers` processes, bf16 autocast on CUDA. An unreadable image is skipped and reported
     on stderr (a folder being searched), or, with skip_unreadable=False, stops the whole call with one
     message (an evaluation, whose numbers a silently smaller set would change)."""
+    from rich.console import Console  # the progress bar's library, loaded where it is drawn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     if not skip_unreadable and (missing := [display(p) for p in paths if not Path(p).is_file()]):
         raise ImageError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
@@ -1180,82 +964,6 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
     return check_finite(out, "text")[inverse]
 
 
-def weights_fingerprint(path: Path) -> str:
-    """The identity of a weights file: its size and the SHA-256 of every byte (a sampled hash missed edits
-    to single tensors). Hashing runs at about disk speed, like the load that goes with it."""
-    path = weights_path(path)
-    return f"{path.stat().st_size}:{file_sha256(path)[:32]}"
-
-
-def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
-    """(entries, embeddings) of a search index made with these weights; an index that is absent, made
-    with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
-    empty = [], torch.zeros(0, dim)
-    if not index.exists():
-        return empty
-    try:
-        with safe_open(str(index), "pt") as f:
-            meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
-        if meta.get("model") != fingerprint:
-            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
-            return empty
-        entries = json.loads(meta["entries"])
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
-                and type(e.get("mtime")) is int for e in entries):
-            raise ValueError("entries are not a list of {path, size, mtime}")
-        if feats is None or feats.dtype != torch.float32 or tuple(feats.shape) != (len(entries), dim):
-            raise ValueError(f"embeddings {None if feats is None else tuple(feats.shape)}, expected "
-                             f"{(len(entries), dim)} float32")
-        if not torch.isfinite(feats).all():
-            raise ValueError("non-finite embeddings")
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json's errors are ValueErrors
-        print(f"warning: {index}: damaged search index ({str(e)[:200]}); rebuilding it", file=sys.stderr)
-        return empty
-    return entries, feats
-
-
-def index_path(folder: Path, fingerprint: str) -> Path:
-    """The default search index of a folder for given weights: in the user cache, never in the folder
-    (which may be read-only or shared), one file per (folder, weights) so that switching models does not
-    rebuild."""
-    key = hashlib.sha256(f"{folder.resolve()}\0{fingerprint}".encode("utf-8", "surrogateescape"))
-    return cache_dir() / "index" / f"{key.hexdigest()[:32]}.safetensors"
-
-
-def update_index(model, preprocess, weights: Path, folder: Path, index: Optional[Path], batch_size: int,
-                 device: str):
-    """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
-    The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
-    fingerprint = weights_fingerprint(weights)
-    index = index or index_path(folder, fingerprint)
-    entries, feats = read_index(index, fingerprint, model.config.embed_dim)
-    known = {e["path"]: (e, row) for row, e in enumerate(entries)}
-    keep_rows, kept, todo = [], [], []
-    for p in list_images([folder]):
-        rel = p.relative_to(folder).as_posix()
-        stat = p.stat()
-        old = known.get(rel)
-        if old and old[0]["size"] == stat.st_size and old[0]["mtime"] == stat.st_mtime_ns:
-            keep_rows.append(old[1])
-            kept.append(old[0])
-        else:
-            todo.append(p)
-    new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
-    new_feats = new_feats.cpu()
-    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
-              "mtime": p.stat().st_mtime_ns}
-             for p in done]
-    entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
-    removed = len(known) - len(kept)
-    if added or removed or not index.exists():
-        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "folder": display(folder.resolve()),
-                                                   "entries": json.dumps(entries)})
-    print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
-          f"{len(failed)} unreadable skipped)")
-    return entries, feats
-
-
 def warn_unknown(tokenizer: Tokenizer, texts: list[str], what: str = "query"):
     """A text made mostly of pieces the vocabulary does not know reads as a row of <unk> to the model: its
     scores mean nothing, so say so (stderr) rather than rank images by it."""
@@ -1287,34 +995,92 @@ def warn_if_toy(cfg: CLIPConfig, weights: Path, paths: list[Path]):
               "(`rsmclip download`)", file=sys.stderr)
 
 
-def thumbnail(path: Path, size: int = 224) -> str:
-    """An image as a data: URI (JPEG, longer side at most `size`), so that a page needs no other file."""
-    image = open_image(path)
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+# ----------------------------------------------------------------------------- files
+
+def display(path) -> str:
+    """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
+    UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str]]]]]) -> str:
-    """One self-contained HTML page (no script, no other file): per section (a query, or the images of a
-    classification) a heading and a grid of cards, each an embedded thumbnail and its lines of text."""
-    def card(image: Path, lines: list[str]) -> str:
-        text = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
-        return (f'<figure><img src="{thumbnail(image)}" alt="{html.escape(display(image))}">'
-                f"<figcaption>{text}</figcaption></figure>")
-    body = "".join(f"<section><h2>{html.escape(heading)}</h2><div class=grid>"
-                   + "".join(card(image, lines) for image, lines in cards) + "</div></section>"
-                   for heading, cards in sections)
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{html.escape(title)}</title><style>"
-            "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}"
-            "h1{font-size:20px}h2{font-size:16px;margin:24px 0 8px}"
-            ".grid{display:flex;flex-wrap:wrap;gap:12px}"
-            "figure{margin:0;width:180px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
-            "img{width:180px;height:180px;object-fit:contain;background:#eee}"
-            "figcaption div{overflow-wrap:anywhere}figcaption div:first-child{font-weight:600}"
-            f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+def listing(items: list, n: int = 5) -> str:
+    """The first n items of a list in a message (printable, see display), and how many there are in all."""
+    return ", ".join(map(display, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
+    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
+    symlink or a hard link too), which writing it would destroy."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
+    if parent := next((d for d in out.absolute().parents if d.exists()), None):
+        if not parent.is_dir():
+            raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
+    for given in map(Path, filter(None, inputs)):
+        if given.resolve() == out.resolve() or (out.exists() and given.exists()
+                                                and os.path.samefile(given, out)):
+            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
+                               f"choose another {option}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+@functools.cache
+def umask() -> int:
+    """The process umask, read on first use: the only way to read it is to set it, so it is put back
+    at once (an import must not touch it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
+    flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
+    On any failure (disk full, an exception) the temporary file is removed and an existing `path` keeps
+    its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
+    before it could clean up (SIGKILL) is swept away by the next write of the same file."""
+    path = Path(path)
+    refuse_overwrite(path, [], "the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission: the old file stays, the message names the file
+        tmp.unlink(missing_ok=True)
+        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); "
+                           "an existing file is unchanged") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict):
+    """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def write_text(path: Path, text: str):
@@ -1322,265 +1088,15 @@ def write_text(path: Path, text: str):
     print(f"wrote {display(path)}")
 
 
-# ----------------------------------------------------------------------------- command line
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="RS-M-CLIP: multilingual CLIP for remote-sensing images.")
-
-
-DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when there is one)"
-TOKENIZER_HELP = "SentencePiece model (default: the one the weights name, next to them)"
-MODEL_HELP = "weights file, or rs-m-clip / laion once downloaded"
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks (weights are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-@app.command()
-def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors), "
-                                                           "or rs-m-clip / laion once downloaded"),
-         preset: str = typer.Option("xlmr-b32", help=f"architecture to describe when no weights are given: "
-                                                     f"{', '.join(PRESETS)}"),
-         as_json: bool = typer.Option(False, "--json", help="print one JSON object (config and parameter "
-                                                            "counts) and nothing else")):
-    """Print the architecture config and parameter counts."""
-    if weights:
-        cfg, _ = read_weights(weights)
-    elif preset in PRESETS:
-        cfg = PRESETS[preset]
-    else:
-        raise RsmclipError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    with torch.device("meta"):
-        counts = count_parameters(CLIP(cfg))
-    if as_json:
-        print(json.dumps({"config": asdict(cfg), "parameters": counts}, indent=2))
-        return
-    print(json.dumps(asdict(cfg), indent=2))
-    print(f"parameters: visual {counts['visual']:,}  text {counts['text']:,}  total {counts['total']:,}")
-
-
-@app.command("download")
-def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.join(HUB_FILES)} "
-                                                              "(default: rs-m-clip tokenizer)"),
-                 out: Optional[Path] = typer.Option(None, help="folder for the files (default: weights/ in "
-                                                    "the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
-                 endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                                              help="hub base URL (env HF_ENDPOINT)"),
-                 timeout: float = typer.Option(60, min=1, help="seconds without data before a stalled "
-                                               "connection is dropped and resumed")):
-    """Fetch public weights and the XLM-R vocabulary from the Hugging Face hub (resumable, checked)."""
-    names = names or ["rs-m-clip", "tokenizer"]
-    if unknown := [n for n in names if n not in HUB_FILES]:
-        raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
-    for name in names:
-        download(name, out or weights_dir(), endpoint, timeout)
-
-
-@app.command("convert")
-def convert_cmd(src: Path = typer.Argument(..., help="checkpoint to read: open_clip's .safetensors, .bin or "
-                                                     ".pt (pickles are read weights-only), or ours"),
-                dst: Path = typer.Argument(..., help="the .safetensors file to write"),
-                to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
-    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
-    back."""
-    if dst.suffix != ".safetensors":
-        raise RsmclipError(f"{dst}: the output must be a .safetensors file")
-    refuse_overwrite(dst, [src], "the output")
-    cfg = convert(src, dst, to_openclip)
-    print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
-          f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
-
-
-EMBED_FORMATS = {".safetensors": "safetensors (tensors image_embeddings, text_embeddings; the image paths "
-                                 "and texts in the metadata)",
-                 ".npz": "numpy .npz (arrays image_embeddings, images, text_embeddings, texts)"}
-
-
-def text_lines(path: Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file."""
-    if not path.is_file():
-        raise RsmclipError(f"{path}: no such text file")
-    try:
-        lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-    except UnicodeDecodeError as e:
-        raise RsmclipError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    if not lines:
-        raise RsmclipError(f"{path}: no text lines to embed")
-    return lines
-
-
-@app.command()
-def embed(model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
-          images: list[Path] = typer.Option(None, help="image files or folders (repeat the option)"),
-          texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
-          out: Path = typer.Option(..., help="output file; its suffix names the format: "
-                                   + "; ".join(f"{k} {v}" for k, v in EMBED_FORMATS.items())),
-          tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
-          batch_size: int = typer.Option(64, min=1, help="images per forward pass"),
-          device: str = typer.Option(default_device(), help=DEVICE_HELP)):
-    """Write L2-normalised embeddings of images and/or texts (safetensors or numpy .npz)."""
-    if not images and not texts:
-        raise RsmclipError("nothing to embed: give --images and/or --texts")
-    refuse_overwrite(out, [model_path, texts, *(images or [])])
-    if out.suffix not in EMBED_FORMATS:
-        raise RsmclipError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name the file "
-                           f"{' or '.join(EMBED_FORMATS)}")
-    lines = text_lines(texts) if texts else []
-    model, preprocess, tok = load(model_path, tokenizer, device)
-    tensors, names = {}, {}  # the embeddings, and what each row is
-    if images:
-        paths = list_images(images)
-        warn_if_toy(model.config, model_path, paths)
-        feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device)
-        tensors["image_embeddings"], names["images"] = feats.cpu(), [display(p) for p in ok]
-    if lines:
-        warn_unknown(tok, lines, "text")
-        tensors["text_embeddings"], names["texts"] = embed_texts(model, tok, lines, device=device), lines
-    if out.suffix == ".npz":
-        def write(tmp: Path):
-            with open(tmp, "wb") as f:  # np.savez adds .npz to a file name, not to an open file
-                np.savez(f, **{k: v.numpy() for k, v in tensors.items()}, **{k: np.array(v, dtype=str)
-                                                                             for k, v in names.items()})
-        atomic_write(out, write)
-    else:
-        atomic_save(tensors, out, {k: json.dumps(v) for k, v in names.items()})
-    print(f"wrote {display(out)}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
-
-
-@app.command()
-def classify(images: list[Path] = typer.Argument(..., help="image files or folders"),
-             labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
-             model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
-             lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
-             template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
-                                                    "(default: one per --lang)"),
-             tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
-             out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
-             html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look "
-                                                      "at: each image with its prediction (self-contained)"),
-             device: str = typer.Option(default_device(), help=DEVICE_HELP)):
-    """Zero-shot classification: a table of class probabilities per image."""
-    if lang not in PROMPTS and template is None:
-        raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
-    names = [n.strip() for n in labels.split(",") if n.strip()]
-    if len(names) < 2:
-        raise RsmclipError("give at least two comma-separated --labels")
-    prompt = check_template(template or PROMPTS[lang])
-    refuse_overwrite(out, [model_path, tokenizer, *images])
-    refuse_overwrite(html_page, [model_path, tokenizer, out, *images], "--html")
-    model, preprocess, tok = load(model_path, tokenizer, device)
-    paths = list_images(images)
-    warn_if_toy(model.config, model_path, paths)
-    warn_unknown(tok, names, "label")
-    feats, ok, failed = embed_images(model, preprocess, paths, device=device)
-    if not ok:
-        raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
-    classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
-    probs = (100 * feats.cpu() @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
-    rows = [{"path": display(path), "prediction": names[int(row.argmax())],
-             "probability": round(row.max().item(), 4),
-             "probabilities": dict(zip(names, (round(p, 4) for p in row.tolist())))}
-            for path, row in zip(ok, probs)]
-    table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
-    for row in rows:
-        table.add_row(row["path"], *(f"{p:.3f}" for p in row["probabilities"].values()), row["prediction"])
-    Console().print(table)
-    if out:
-        result = {"prompt": prompt, "labels": names, "skipped": len(failed), "images": rows}
-        write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    if html_page:
-        top = [sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3] for row in rows]
-        write_text(html_page, results_page(f"zero-shot, prompt {prompt!r}", [("", [
-            (path, [f"{row['prediction']} {row['probability']:.3f}",
-                    *(f"{name} {p:.3f}" for name, p in best[1:]), display(path)])
-            for path, row, best in zip(ok, rows, top)])]))
-
-
-@app.command()
-def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
-           queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
-           model_path: Path = typer.Option(..., "--model", help=MODEL_HELP),
-           index: Optional[Path] = typer.Option(None, help="index file (default: one per folder and weights "
-                                                "in the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
-           top_k: int = typer.Option(5, min=1, help="hits shown per query"),
-           batch_size: int = typer.Option(64, min=1, help="images per forward pass while indexing"),
-           tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
-           out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
-           html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look at: the "
-                                                    "hits of each query as pictures (self-contained .html)"),
-           device: str = typer.Option(default_device(), help=DEVICE_HELP)):
-    """Text-to-image search over a folder; the index is built once and updated when images change."""
-    if not folder.is_dir():
-        raise RsmclipError(f"{folder}: not a folder")
-    refuse_overwrite(out, [model_path, index, tokenizer])
-    refuse_overwrite(html_page, [model_path, index, tokenizer, out], "--html")
-    model, preprocess, tok = load(model_path, tokenizer, device)
-    weights = weights_path(model_path)
-    entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)
-    if not entries:
-        raise RsmclipError(f"{folder}: no readable images to search")
-    warn_if_toy(model.config, weights, [folder / e["path"] for e in entries])
-    warn_unknown(tok, queries)
-    scores = embed_texts(model, tok, queries, device=device) @ feats.T
-    top = scores.topk(min(top_k, len(entries)), dim=1)
-    hits = [list(zip(s, i)) for s, i in zip(top.values.tolist(), top.indices.tolist())]  # per query
-    results = {}
-    for query, best in zip(queries, hits):
-        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)} for s, i in best]
-        table = Table("rank", "score", "image", title=query)
-        for rank, hit in enumerate(results[query], 1):
-            table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
-        Console().print(table)
-    if out:
-        write_text(out, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if html_page:
-        write_text(html_page, results_page(f"search in {display(folder)}", [
-            (query, [(folder / entries[i]["path"], [f"#{rank}  score {s:.4f}", entries[i]["path"]])
-                     for rank, (s, i) in enumerate(best, 1)])
-            for query, best in zip(queries, hits)]))
-
-
-def readable_help(command) -> typer.core.TyperCommand:
-    """typer 0.29 writes help as `{folder}`, `<list[str]>`, `--top-k <int range>` and `--help <bool>`:
-    give every parameter the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER) instead, so the
-    help reads as other command lines do (tests/test_project.py checks every script's help)."""
-    for sub in getattr(command, "commands", {}).values():
-        readable_help(sub)
-    for param in command.params:
-        kind = param.type_descriptor
-        if param.param_type_name == "argument":
-            name = param.name.upper() + ("..." if param.nargs != 1 else "")
-            param.metavar = name
-            param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
-            param.display_type_rich = lambda ctx: None
-        elif not param.is_flag:
-            param.metavar = ("[" + "|".join(map(str, kind.choices)) + "]" if kind.is_choice
-                             else "PATH" if kind.is_path
-                             else METAVARS.get(param._bare_type(kind.annotation), "VALUE"))
-    return command
-
-
-METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER",
-            "list[Path]": "PATH"}
-
-
-def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
-    """Every script's command line runs through here, with one exit-code rule: a user error (RsmclipError,
-    a bad file or value) or a failed file operation (disk full, no permission) is one line `error: ...`
-    and exit 1; a usage error (unknown option, missing argument, a value of the wrong type or range) is
-    click's message and exit 2. Never a traceback for either."""
-    app.rich_markup_mode = None  # plain click help: see readable_help
-    try:
-        readable_help(typer.main.get_command(app)).main(args=args, prog_name=Path(sys.argv[0]).name)
-    except RsmclipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main():
-    run_cli(app)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line lives in rsmclip_cli.py; `python rsmclip.py` runs it too
+    import rsmclip_cli
+    rsmclip_cli.main()

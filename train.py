@@ -49,6 +49,7 @@ from torchvision.transforms import functional as TF
 
 import eval as evaluation
 import rsmclip
+import rsmclip_cli
 from data import augment
 from data.demo import make_demo
 from data.prepare import ImageCache, load_manifest
@@ -1296,4 +1297,4 @@ def plot_command(run_dir: Path = typer.Argument(..., help="a run directory (it h
 
 
 if __name__ == "__main__":
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)

@@ -43,7 +43,8 @@ from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import rsmclip  # its language list, output checks, atomic writer and CLI error wrapper
+import rsmclip  # its language list, output checks and atomic writer
+import rsmclip_cli  # the CLI error wrapper
 from rsmclip import listing
 
 LANGS = {code: name for code, name in rsmclip.LANGUAGES.items() if code != "en"}  # English is the source
@@ -950,4 +951,4 @@ main.__signature__ = inspect.signature(TranslateConfig, eval_str=True)  # the op
 app.command(help="Translate the English captions of a captions.jsonl manifest into --langs.")(main)
 
 if __name__ == "__main__":
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)

@@ -402,8 +402,8 @@ def main(out: Path = typer.Option(Path(__file__).resolve().parents[1] / "demo_da
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
-    import rsmclip  # only for its one CLI error path: the generator itself needs nothing of it
+    import rsmclip_cli  # only for its one CLI error path: the generator itself needs nothing of it
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)

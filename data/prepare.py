@@ -27,6 +27,7 @@ from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
 import rsmclip  # noqa: E402  (its image reader defines "readable": what training can open, prepare accepts)
+import rsmclip_cli  # noqa: E402  (the one exit-code rule of every script)
 from rsmclip import listing  # noqa: E402  (the one way messages list offenders)
 
 SPLITS = ("train", "val", "test")
@@ -623,7 +624,7 @@ def cache_cmd(manifest: Path = typer.Argument(..., help="captions.jsonl whose im
 
 
 def main():
-    rsmclip.run_cli(app)
+    rsmclip_cli.run_cli(app)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 import eval as ev
 import rsmclip
+import rsmclip_cli
 from data import prepare
 
 TINY = rsmclip.PRESETS["tiny"]
@@ -418,7 +419,7 @@ CASES = [
 
 def entry_app(name: str):
     if name == "rsmclip":
-        return rsmclip.app
+        return rsmclip_cli.app
     if name == "eval":
         return ev.app
     if name == "prepare":
@@ -441,7 +442,7 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
     args = [a.replace("{tmp}", str(tmp_path)).replace("{w}", str(w)).replace("{spm}", str(fill["{spm}"]))
             for a in case.args]  # not str.format: rows pass braces of their own (templates)
     with pytest.raises(SystemExit) as exit_:
-        rsmclip.run_cli(entry_app(case.entry), args)
+        rsmclip_cli.run_cli(entry_app(case.entry), args)
     out = capsys.readouterr()
     assert exit_.value.code == case.code, out
     assert "Traceback" not in out.err + out.out
@@ -474,6 +475,6 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])
     rsmclip.atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.UMASK
+    assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()
     with pytest.raises(rsmclip.RsmclipError, match="is a folder; give a file name"):
         rsmclip.atomic_write(tmp_path, lambda tmp: None)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import rsmclip
+import rsmclip_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -428,7 +429,7 @@ def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
     out.mkdir()
     # what a killed process leaves: a partial file
     (out / "rs-m-clip.open_clip_pytorch_model.bin.part").write_bytes(data[:1000])
-    assert rsmclip.download("rs-m-clip", out, endpoint) == out / "rs-m-clip.safetensors"
+    assert rsmclip_cli.download("rs-m-clip", out, endpoint) == out / "rs-m-clip.safetensors"
     assert [r for m, p, r in FakeHub.requests if m == "GET" and p.startswith("/cdn/")] == ["bytes=1000-"]
 
     FakeHub.announced_sha[name] = "0" * 64
@@ -474,12 +475,12 @@ def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
                                   "nan", "no tensor", "no entries", "entries not json", "entries wrong type"])
 def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
     index_file(tmp_path / "i.safetensors", kind, "fp")
-    assert rsmclip.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
+    assert rsmclip_cli.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
     assert "damaged search index" in capsys.readouterr().err
     index_file(tmp_path / "ok.safetensors", "fine", "fp")
-    entries, feats = rsmclip.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
+    entries, feats = rsmclip_cli.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
     assert len(entries) == 2 and feats.shape == (2, 4)
-    assert rsmclip.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
+    assert rsmclip_cli.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
     assert "built with other weights" in capsys.readouterr().err
 
 
@@ -510,11 +511,11 @@ def test_a_full_disk_leaves_the_old_search_results_and_a_clear_message(tiny_weig
 
     search = ["search", str(images), "water", "--model", str(tiny_weights), "--index", str(tmp_path / "i")]
     with pytest.raises(SystemExit):
-        rsmclip.run_cli(rsmclip.app, search)  # the index is built while the disk has room
+        rsmclip_cli.run_cli(rsmclip_cli.app, search)  # the index is built while the disk has room
     capsys.readouterr()
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SystemExit) as exit_:
-        rsmclip.run_cli(rsmclip.app, search + ["--out", str(hits)])
+        rsmclip_cli.run_cli(rsmclip_cli.app, search + ["--out", str(hits)])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err
     assert "hits.json: cannot write it (No space left on device)" in err

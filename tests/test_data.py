@@ -124,7 +124,7 @@ def test_karpathy_rsitmd_style_with_extra_fields(tmp_path):
                                                        ["Terminal \u201cbuildings\u201d."]]
     assert [r["id"] for r in records] == ["rsitmd/airport_0", "rsitmd/airport_1", "rsitmd/airport_2"]
     assert "karpathy format, dataset 'rsitmd'" in report[0] and "images 3 (published 4,743)" in report[1]
-    assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~rsmclip.UMASK  # as any tool
+    assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()  # as any tool
 
 
 def test_nwpu_per_category_layout(tmp_path):

@@ -20,7 +20,7 @@ def test_environment_yml_has_the_same_pins_as_requirements():
 
 
 def test_toolkit_imports_no_test_oracle():
-    for name in ("rsmclip.py", "eval.py", "train.py", "translate.py"):
+    for name in ("rsmclip.py", "rsmclip_cli.py", "eval.py", "train.py", "translate.py"):
         path = ROOT / name
         if path.exists():
             source = path.read_text()
@@ -39,7 +39,7 @@ def test_package_dependencies_are_the_runtime_requirements():
 def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "rsmclip.py", "README.md", "LICENSE"):  # what the build reads
+    for name in ("pyproject.toml", "rsmclip.py", "rsmclip_cli.py", "README.md", "LICENSE"):  # the build reads
         shutil.copy(ROOT / name, src / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -51,6 +51,19 @@ def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp
     command = subprocess.run([sys.executable, str(target / "bin" / "rsmclip"), "info", "--preset", "tiny"],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
     assert command.returncode == 0 and "parameters:" in command.stdout, command.stderr
+
+
+def test_importing_the_library_only_defines():
+    """`import rsmclip` loads no command-line library, asks nothing of CUDA and changes no process or PIL
+    setting: every script and test imports it."""
+    probe = ("import os, sys, PIL.Image as I, torch, safetensors.torch, sentencepiece, ftfy\n"
+             "before, mask, pixels = set(sys.modules), os.umask(0o027), I.MAX_IMAGE_PIXELS\n"
+             "import rsmclip\n"  # what it loads beyond its own dependencies, and what it changes
+             "print(os.umask(mask) == 0o027, torch.cuda.is_initialized(), pixels == I.MAX_IMAGE_PIXELS,\n"
+             "      sorted(m for m in ('typer', 'rich', 'click', 'urllib.request', 'http.client')\n"
+             "             if m in sys.modules and m not in before))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "True False True []", out.stdout + out.stderr
 
 
 def test_every_language_table_has_the_ten_languages():
@@ -70,7 +83,7 @@ def test_every_language_table_has_the_ten_languages():
 
 # Every script a user runs, by the module that holds its command line (an `app`, or a `main` wrapped as
 # the script wraps it).
-SCRIPTS = ["rsmclip", "train", "eval", "translate", "data.prepare", "data.demo", "ablation", "bench",
+SCRIPTS = ["rsmclip_cli", "train", "eval", "translate", "data.prepare", "data.demo", "ablation", "bench",
            "bench_eval", "bench_translate"]
 
 
@@ -90,21 +103,21 @@ def help_pages(app) -> list[tuple[list[str], object]]:
     """([command words], click command) for an app and each of its subcommands."""
     import typer
 
-    import rsmclip
-    root = rsmclip.readable_help(typer.main.get_command(app))
+    import rsmclip_cli
+    root = rsmclip_cli.readable_help(typer.main.get_command(app))
     return [([], root)] + [([name], sub) for name, sub in getattr(root, "commands", {}).items()]
 
 
 def test_every_help_page_is_readable_and_describes_every_option(capsys):
     import pytest
 
-    import rsmclip
+    import rsmclip_cli
     for name in SCRIPTS:
         app = script_app(name)
         for words, command in help_pages(app):
             where = " ".join([name, *words])
             with pytest.raises(SystemExit) as done:
-                rsmclip.run_cli(app, [*words, "--help"])
+                rsmclip_cli.run_cli(app, [*words, "--help"])
             assert done.value.code == 0, where
             text = capsys.readouterr().out
             # typer's own rendering (<path>, <bool>, {folder} in the usage line) and empty defaults stay out

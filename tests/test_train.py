@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import rsmclip
+import rsmclip_cli
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,7 +420,7 @@ def test_curves_svg_has_a_panel_per_logged_quantity_and_a_point_per_row(tmp_path
 def test_plot_command_writes_curves_and_says_so(tmp_path, capsys):
     write_metrics(tmp_path / "run", [{"step": 1, "loss": 2.0}])
     with pytest.raises(SystemExit) as done:
-        rsmclip.run_cli(train.app, ["plot", str(tmp_path / "run")])
+        rsmclip_cli.run_cli(train.app, ["plot", str(tmp_path / "run")])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'run/curves.svg'}\n"
     assert len(list(ET.parse(tmp_path / "run/curves.svg").getroot().iter(f"{SVG}circle"))) == 1  # one point

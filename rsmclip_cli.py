@@ -1,0 +1,578 @@
+"""The `rsmclip` command (info, download, convert, embed, classify, search) and the command-line
+conventions every script of the toolkit shares: `run_cli` (one exit-code rule, readable help) and one
+definition of the options several scripts take (--model, --tokenizer, --device, --ties).
+
+    rsmclip search FOLDER "a red storage tank" --model rs-m-clip     # after `pip install .`
+    python rsmclip_cli.py --help                                      # from a checkout
+
+The library it drives is rsmclip.py; this module imports it, never the reverse.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import http.client
+import io
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+from safetensors import SafetensorError, safe_open
+
+from rsmclip import (
+    CLIP,
+    HUB_FILES,
+    LANGS,
+    PRESETS,
+    PROMPTS,
+    RsmclipError,
+    Tokenizer,
+    atomic_save,
+    atomic_write,
+    cache_dir,
+    check_template,
+    config_from_json,
+    convert,
+    count_parameters,
+    default_device,
+    display,
+    embed_images,
+    embed_texts,
+    file_sha256,
+    list_images,
+    load,
+    open_image,
+    read_weights,
+    refuse_overwrite,
+    warn_if_toy,
+    warn_unknown,
+    weights_dir,
+    weights_fingerprint,
+    weights_path,
+    write_text,
+)
+
+# ----------------------------------------------------------------------------- command-line conventions
+
+def readable_help(command) -> typer.core.TyperCommand:
+    """typer 0.29 writes help as `{folder}`, `<list[str]>`, `--top-k <int range>` and `--help <bool>`:
+    give every parameter the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER) instead, so the
+    help reads as other command lines do (tests/test_project.py checks every script's help)."""
+    for sub in getattr(command, "commands", {}).values():
+        readable_help(sub)
+    for param in command.params:
+        kind = param.type_descriptor
+        if param.param_type_name == "argument":
+            name = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.metavar = name
+            param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
+            param.display_type_rich = lambda ctx: None
+        elif not param.is_flag:
+            param.metavar = ("[" + "|".join(map(str, kind.choices)) + "]" if kind.is_choice
+                             else "PATH" if kind.is_path
+                             else METAVARS.get(param._bare_type(kind.annotation), "VALUE"))
+    return command
+
+
+METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER",
+            "list[Path]": "PATH"}
+
+
+def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
+    """Every script's command line runs through here, with one exit-code rule: a user error (RsmclipError,
+    a bad file or value) or a failed file operation (disk full, no permission) is one line `error: ...`
+    and exit 1; a usage error (unknown option, missing argument, a value of the wrong type or range) is
+    click's message and exit 2. Never a traceback for either."""
+    app.rich_markup_mode = None  # plain click help: see readable_help
+    try:
+        readable_help(typer.main.get_command(app)).main(args=args, prog_name=Path(sys.argv[0]).name)
+    except RsmclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+
+
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when there is one)"
+TOKENIZER_HELP = "SentencePiece model (default: the one the weights name, next to them)"
+MODEL_HELP = "weights file, or rs-m-clip / laion once downloaded"
+
+# The options several scripts take, defined once (their help cannot drift apart): use them as defaults,
+# `device: str = DEVICE`. The device default is resolved when a command runs, not when a script imports.
+MODEL = typer.Option(..., "--model", help=MODEL_HELP)
+TOKENIZER = typer.Option(None, help=TOKENIZER_HELP)
+DEVICE = typer.Option(None, help=DEVICE_HELP, show_default=False,
+                      callback=lambda device: device or default_device())
+
+
+# ----------------------------------------------------------------------------- download
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the hub's first answer carries the LFS size and sha256; keep it, do not follow
+
+
+def _request(url: str, method: str = "GET", headers: Optional[dict] = None) -> urllib.request.Request:
+    req = urllib.request.Request(url, method=method, headers={"User-Agent": "rsmclip", **(headers or {})})
+    if token := os.environ.get("HF_TOKEN"):
+        req.add_unredirected_header("Authorization", f"Bearer {token}")  # never forwarded to the CDN
+    return req
+
+
+def remote_info(url: str, timeout: float = 60) -> Optional[dict]:
+    """Size and sha256 the server announces for a file (None if it has no such file). The hub sends an
+    LFS file's sha256 in X-Linked-Etag (ETag on direct answers); a git blob ETag is no sha256."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        resp = opener.open(_request(url, "HEAD"), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        if e.code not in (301, 302, 303, 307, 308):
+            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}"
+                               + (" (gated or private: set HF_TOKEN)"
+                                  if e.code in (401, 403) else "")) from None
+        resp = e
+    except (urllib.error.URLError, OSError) as e:
+        raise RsmclipError(f"{url}: cannot connect ({e})") from None
+    h = resp.headers
+    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
+    size = (h.get("X-Linked-Size") or (h.get("Content-Length") if resp.status == 200 else None) or "").strip()
+    if size and not size.isdigit():
+        print(f"warning: {url}: the server announced the size {size[:40]!r}, not a number; no size check",
+              file=sys.stderr)
+    return {"size": int(size) if size.isdigit() else None,
+            "sha256": etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None}
+
+
+def fetch(url: str, dest: Path, info: dict, retries: int = 3, timeout: float = 60) -> Path:
+    """Download url to dest with resume (a .part file and HTTP Range), a progress bar, size and sha256
+    checks, and an atomic rename. A dropped connection, or no byte for `timeout` seconds, is resumed
+    up to `retries` times; after that the .part file stays and the same command continues from it."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if info["size"] is not None and have > info["size"]:
+            part.unlink()
+            have = 0
+        try:
+            resp = urllib.request.urlopen(_request(url, headers={"Range": f"bytes={have}-"} if have else {}),
+                                          timeout=timeout)
+            if have and resp.status != 206:  # the server ignored the range: start over
+                have = 0
+            with open(part, "ab" if have else "wb") as f, Progress(
+                    "[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
+                task = bar.add_task(dest.name, total=info["size"], completed=have)
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.advance(task, len(chunk))
+            if info["size"] is not None and part.stat().st_size < info["size"]:
+                raise ConnectionError("the server closed the connection early")  # http.client just stops
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # already complete
+                break
+            raise RsmclipError(f"{url}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # a dropped connection
+            if attempt == retries:
+                raise RsmclipError(f"{url}: download interrupted ({e}); {part.stat().st_size} bytes are "
+                                   f"kept in {part}: run the same command again to resume") from None
+            print(f"connection lost or stalled for {timeout:g} s ({e}), resuming", file=sys.stderr)
+    size = part.stat().st_size
+    if info["size"] is not None and size != info["size"]:
+        raise RsmclipError(f"{url}: got {size} bytes, the server announced {info['size']}; "
+                           "run again to resume")
+    if info["sha256"] and (digest := file_sha256(part)) != info["sha256"]:
+        part.unlink()
+        raise RsmclipError(f"{url}: sha256 {digest} differs from the announced {info['sha256']}; the file "
+                           "was deleted")
+    os.replace(part, dest)
+    return dest
+
+
+def download_problem(name: str, path: Path) -> Optional[str]:
+    """Why a file in the download folder is not a usable `name` (None if it is): presence is not enough,
+    an HTML error page saved under the name, or an empty file, must not pass as "already present"."""
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty"
+        if name == "tokenizer":
+            Tokenizer(path)
+        else:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            config_from_json(meta.get("config"), path)
+    except (RsmclipError, SafetensorError, OSError, ValueError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Path:
+    repo, candidates, saved_as = HUB_FILES[name]
+    final = out_dir / saved_as
+    if final.exists():
+        if problem := download_problem(name, final):
+            raise RsmclipError(f"{final}: present but not usable ({problem}); delete it and run again")
+        print(f"{final}: already present (checked)")
+        return final
+    parsed = urllib.parse.urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise RsmclipError(f"--endpoint {endpoint!r}: not an http(s) URL such as https://huggingface.co")
+    for filename in candidates:
+        url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
+        if (info := remote_info(url, timeout)) is None:
+            continue
+        checks = " and ".join(c for c, v in (("size", info["size"]), ("sha256", info["sha256"])) if v) or "no"
+        print(f"{repo}/{filename} -> {final} ({checks} check; {timeout:g} s without data counts as a stall)")
+        if name == "tokenizer":
+            fetch(url, final, info, timeout=timeout)
+            if problem := download_problem(name, final):
+                final.unlink()
+                raise RsmclipError(f"{url}: the server sent no SentencePiece model ({problem}); deleted")
+            return final
+        raw = fetch(url, out_dir / f"{final.stem}.{filename}", info, timeout=timeout)
+        convert(raw, final)  # open_clip names (and maybe a pickle) -> our safetensors with its config
+        raw.unlink()
+        print(f"converted to {final}")
+        return final
+    raise RsmclipError(f"{repo}: none of {', '.join(candidates)} found at {endpoint}")
+
+
+# ----------------------------------------------------------------------------- search index
+
+def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
+    """(entries, embeddings) of a search index made with these weights; an index that is absent, made
+    with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
+    empty = [], torch.zeros(0, dim)
+    if not index.exists():
+        return empty
+    try:
+        with safe_open(str(index), "pt") as f:
+            meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
+        if meta.get("model") != fingerprint:
+            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
+            return empty
+        entries = json.loads(meta["entries"])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
+                and type(e.get("mtime")) is int for e in entries):
+            raise ValueError("entries are not a list of {path, size, mtime}")
+        if feats is None or feats.dtype != torch.float32 or tuple(feats.shape) != (len(entries), dim):
+            raise ValueError(f"embeddings {None if feats is None else tuple(feats.shape)}, expected "
+                             f"{(len(entries), dim)} float32")
+        if not torch.isfinite(feats).all():
+            raise ValueError("non-finite embeddings")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json's errors are ValueErrors
+        print(f"warning: {index}: damaged search index ({str(e)[:200]}); rebuilding it", file=sys.stderr)
+        return empty
+    return entries, feats
+
+
+def index_path(folder: Path, fingerprint: str) -> Path:
+    """The default search index of a folder for given weights: in the user cache, never in the folder
+    (which may be read-only or shared), one file per (folder, weights) so that switching models does not
+    rebuild."""
+    key = hashlib.sha256(f"{folder.resolve()}\0{fingerprint}".encode("utf-8", "surrogateescape"))
+    return cache_dir() / "index" / f"{key.hexdigest()[:32]}.safetensors"
+
+
+def update_index(model, preprocess, weights: Path, folder: Path, index: Optional[Path], batch_size: int,
+                 device: str):
+    """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
+    The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
+    fingerprint = weights_fingerprint(weights)
+    index = index or index_path(folder, fingerprint)
+    entries, feats = read_index(index, fingerprint, model.config.embed_dim)
+    known = {e["path"]: (e, row) for row, e in enumerate(entries)}
+    keep_rows, kept, todo = [], [], []
+    for p in list_images([folder]):
+        rel = p.relative_to(folder).as_posix()
+        stat = p.stat()
+        old = known.get(rel)
+        if old and old[0]["size"] == stat.st_size and old[0]["mtime"] == stat.st_mtime_ns:
+            keep_rows.append(old[1])
+            kept.append(old[0])
+        else:
+            todo.append(p)
+    new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
+    new_feats = new_feats.cpu()
+    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+              "mtime": p.stat().st_mtime_ns}
+             for p in done]
+    entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
+    removed = len(known) - len(kept)
+    if added or removed or not index.exists():
+        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "folder": display(folder.resolve()),
+                                                   "entries": json.dumps(entries)})
+    print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
+          f"{len(failed)} unreadable skipped)")
+    return entries, feats
+
+
+# ----------------------------------------------------------------------------- HTML pages
+
+def thumbnail(path: Path, size: int = 224) -> str:
+    """An image as a data: URI (JPEG, longer side at most `size`), so that a page needs no other file."""
+    image = open_image(path)
+    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str]]]]]) -> str:
+    """One self-contained HTML page (no script, no other file): per section (a query, or the images of a
+    classification) a heading and a grid of cards, each an embedded thumbnail and its lines of text."""
+    def card(image: Path, lines: list[str]) -> str:
+        text = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+        return (f'<figure><img src="{thumbnail(image)}" alt="{html.escape(display(image))}">'
+                f"<figcaption>{text}</figcaption></figure>")
+    body = "".join(f"<section><h2>{html.escape(heading)}</h2><div class=grid>"
+                   + "".join(card(image, lines) for image, lines in cards) + "</div></section>"
+                   for heading, cards in sections)
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}"
+            "h1{font-size:20px}h2{font-size:16px;margin:24px 0 8px}"
+            ".grid{display:flex;flex-wrap:wrap;gap:12px}"
+            "figure{margin:0;width:180px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
+            "img{width:180px;height:180px;object-fit:contain;background:#eee}"
+            "figcaption div{overflow-wrap:anywhere}figcaption div:first-child{font-weight:600}"
+            f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+# ----------------------------------------------------------------------------- the commands
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="RS-M-CLIP: multilingual CLIP for remote-sensing images.")
+
+
+@app.command()
+def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors), "
+                                                           "or rs-m-clip / laion once downloaded"),
+         preset: str = typer.Option("xlmr-b32", help=f"architecture to describe when no weights are given: "
+                                                     f"{', '.join(PRESETS)}"),
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object (config and parameter "
+                                                            "counts) and nothing else")):
+    """Print the architecture config and parameter counts."""
+    if weights:
+        cfg, _ = read_weights(weights)
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise RsmclipError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    with torch.device("meta"):
+        counts = count_parameters(CLIP(cfg))
+    if as_json:
+        print(json.dumps({"config": asdict(cfg), "parameters": counts}, indent=2))
+        return
+    print(json.dumps(asdict(cfg), indent=2))
+    print(f"parameters: visual {counts['visual']:,}  text {counts['text']:,}  total {counts['total']:,}")
+
+
+@app.command("download")
+def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.join(HUB_FILES)} "
+                                                              "(default: rs-m-clip tokenizer)"),
+                 out: Optional[Path] = typer.Option(None, help="folder for the files (default: weights/ in "
+                                                    "the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
+                 endpoint: str = typer.Option(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                              help="hub base URL (env HF_ENDPOINT)"),
+                 timeout: float = typer.Option(60, min=1, help="seconds without data before a stalled "
+                                               "connection is dropped and resumed")):
+    """Fetch public weights and the XLM-R vocabulary from the Hugging Face hub (resumable, checked)."""
+    names = names or ["rs-m-clip", "tokenizer"]
+    if unknown := [n for n in names if n not in HUB_FILES]:
+        raise RsmclipError(f"unknown download {', '.join(unknown)}; choose from {', '.join(HUB_FILES)}")
+    for name in names:
+        download(name, out or weights_dir(), endpoint, timeout)
+
+
+@app.command("convert")
+def convert_cmd(src: Path = typer.Argument(..., help="checkpoint to read: open_clip's .safetensors, .bin or "
+                                                     ".pt (pickles are read weights-only), or ours"),
+                dst: Path = typer.Argument(..., help="the .safetensors file to write"),
+                to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
+    """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
+    back."""
+    if dst.suffix != ".safetensors":
+        raise RsmclipError(f"{dst}: the output must be a .safetensors file")
+    refuse_overwrite(dst, [src], "the output")
+    cfg = convert(src, dst, to_openclip)
+    print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
+          f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
+
+
+EMBED_FORMATS = {".safetensors": "safetensors (tensors image_embeddings, text_embeddings; the image paths "
+                                 "and texts in the metadata)",
+                 ".npz": "numpy .npz (arrays image_embeddings, images, text_embeddings, texts)"}
+
+
+def text_lines(path: Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file."""
+    if not path.is_file():
+        raise RsmclipError(f"{path}: no such text file")
+    try:
+        lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    except UnicodeDecodeError as e:
+        raise RsmclipError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    if not lines:
+        raise RsmclipError(f"{path}: no text lines to embed")
+    return lines
+
+
+@app.command()
+def embed(model_path: Path = MODEL,
+          images: list[Path] = typer.Option(None, help="image files or folders (repeat the option)"),
+          texts: Optional[Path] = typer.Option(None, help="text file, one caption per line"),
+          out: Path = typer.Option(..., help="output file; its suffix names the format: "
+                                   + "; ".join(f"{k} {v}" for k, v in EMBED_FORMATS.items())),
+          tokenizer: Optional[Path] = TOKENIZER,
+          batch_size: int = typer.Option(64, min=1, help="images per forward pass"),
+          device: str = DEVICE):
+    """Write L2-normalised embeddings of images and/or texts (safetensors or numpy .npz)."""
+    if not images and not texts:
+        raise RsmclipError("nothing to embed: give --images and/or --texts")
+    refuse_overwrite(out, [model_path, texts, *(images or [])])
+    if out.suffix not in EMBED_FORMATS:
+        raise RsmclipError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name the file "
+                           f"{' or '.join(EMBED_FORMATS)}")
+    lines = text_lines(texts) if texts else []
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    tensors, names = {}, {}  # the embeddings, and what each row is
+    if images:
+        paths = list_images(images)
+        warn_if_toy(model.config, model_path, paths)
+        feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device)
+        tensors["image_embeddings"], names["images"] = feats.cpu(), [display(p) for p in ok]
+    if lines:
+        warn_unknown(tok, lines, "text")
+        tensors["text_embeddings"], names["texts"] = embed_texts(model, tok, lines, device=device), lines
+    if out.suffix == ".npz":
+        def write(tmp: Path):
+            with open(tmp, "wb") as f:  # np.savez adds .npz to a file name, not to an open file
+                np.savez(f, **{k: v.numpy() for k, v in tensors.items()}, **{k: np.array(v, dtype=str)
+                                                                             for k, v in names.items()})
+        atomic_write(out, write)
+    else:
+        atomic_save(tensors, out, {k: json.dumps(v) for k, v in names.items()})
+    print(f"wrote {display(out)}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
+
+
+@app.command()
+def classify(images: list[Path] = typer.Argument(..., help="image files or folders"),
+             labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
+             model_path: Path = MODEL,
+             lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
+             template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
+                                                    "(default: one per --lang)"),
+             tokenizer: Optional[Path] = TOKENIZER,
+             out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
+             html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look "
+                                                      "at: each image with its prediction (self-contained)"),
+             device: str = DEVICE):
+    """Zero-shot classification: a table of class probabilities per image."""
+    if lang not in PROMPTS and template is None:
+        raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
+    names = [n.strip() for n in labels.split(",") if n.strip()]
+    if len(names) < 2:
+        raise RsmclipError("give at least two comma-separated --labels")
+    prompt = check_template(template or PROMPTS[lang])
+    refuse_overwrite(out, [model_path, tokenizer, *images])
+    refuse_overwrite(html_page, [model_path, tokenizer, out, *images], "--html")
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    paths = list_images(images)
+    warn_if_toy(model.config, model_path, paths)
+    warn_unknown(tok, names, "label")
+    feats, ok, failed = embed_images(model, preprocess, paths, device=device)
+    if not ok:
+        raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
+    classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
+    probs = (100 * feats.cpu() @ classes.T).softmax(dim=-1)  # CLIP's fixed zero-shot scale of 100
+    rows = [{"path": display(path), "prediction": names[int(row.argmax())],
+             "probability": round(row.max().item(), 4),
+             "probabilities": dict(zip(names, (round(p, 4) for p in row.tolist())))}
+            for path, row in zip(ok, probs)]
+    table = Table("image", *names, "prediction", title=f"zero-shot, prompt {prompt!r}")
+    for row in rows:
+        table.add_row(row["path"], *(f"{p:.3f}" for p in row["probabilities"].values()), row["prediction"])
+    Console().print(table)
+    if out:
+        result = {"prompt": prompt, "labels": names, "skipped": len(failed), "images": rows}
+        write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if html_page:
+        top = [sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3] for row in rows]
+        write_text(html_page, results_page(f"zero-shot, prompt {prompt!r}", [("", [
+            (path, [f"{row['prediction']} {row['probability']:.3f}",
+                    *(f"{name} {p:.3f}" for name, p in best[1:]), display(path)])
+            for path, row, best in zip(ok, rows, top)])]))
+
+
+@app.command()
+def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
+           queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
+           model_path: Path = MODEL,
+           index: Optional[Path] = typer.Option(None, help="index file (default: one per folder and weights "
+                                                "in the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
+           top_k: int = typer.Option(5, min=1, help="hits shown per query"),
+           batch_size: int = typer.Option(64, min=1, help="images per forward pass while indexing"),
+           tokenizer: Optional[Path] = TOKENIZER,
+           out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
+           html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look at: the "
+                                                    "hits of each query as pictures (self-contained .html)"),
+           device: str = DEVICE):
+    """Text-to-image search over a folder; the index is built once and updated when images change."""
+    if not folder.is_dir():
+        raise RsmclipError(f"{folder}: not a folder")
+    refuse_overwrite(out, [model_path, index, tokenizer])
+    refuse_overwrite(html_page, [model_path, index, tokenizer, out], "--html")
+    model, preprocess, tok = load(model_path, tokenizer, device)
+    weights = weights_path(model_path)
+    entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)
+    if not entries:
+        raise RsmclipError(f"{folder}: no readable images to search")
+    warn_if_toy(model.config, weights, [folder / e["path"] for e in entries])
+    warn_unknown(tok, queries)
+    scores = embed_texts(model, tok, queries, device=device) @ feats.T
+    top = scores.topk(min(top_k, len(entries)), dim=1)
+    hits = [list(zip(s, i)) for s, i in zip(top.values.tolist(), top.indices.tolist())]  # per query
+    results = {}
+    for query, best in zip(queries, hits):
+        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)} for s, i in best]
+        table = Table("rank", "score", "image", title=query)
+        for rank, hit in enumerate(results[query], 1):
+            table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
+        Console().print(table)
+    if out:
+        write_text(out, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if html_page:
+        write_text(html_page, results_page(f"search in {display(folder)}", [
+            (query, [(folder / entries[i]["path"], [f"#{rank}  score {s:.4f}", entries[i]["path"]])
+                     for rank, (s, i) in enumerate(best, 1)])
+            for query, best in zip(queries, hits)]))
+
+
+def main():
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()
