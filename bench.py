@@ -27,6 +27,7 @@ import typer
 import rsmclip
 import rsmclip_cli
 import train
+from data import augment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
@@ -342,7 +343,6 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
     import random
     import tempfile
 
-    from data import augment
     from data.prepare import ImageCache, build_cache
 
     cfg = replace(train.RECIPES["rs-m-clip"], langs="en")
@@ -379,7 +379,7 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
                                                  num_workers=n):
                 pass
 
-        radius = train.blur_taps(size)
+        radius = augment.blur_taps(size)
 
         def tensor_path(device):
             ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
@@ -439,7 +439,7 @@ def sample_flops(model: rsmclip.CLIPConfig, cfg: train.TrainConfig, text_tokens:
         return (transformer_flops(v.layers, v.width, int(v.width * v.mlp_ratio), patches + 1)
                 + 2 * patches * 3 * v.patch_size ** 2 * v.width)
 
-    n_views, n_clip = train.view_layout(cfg)
+    n_views, n_clip = augment.view_layout(cfg.recipe())
     local = cfg.local_crops if cfg.distill_weight > 0 else 0
     head = 2 * (v.width * cfg.head_hidden + cfg.head_hidden ** 2 + cfg.head_hidden * cfg.head_bottleneck
                 + cfg.head_bottleneck * cfg.prototypes) if cfg.distill_weight > 0 else 0
@@ -502,7 +502,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     report["text_tokens"] = max(lengths)
     for label, cfg, preset in (("demo", demo, "tiny"), ("paper", paper, arch)):
         mc = rsmclip.PRESETS[preset]
-        n_views, n_clip = train.view_layout(cfg)
+        n_views, n_clip = augment.view_layout(cfg.recipe())
         g = torch.Generator().manual_seed(0)
         batch = {"views": torch.randn(n_views * cfg.batch_size, 3, mc.vision.image_size, mc.vision.image_size,
                                       generator=g).to(dev),

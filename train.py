@@ -41,11 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 from safetensors import safe_open
-from torchvision.transforms import functional as TF
 
 import eval as evaluation
 import rsmclip
@@ -142,6 +141,12 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={
         "help": "torch deterministic algorithms (exact resume on CPU)"})
 
+    def recipe(self) -> augment.Recipe:
+        """The views' recipe (data/augment.py) these settings ask for."""
+        return augment.Recipe(self.distill_weight > 0, self.clip_view, self.global_scale, self.local_scale,
+                              self.local_crops, self.local_size, self.flip, self.jitter_prob, self.hue,
+                              self.grayscale, self.solarize)
+
 
 RECIPES = {
     # Built-in demo: the tiny model from scratch on the demo dataset, a few minutes on a 2-core CPU.
@@ -193,120 +198,8 @@ def read_manifests(paths: list[str], split: str) -> list[dict]:
     return items
 
 
-def crop_box(width: int, height: int, scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params (area in `scale`, aspect 3/4-4/3, 10 tries, then the whole
-    image cut to that aspect), drawn from `rng` so that every sample's crops are a function of its seed.
-    -> (left, top, width, height)."""
-    for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    w, h = width, height
-    if width / height < 3 / 4:
-        h = round(width / (3 / 4))
-    elif width / height > 4 / 3:
-        w = round(height * 4 / 3)
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return TF.normalize(TF.pil_to_tensor(image).float().div(255), rsmclip.CLIP_MEAN, rsmclip.CLIP_STD)
-
-
-BLUR = (0.1, 2.0)  # DINO's Gaussian blur sigma (PIL's radius) in pixels, for 224-px models: scaled with size
-
-
-def blur_taps(model_size: int) -> int:
-    """Blur taps each side for the largest sigma drawn for this model size: fixed, so the CPU's compiled
-    augmentation (data/augment.py) keeps one shape."""
-    return augment.blur_radius(BLUR[1] * model_size / 224)
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """One view's random choices. Drawn once (draw_view), applied by either path: PIL here (apply_pil) or
-    batched tensor ops on the training device (augment.py), so both see the same distribution."""
-    box: tuple[int, int, int, int]  # (left, top, width, height) in the source image
-    flip: bool = False
-    jitter: tuple[tuple[str, float], ...] = ()  # (brightness | contrast | saturation | hue, factor), in order
-    grey: bool = False
-    blur: float = 0.0  # Gaussian sigma (PIL's radius) in pixels; 0: no blur
-    solarize: bool = False
-
-
-def draw_view(width: int, height: int, scale: tuple, blur: float, solarize: float, cfg: TrainConfig,
-              rng: random.Random, model_size: int) -> ViewParams:
-    """DINO's view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, each drawn from `rng`
-    in this order (the order fixes every sample's views for a seed: resume depends on it)."""
-    box = crop_box(width, height, scale, rng)
-    flip = rng.random() < cfg.flip
-    jitter = ()
-    if rng.random() < cfg.jitter_prob:
-        ops = [("brightness", rng.uniform(0.6, 1.4)), ("contrast", rng.uniform(0.6, 1.4)),
-               ("saturation", rng.uniform(0.8, 1.2)), ("hue", rng.uniform(-cfg.hue, cfg.hue))]
-        rng.shuffle(ops)  # ColorJitter applies its four changes in random order
-        jitter = tuple(ops)
-    grey = rng.random() < cfg.grayscale
-    sigma = rng.uniform(*BLUR) * model_size / 224 if rng.random() < blur else 0.0
-    return ViewParams(box, flip, jitter, grey, sigma, rng.random() < solarize)
-
-
-PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
-
-
-def apply_pil(image: Image.Image, size: int, p: ViewParams) -> torch.Tensor:
-    """A view as torchvision makes it from a PIL image: crop + bicubic resize (RandomResizedCrop), then the
-    colour changes on 8-bit pixels, then CLIP mean/std."""
-    left, top, w, h = p.box
-    x = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-    if p.flip:
-        x = ImageOps.mirror(x)
-    for name, factor in p.jitter:
-        x = PIL_JITTER[name](x, factor)
-    if p.grey:
-        x = x.convert("L").convert("RGB")
-    if p.blur:
-        x = x.filter(ImageFilter.GaussianBlur(radius=p.blur))
-    if p.solarize:
-        x = ImageOps.solarize(x, 128)
-    return to_tensor(x)
-
-
-def light_view(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
-    """open_clip's training transform (image_transform(is_train=True), default augmentation): a crop of
-    90-100% of the area, bicubic, nothing else."""
-    return apply_pil(image, size, ViewParams(crop_box(*image.size, (0.9, 1.0), rng)))
-
-
-def view_layout(cfg: TrainConfig) -> tuple[int, int]:
-    """-> (full-size views per image, CLIP views: the last ones of them, each with a caption).
-    Self-distillation: the 2 global crops, which are also the CLIP views (SILC), or followed by one light
-    CLIP view. CLIP only: one light view, open_clip's recipe."""
-    if cfg.distill_weight == 0:
-        return 1, 1
-    return (3, 1) if cfg.clip_view == "light" else (2, 2)
-
-
-def draw_sample(width: int, height: int, cfg: TrainConfig, size: int,
-                rng: random.Random) -> tuple[list[ViewParams], list[ViewParams]]:
-    """-> (full-size views (view_layout), local crops) of one image: DINO's 2 global crops (the first always
-    blurred, the second rarely, maybe solarised), or open_clip's light views, then the local crops."""
-    n_views = view_layout(cfg)[0]
-    views = []
-    if cfg.distill_weight > 0:
-        views = [draw_view(width, height, cfg.global_scale, 1.0, 0.0, cfg, rng, size),
-                 draw_view(width, height, cfg.global_scale, 0.1, cfg.solarize, cfg, rng, size)]
-    views += [ViewParams(crop_box(width, height, (0.9, 1.0), rng)) for _ in range(n_views - len(views))]
-    local = [draw_view(width, height, cfg.local_scale, 0.5, 0.0, cfg, rng, size)
-             for _ in range(cfg.local_crops if cfg.distill_weight > 0 else 0)]
-    return views, local
-
-
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Sample (index, seed) -> full-size views (see view_layout), local crops and a caption per CLIP view.
+    """Sample (index, seed) -> full-size views (augment.view_layout), local crops, a caption per CLIP view.
     Images come from their files or, with `cache`, from the decoded image cache (no decoding). With
     tensor=True a sample is its 8-bit image and its views' parameters: the training device applies them
     to the whole batch (collate, data/augment.py). An unreadable image is replaced by the next readable one
@@ -314,7 +207,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[dict], cfg: TrainConfig, image_size: int, tokenizer: rsmclip.Tokenizer,
                  cache: Optional[ImageCache] = None, tensor: bool = False):
-        self.items, self.cfg, self.image_size, self.tokenizer = items, cfg, image_size, tokenizer
+        self.items, self.recipe, self.image_size, self.tokenizer = items, cfg.recipe(), image_size, tokenizer
         self.langs = rsmclip.parse_langs(cfg.langs)
         self.cache, self.tensor = cache, tensor
 
@@ -337,19 +230,21 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        rng, cfg = random.Random(seed), self.cfg
+        rng = random.Random(seed)
         item, image, failures = self.read(index)
         height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
-        views, local = draw_sample(width, height, cfg, self.image_size, rng)
+        views, local = augment.draw_sample(width, height, self.recipe, self.image_size, rng)
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
-        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(view_layout(cfg)[1])]
+        clip_views = augment.view_layout(self.recipe)[1]
+        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(clip_views)]
         sample = {"ids": self.tokenizer(captions), "failures": failures}
         if self.tensor:
             return sample | {"pixels": torch.from_numpy(np.array(image)), "view_params": views,
                              "local_params": local}
         image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-        return sample | {"views": torch.stack([apply_pil(image, self.image_size, p) for p in views]),
-                         "locals": torch.stack([apply_pil(image, cfg.local_size, p) for p in local])
+        pil = augment.apply_pil
+        return sample | {"views": torch.stack([pil(image, self.image_size, p) for p in views]),
+                         "locals": torch.stack([pil(image, self.recipe.local_size, p) for p in local])
                          if local else None}
 
 
@@ -364,51 +259,13 @@ def collate(samples: list[dict]) -> dict:
         def view_major(key):
             return [(i, s[key][v]) for v in range(len(samples[0][key])) for i, s in enumerate(samples)]
 
-        return out | {"pixels": pad_images([s["pixels"] for s in samples]),
-                      "view_plan": plan(view_major("view_params")),
-                      "local_plan": plan(view_major("local_params"))}
+        return out | {"pixels": augment.pad_images([s["pixels"] for s in samples]),
+                      "view_plan": augment.plan(view_major("view_params")),
+                      "local_plan": augment.plan(view_major("local_params"))}
     out["views"] = torch.stack([s["views"] for s in samples], 1).flatten(0, 1)
     out["locals"] = (torch.stack([s["locals"] for s in samples], 1).flatten(0, 1)
                      if samples[0]["locals"] is not None else None)
     return out
-
-
-def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """[H, W, 3] uint8 images of any sizes -> [B, H max, W max, 3], each padded by repeating its last row and
-    column: a crop at the image's edge then samples what PIL's crop would (the edge pixel), not padding."""
-    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
-    out = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
-    for b, image in enumerate(images):
-        h, w = image.shape[:2]
-        out[b, :h, :w] = image
-        out[b, :h, w:] = image[:, -1:]
-        out[b, h:] = out[b, h - 1:h]
-    return out
-
-
-def plan(views: list[tuple[int, ViewParams]]) -> Optional[augment.Plan]:
-    """(image index in the batch, parameters) of each view -> the tensors data/augment.py applies. A view's
-    jitter changes before its hue fill the first blend slots, those after it the slots after the hue."""
-    if not views:
-        return None
-    blend = torch.full((len(views), 2 * augment.SLOTS), -1, dtype=torch.int8)
-    amount = torch.ones(len(views), 2 * augment.SLOTS)
-    hue = torch.zeros(len(views))
-    for row, (_, p) in enumerate(views):
-        names = [name for name, _ in p.jitter]
-        after = names.index("hue") if "hue" in names else len(names)
-        for position, (name, factor) in enumerate(p.jitter):
-            if name == "hue":
-                hue[row] = factor
-                continue
-            slot = position if position < after else augment.SLOTS + position - after - 1
-            blend[row, slot], amount[row, slot] = augment.JITTER.index(name), factor
-    return augment.Plan(
-        boxes=torch.tensor([[i, left, top, left + w, top + h] for i, (left, top, w, h) in
-                            ((i, p.box) for i, p in views)], dtype=torch.float32),
-        flip=torch.tensor([p.flip for _, p in views]), blend=blend, amount=amount, hue=hue,
-        grey=torch.tensor([p.grey for _, p in views]), sigma=torch.tensor([p.blur for _, p in views]),
-        solarize=torch.tensor([p.solarize for _, p in views]))
 
 
 class StepSampler:
@@ -509,7 +366,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
 
 
-
 class Student(nn.Module):
     """What the optimizer trains (and DDP wraps): the CLIP model and the self-distillation head.
     Backbone passes are grouped by crop size (DINO's multi-crop wrapper), the head runs once."""
@@ -519,7 +375,7 @@ class Student(nn.Module):
         self.clip, self.head, self.views, self.fp32_logits = clip, head, views, fp32_logits
 
     def forward(self, views: torch.Tensor, locals_: Optional[torch.Tensor], ids: torch.Tensor):
-        """views: view-major full-size crops (view_layout); the last len(ids) rows are the CLIP views."""
+        """views: view-major full-size crops (augment.view_layout); the last len(ids) rows: the CLIP views."""
         tokens = self.clip.visual.forward_features(views)
         images = self.clip.visual.proj(tokens[len(tokens) - len(ids):])
         texts = self.clip.encode_text(ids)
@@ -583,7 +439,7 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     if "pixels" in batch:  # --augment tensor: the views are made here, on the device, from 8-bit images
         pixels = batch["pixels"].to(dev, non_blocking=True)
         size = run.core.clip.config.vision.image_size
-        radius = blur_taps(size)
+        radius = augment.blur_taps(size)
         views = augment.views(pixels, batch["view_plan"], size, radius)
         locals_ = (augment.views(pixels, batch["local_plan"], cfg.local_size, radius) if batch["local_plan"]
                    else None)
@@ -591,7 +447,7 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         views = batch["views"].to(dev, non_blocking=True)
         locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
     ids = batch["ids"].to(dev, non_blocking=True)
-    n_views, n_clip = view_layout(cfg)
+    n_views, n_clip = augment.view_layout(cfg.recipe())
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
         images, texts, scale, head = run.student(views, locals_ if run.teacher else None, ids)
         clip = sum(rsmclip.clip_loss(i, t, scale, cfg.fp32_logits)
@@ -785,7 +641,7 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
     torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
     head = (DINOHead(model.config.vision.width, cfg.prototypes, cfg.head_hidden, cfg.head_bottleneck,
                              cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
-    core = Student(model, head, view_layout(cfg)[0], cfg.fp32_logits).to(device)
+    core = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits).to(device)
     core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
     precision, dtype = resolve_precision(cfg.precision, device.type)

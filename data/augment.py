@@ -1,11 +1,13 @@
-"""DINO's multi-crop augmentation as batched tensor ops, for the training device (CPU or CUDA).
+"""DINO's multi-crop views: drawn once, made by PIL or by batched tensor ops on the training device.
 
-train.py draws every view's random choices on the CPU (train.draw_view, the same draws as its PIL path)
-and collates them into a Plan; `views` applies a plan to a batch of decoded 8-bit images: crop + resize
-to 8-bit pixels as PIL's crop + bicubic resize, flip, colour jitter in each view's own order, greyscale,
-Gaussian blur with each view's sigma, solarisation, CLIP mean/std. After the crop, pixels are floats in
-[0, 1], as in torchvision's tensor functions, which each op here equals (tests/test_augment.py); unlike
-the PIL path they are not rounded to 8 bits between ops.
+The recipe comes first: `draw_sample` draws every view's random choices of one image on the CPU
+(`draw_view`: crop, flip, colour jitter, greyscale, blur, solarisation, in DINO's order). Either path then
+makes the same views: `apply_pil` in the loader processes, or the batched tensor ops below: the drawn
+choices of a batch are collated into a Plan (`plan`), and `views` applies a plan to a batch of decoded
+8-bit images: crop + resize to 8-bit pixels as PIL's crop + bicubic resize, flip, colour jitter in each
+view's own order, greyscale, Gaussian blur with each view's sigma, solarisation, CLIP mean/std. After the
+crop, pixels are floats in [0, 1], as in torchvision's tensor functions, which each op here equals
+(tests/test_augment.py); unlike the PIL path they are not rounded to 8 bits between ops.
 
 Every op applies to every view with per-view parameters (an op a view did not draw is the identity for
 it), so a plan runs as one fixed sequence of tensor ops: no per-view branches, no host syncs. ColorJitter's
@@ -24,13 +26,151 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
 
 from rsmclip import CLIP_MEAN, CLIP_STD
+
+# -------------------------------------------------------- the recipe: what each view of an image draws
+
+@dataclass(frozen=True)
+class Recipe:
+    """What training asks of its views (train.TrainConfig.recipe() fills it from the command line)."""
+    multi_crop: bool = True  # DINO's 2 global + local crops; False: one light view, open_clip's recipe
+    clip_view: str = "global"  # the CLIP loss on the global crops, or on one more light view ("light")
+    global_scale: tuple[float, float] = (0.4, 1.0)  # crop area ranges
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops: int = 8
+    local_size: int = 24  # pixels
+    flip: float = 0.5  # probabilities, and the hue jitter's range
+    jitter_prob: float = 0.8
+    hue: float = 0.1
+    grayscale: float = 0.2
+    solarize: float = 0.2  # of the second global crop
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """One view's random choices. Drawn once (draw_view), applied by either path: PIL (apply_pil) or
+    batched tensor ops on the training device (views), so both see the same distribution."""
+    box: tuple[int, int, int, int]  # (left, top, width, height) in the source image
+    flip: bool = False
+    jitter: tuple[tuple[str, float], ...] = ()  # (brightness | contrast | saturation | hue, factor), in order
+    grey: bool = False
+    blur: float = 0.0  # Gaussian sigma (PIL's radius) in pixels; 0: no blur
+    solarize: bool = False
+
+
+BLUR = (0.1, 2.0)  # DINO's Gaussian blur sigma (PIL's radius) in pixels, for 224-px models: scaled with size
+
+
+def draw_view(width: int, height: int, scale: tuple, blur: float, solarize: float, recipe: Recipe,
+              rng: random.Random, model_size: int) -> ViewParams:
+    """DINO's view: crop, flip, colour jitter, greyscale, Gaussian blur, solarisation, each drawn from `rng`
+    in this order (the order fixes every sample's views for a seed: resume depends on it)."""
+    box = crop_box(width, height, scale, rng)
+    flip = rng.random() < recipe.flip
+    jitter = ()
+    if rng.random() < recipe.jitter_prob:
+        ops = [("brightness", rng.uniform(0.6, 1.4)), ("contrast", rng.uniform(0.6, 1.4)),
+               ("saturation", rng.uniform(0.8, 1.2)), ("hue", rng.uniform(-recipe.hue, recipe.hue))]
+        rng.shuffle(ops)  # ColorJitter applies its four changes in random order
+        jitter = tuple(ops)
+    grey = rng.random() < recipe.grayscale
+    sigma = rng.uniform(*BLUR) * model_size / 224 if rng.random() < blur else 0.0
+    return ViewParams(box, flip, jitter, grey, sigma, rng.random() < solarize)
+
+
+def draw_sample(width: int, height: int, recipe: Recipe, size: int,
+                rng: random.Random) -> tuple[list[ViewParams], list[ViewParams]]:
+    """-> (full-size views (view_layout), local crops) of one image: DINO's 2 global crops (the first always
+    blurred, the second rarely, maybe solarised), or open_clip's light views, then the local crops."""
+    n_views = view_layout(recipe)[0]
+    views = []
+    if recipe.multi_crop:
+        views = [draw_view(width, height, recipe.global_scale, 1.0, 0.0, recipe, rng, size),
+                 draw_view(width, height, recipe.global_scale, 0.1, recipe.solarize, recipe, rng, size)]
+    views += [ViewParams(crop_box(width, height, (0.9, 1.0), rng)) for _ in range(n_views - len(views))]
+    local = [draw_view(width, height, recipe.local_scale, 0.5, 0.0, recipe, rng, size)
+             for _ in range(recipe.local_crops if recipe.multi_crop else 0)]
+    return views, local
+
+
+def view_layout(recipe: Recipe) -> tuple[int, int]:
+    """-> (full-size views per image, CLIP views: the last ones of them, each with a caption).
+    Self-distillation: the 2 global crops, which are also the CLIP views (SILC), or followed by one light
+    CLIP view. CLIP only: one light view, open_clip's recipe."""
+    if not recipe.multi_crop:
+        return 1, 1
+    return (3, 1) if recipe.clip_view == "light" else (2, 2)
+
+
+def blur_taps(model_size: int) -> int:
+    """Blur taps each side for the largest sigma drawn for this model size: fixed, so the CPU's compiled
+    augmentation keeps one shape."""
+    return blur_radius(BLUR[1] * model_size / 224)
+
+
+# ---------------------------------------------------- the PIL path: one view at a time, in the loaders
+
+def crop_box(width: int, height: int, scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (area in `scale`, aspect 3/4-4/3, 10 tries, then the whole
+    image cut to that aspect), drawn from `rng` so that every sample's crops are a function of its seed.
+    -> (left, top, width, height)."""
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    w, h = width, height
+    if width / height < 3 / 4:
+        h = round(width / (3 / 4))
+    elif width / height > 4 / 3:
+        w = round(height * 4 / 3)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return TF.normalize(TF.pil_to_tensor(image).float().div(255), CLIP_MEAN, CLIP_STD)
+
+
+PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+def apply_pil(image: Image.Image, size: int, p: ViewParams) -> torch.Tensor:
+    """A view as torchvision makes it from a PIL image: crop + bicubic resize (RandomResizedCrop), then the
+    colour changes on 8-bit pixels, then CLIP mean/std."""
+    left, top, w, h = p.box
+    x = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if p.flip:
+        x = ImageOps.mirror(x)
+    for name, factor in p.jitter:
+        x = PIL_JITTER[name](x, factor)
+    if p.grey:
+        x = x.convert("L").convert("RGB")
+    if p.blur:
+        x = x.filter(ImageFilter.GaussianBlur(radius=p.blur))
+    if p.solarize:
+        x = ImageOps.solarize(x, 128)
+    return to_tensor(x)
+
+
+def light_view(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
+    """open_clip's training transform (image_transform(is_train=True), default augmentation): a crop of
+    90-100% of the area, bicubic, nothing else."""
+    return apply_pil(image, size, ViewParams(crop_box(*image.size, (0.9, 1.0), rng)))
+
+
+# ------------------------------------------------------------ the tensor path: a batch's views as one plan
 
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 JITTER = ("brightness", "contrast", "saturation", "hue")
@@ -49,6 +189,44 @@ class Plan:
     grey: torch.Tensor  # [K] bool
     sigma: torch.Tensor  # [K] float: blur sigma in pixels, 0: none
     solarize: torch.Tensor  # [K] bool
+
+
+def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """[H, W, 3] uint8 images of any sizes -> [B, H max, W max, 3], each padded by repeating its last row and
+    column: a crop at the image's edge then samples what PIL's crop would (the edge pixel), not padding."""
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    out = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
+    for b, image in enumerate(images):
+        h, w = image.shape[:2]
+        out[b, :h, :w] = image
+        out[b, :h, w:] = image[:, -1:]
+        out[b, h:] = out[b, h - 1:h]
+    return out
+
+
+def plan(views: list[tuple[int, ViewParams]]) -> Optional[Plan]:
+    """(image index in the batch, parameters) of each view -> the tensors `views` applies. A view's
+    jitter changes before its hue fill the first blend slots, those after it the slots after the hue."""
+    if not views:
+        return None
+    blend = torch.full((len(views), 2 * SLOTS), -1, dtype=torch.int8)
+    amount = torch.ones(len(views), 2 * SLOTS)
+    hue = torch.zeros(len(views))
+    for row, (_, p) in enumerate(views):
+        names = [name for name, _ in p.jitter]
+        after = names.index("hue") if "hue" in names else len(names)
+        for position, (name, factor) in enumerate(p.jitter):
+            if name == "hue":
+                hue[row] = factor
+                continue
+            slot = position if position < after else SLOTS + position - after - 1
+            blend[row, slot], amount[row, slot] = JITTER.index(name), factor
+    return Plan(
+        boxes=torch.tensor([[i, left, top, left + w, top + h] for i, (left, top, w, h) in
+                            ((i, p.box) for i, p in views)], dtype=torch.float32),
+        flip=torch.tensor([p.flip for _, p in views]), blend=blend, amount=amount, hue=hue,
+        grey=torch.tensor([p.grey for _, p in views]), sigma=torch.tensor([p.blur for _, p in views]),
+        solarize=torch.tensor([p.solarize for _, p in views]))
 
 
 # ----------------------------------------------------------------------------- crops: 8-bit [K, 3, s, s]

@@ -89,7 +89,7 @@ def test_crop_equals_pils_crop_and_bicubic_resize_within_tolerance():
     rng, errors = random.Random(0), []
     for i in range(40):
         size, scale = (224, (0.4, 1.0)) if i % 2 else (96, (0.05, 0.4))
-        left, top, w, h = train.crop_box(*image.size, scale, rng)
+        left, top, w, h = augment.crop_box(*image.size, scale, rng)
         expected = TF.pil_to_tensor(image.crop((left, top, left + w, top + h)).resize((size, size),
                                                                                       Image.BICUBIC))
         box = torch.tensor([[0.0, left, top, left + w, top + h]])
@@ -108,10 +108,10 @@ def test_the_gpus_batched_crop_equals_the_cpus_crop_by_box():
     absolute difference below 0.3 8-bit levels, under 1% of the pixels more than one level apart (measured:
     0.17 and 0.15%)."""
     images = [scene((120, 90)), scene((70, 100), seed=1)]
-    pixels = train.pad_images([torch.from_numpy(np.array(i)) for i in images])
+    pixels = augment.pad_images([torch.from_numpy(np.array(i)) for i in images])
     rng, boxes = random.Random(0), []
     for k in range(12):
-        left, top, w, h = train.crop_box(*images[k % 2].size, (0.05, 1.0), rng)
+        left, top, w, h = augment.crop_box(*images[k % 2].size, (0.05, 1.0), rng)
         boxes.append([k % 2, left, top, left + w, top + h])
     boxes = torch.tensor(boxes, dtype=torch.float32)
     flip = torch.arange(12) % 3 == 0
@@ -137,8 +137,8 @@ def test_tensor_views_equal_pil_views_for_the_same_parameters(tmp_path, spm_mode
     reference = train.collate([pil[k] for k in keys])
     for seed, sample in zip((11, 12, 13, 14), (tensor[k] for k in keys)):
         image = np.asarray(Image.open(tmp_path / ("a.png" if seed % 2 else "b.png")))
-        assert (sample["view_params"], sample["local_params"]) == train.draw_sample(
-            image.shape[1], image.shape[0], cfg, 64, random.Random(seed))
+        assert (sample["view_params"], sample["local_params"]) == augment.draw_sample(
+            image.shape[1], image.shape[0], cfg.recipe(), 64, random.Random(seed))
     assert torch.equal(batch["ids"], reference["ids"])
     views = augment.views(batch["pixels"], batch["view_plan"], 64)
     local = augment.views(batch["pixels"], batch["local_plan"], 24)
@@ -149,7 +149,7 @@ def test_tensor_views_equal_pil_views_for_the_same_parameters(tmp_path, spm_mode
         assert error.mean() < 4 and error.max() < 12, error
 
 
-def reference_view(crop: torch.Tensor, p: train.ViewParams) -> torch.Tensor:
+def reference_view(crop: torch.Tensor, p: augment.ViewParams) -> torch.Tensor:
     """One view from its 8-bit crop by torchvision's functional tensor ops, in the order DINO applies them."""
     x = crop.float() / 255
     for name, factor in p.jitter:
@@ -167,9 +167,9 @@ def reference_view(crop: torch.Tensor, p: train.ViewParams) -> torch.Tensor:
 def drawn_views(n: int, seed: int) -> tuple[torch.Tensor, list]:
     """A padded batch of two scenes and n views of them drawn as local crops are (all changes possible)."""
     images = [scene((120, 90)), scene((70, 100), seed=1)]
-    pixels = train.pad_images([torch.from_numpy(np.array(i)) for i in images])
-    cfg, rng = train.TrainConfig(hue=0.1, grayscale=0.3), random.Random(seed)
-    return pixels, [(k % 2, train.draw_view(*images[k % 2].size, (0.05, 1.0), 0.5, 0.3, cfg, rng, 224))
+    pixels = augment.pad_images([torch.from_numpy(np.array(i)) for i in images])
+    recipe, rng = train.TrainConfig(hue=0.1, grayscale=0.3).recipe(), random.Random(seed)
+    return pixels, [(k % 2, augment.draw_view(*images[k % 2].size, (0.05, 1.0), 0.5, 0.3, recipe, rng, 224))
                     for k in range(n)]
 
 
@@ -180,7 +180,7 @@ def test_a_plan_applies_each_views_changes_in_its_drawn_order(monkeypatch):
     monkeypatch.setattr(augment, "CPU_CHUNK", 5 * 24 * 24)  # 5 views per chunk
     pixels, drawn = drawn_views(61, seed=0)
     assert len({tuple(name for name, _ in p.jitter) for _, p in drawn}) >= 20
-    plan = train.plan(drawn)
+    plan = augment.plan(drawn)
     got = augment.views(pixels, plan, 24, radius=6)
     crops = augment.crop_each(pixels, plan.boxes, plan.flip, 24)
     expected = torch.stack([reference_view(c, p) for c, (_, p) in zip(crops, drawn)])
@@ -192,7 +192,7 @@ def test_the_gpus_way_equals_the_cpus_and_keeps_every_tensor_on_the_device():
     the same within the crops' rounding (mean difference below 0.5 8-bit levels; measured: 0.15). On
     the meta device, a stand-in for CUDA here, no CPU tensor meets a device tensor."""
     pixels, drawn = drawn_views(24, seed=1)
-    plan = train.plan(drawn)
+    plan = augment.plan(drawn)
     weights = augment.blur_weights(plan.sigma, 6)
     batched = augment.views_batched(pixels, plan, 32, weights)
     std = torch.tensor(rsmclip.CLIP_STD).view(1, 3, 1, 1) * 255
@@ -242,7 +242,7 @@ def test_parameters_follow_the_pil_pipelines_distributions():
     checked against torchvision's own samplers and DINO's probabilities (many samples, fixed seeds)."""
     cfg = train.TrainConfig(hue=0.1)
     rng, n = random.Random(0), 4000
-    views = [train.draw_view(256, 256, (0.05, 0.4), 0.5, 0.2, cfg, rng, 224) for _ in range(n)]
+    views = [augment.draw_view(256, 256, (0.05, 0.4), 0.5, 0.2, cfg.recipe(), rng, 224) for _ in range(n)]
     torch.manual_seed(0)
     blank = Image.new("RGB", (256, 256))
     theirs = np.array([T.RandomResizedCrop.get_params(blank, [0.05, 0.4], [3 / 4, 4 / 3])[2:]

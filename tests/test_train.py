@@ -28,6 +28,7 @@ from safetensors import safe_open
 import rsmclip
 import rsmclip_cli
 import train
+from data import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"
@@ -186,13 +187,13 @@ def test_clip_only_view_is_openclips_training_transform(monkeypatch, tmp_path, s
     # crop, RGB, tensor, normalise
     assert theirs.transforms[0].scale == (0.9, 1.0) and len(theirs.transforms) == 4
     for seed in range(10):
-        left, top, w, h = train.crop_box(120, 90, (0.9, 1.0), random.Random(seed))
+        left, top, w, h = augment.crop_box(120, 90, (0.9, 1.0), random.Random(seed))
         params = staticmethod(lambda img, scale, ratio: (top, left, h, w))
         monkeypatch.setattr(T.RandomResizedCrop, "get_params", params)
-        assert torch.allclose(train.light_view(image, 64, random.Random(seed)), theirs(image), atol=1e-6)
+        assert torch.allclose(augment.light_view(image, 64, random.Random(seed)), theirs(image), atol=1e-6)
     monkeypatch.undo()
     for size in [(120, 90), (40, 200)]:  # (40, 200): no crop of the drawn aspect fits, both fall back
-        ours = np.array([train.crop_box(*size, (0.9, 1.0), random.Random(i))[2:] for i in range(3000)])
+        ours = np.array([augment.crop_box(*size, (0.9, 1.0), random.Random(i))[2:] for i in range(3000)])
         blank = Image.new("RGB", size)
         ref = np.array([T.RandomResizedCrop.get_params(blank, [0.9, 1.0], [3 / 4, 4 / 3])[:1:-1]
                         for _ in range(3000)])
@@ -202,7 +203,7 @@ def test_clip_only_view_is_openclips_training_transform(monkeypatch, tmp_path, s
     item = {"path": tmp_path / "a.png", "captions": {"en": ["one"]}}
     clip_cfg = train.TrainConfig(distill_weight=0, langs="en")
     ds = train.MultiCropDataset([item], clip_cfg, 64, rsmclip.Tokenizer(spm_model))
-    assert torch.equal(ds[(0, 5)]["views"][0], train.light_view(image, 64, random.Random(5)))  # the only view
+    assert torch.equal(ds[(0, 5)]["views"][0], augment.light_view(image, 64, random.Random(5)))  # one view
 
 
 def tiny_run(**overrides):
@@ -212,7 +213,7 @@ def tiny_run(**overrides):
     torch.manual_seed(0)
     model = rsmclip.CLIP(rsmclip.PRESETS["tiny"])
     g = torch.Generator().manual_seed(0)
-    n_views, n_clip = train.view_layout(cfg)
+    n_views, n_clip = augment.view_layout(cfg.recipe())
     ids = torch.full((2 * n_clip, 77), rsmclip.PAD)
     ids[:, :5] = torch.randint(3, 300, (2 * n_clip, 5), generator=g)
     batch = {"views": torch.randn(2 * n_views, 3, 64, 64, generator=g), "ids": ids,
