@@ -72,12 +72,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def speed(images: int = typer.Option(10000, help="number of images (5 captions each)"),
-         batch_size: int = typer.Option(64, help="images per forward pass"),
-         workers: int = typer.Option(2, help="decoding processes, end to end"),
-         device: str = rsmclip_cli.DEVICE,
-         workdir: Path = typer.Option(Path(tempfile.gettempdir()) / "rsmclip-bench-eval",
-                                      help="folder for the generated images (kept for the next run)"),
-         out: Path = typer.Option(None, help="also write the numbers as JSON")):
+          batch_size: int = typer.Option(64, help="images per forward pass"),
+          workers: int = typer.Option(2, help="decoding processes, end to end"),
+          device: str = rsmclip_cli.DEVICE,
+          workdir: Path = typer.Option(Path(tempfile.gettempdir()) / "rsmclip-bench-eval",
+                                       help="folder for the generated images (kept for the next run)"),
+          out: Path = typer.Option(None, help="also write the numbers as JSON")):
     manifest = make_bench_set(workdir, images)
     spm = demo.make_demo(ev.DEMO_DIR).parent / "spm.model"
     cfg = rsmclip.PRESETS["tiny"]

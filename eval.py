@@ -171,7 +171,7 @@ def mean_metrics(rows: list[dict]) -> dict:
     out["by_tie_rule"] = {rule: {d: {f"R@{k}": mean(lambda r: r["by_tie_rule"][rule][d][f"R@{k}"])
                                      for k in KS}
                                  for d in ("i2t", "t2i")}
-                                | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
+                          | {"mR": mean(lambda r: r["by_tie_rule"][rule]["mR"])}
                           for rule in TIE_RULES}
     return out
 

@@ -752,7 +752,7 @@ def save(model: CLIP, path: str | Path, openclip_names: bool = False):
     sd = model.state_dict()
     if openclip_names:
         atomic_save(to_openclip_state_dict(sd, model.config), Path(path),
-                     {"format": "open_clip", "rsmclip_config": cfg_json})
+                    {"format": "open_clip", "rsmclip_config": cfg_json})
     else:
         atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json})
 

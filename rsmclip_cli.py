@@ -70,10 +70,11 @@ from rsmclip import (
 
 # ----------------------------------------------------------------------------- command-line conventions
 
+
 def readable_help(command) -> typer.core.TyperCommand:
-    """typer 0.29 writes help as `{folder}`, `<list[str]>`, `--top-k <int range>` and `--help <bool>`:
-    give every parameter the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER) instead, so the
-    help reads as other command lines do (tests/test_project.py checks every script's help)."""
+    """Every parameter with the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER), not typer's
+    own `{folder}`, `<list[str]>` or `--top-k <int range>`: help that reads as other command lines do
+    (tests/test_project.py checks every script's help)."""
     for sub in getattr(command, "commands", {}).values():
         readable_help(sub)
     for param in command.params:
@@ -368,7 +369,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 @app.command()
 def info(weights: Optional[Path] = typer.Argument(None, help="weights file (ours or open_clip safetensors), "
-                                                           "or rs-m-clip / laion once downloaded"),
+                                                  "or rs-m-clip / laion once downloaded"),
          preset: str = typer.Option("xlmr-b32", help=f"architecture to describe when no weights are given: "
                                                      f"{', '.join(PRESETS)}"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object (config and parameter "

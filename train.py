@@ -423,9 +423,9 @@ def param_groups(module: nn.Module, weight_decay: float, lr: float, head_lr: flo
 class Run:
     cfg: TrainConfig
     student: nn.Module  # Student, maybe DDP-wrapped or compiled
-    core: Student  # the plain module (checkpoints, EMA)
+    unwrapped: Student  # the student itself, not DDP-wrapped or compiled (checkpoints, EMA)
     teacher: Optional[Teacher]
-    dino: Optional[rsmclip.DINOLoss]
+    dino: Optional[DINOLoss]
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     tokenizer: rsmclip.Tokenizer
@@ -438,7 +438,7 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     cfg, dev = run.cfg, run.device
     if "pixels" in batch:  # --augment tensor: the views are made here, on the device, from 8-bit images
         pixels = batch["pixels"].to(dev, non_blocking=True)
-        size = run.core.clip.config.vision.image_size
+        size = run.unwrapped.clip.config.vision.image_size
         radius = augment.blur_taps(size)
         views = augment.views(pixels, batch["view_plan"], size, radius)
         locals_ = (augment.views(pixels, batch["local_plan"], cfg.local_size, radius) if batch["local_plan"]
@@ -460,7 +460,7 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         student = head.chunk(2 + (cfg.local_crops if locals_ is not None else 0))
         distill, entropy = run.dino(student, teacher, temp)
     return clip + cfg.distill_weight * distill, {"clip": clip, "distill": distill, "teacher_entropy": entropy,
-                                                  "kl": distill - entropy, "teacher_temp": temp}
+                                                 "kl": distill - entropy, "teacher_temp": temp}
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict:
@@ -476,10 +476,10 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     (run.scaler.scale(loss) if run.scaler else loss).backward()
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
-    if run.core.head is not None and step < cfg.freeze_last_layer:
-        for p in run.core.head.last_layer():  # DINO: the prototypes stay put while the head settles
+    if run.unwrapped.head is not None and step < cfg.freeze_last_layer:
+        for p in run.unwrapped.head.last_layer():  # DINO: the prototypes stay put while the head settles
             p.grad = None
-    grad_norm = (torch.nn.utils.clip_grad_norm_(run.core.parameters(), cfg.grad_clip) if cfg.grad_clip
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.unwrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
                  else torch.full((), float("nan"), device=run.device))
     if run.scaler:
         run.scaler.step(run.optimizer)
@@ -487,16 +487,18 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     else:
         run.optimizer.step()
     with torch.no_grad():
-        run.core.clip.logit_scale.clamp_(0, math.log(100))
+        run.unwrapped.clip.logit_scale.clamp_(0, math.log(100))
     momentum = ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
     if run.teacher is not None:
-        student = nn.ModuleDict({"visual": run.core.clip.visual, "head": run.core.head})
+        student = nn.ModuleDict({"visual": run.unwrapped.clip.visual, "head": run.unwrapped.head})
         ema_update(run.teacher, student, momentum)
     lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
-        {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.core.head is not None else {})
+        {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.unwrapped.head is not None
+        else {})
     parts = {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
-    return {"loss": loss.detach(), **parts, **lrs, "logit_scale": run.core.clip.logit_scale.detach().exp(),
-            "ema_momentum": momentum, "grad_norm": grad_norm}
+    return {"loss": loss.detach(), **parts, **lrs,
+            "logit_scale": run.unwrapped.clip.logit_scale.detach().exp(), "ema_momentum": momentum,
+            "grad_norm": grad_norm}
 
 
 def read_logs(logs: dict) -> dict:
@@ -530,7 +532,7 @@ class FiniteWatch:
 def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
     """Everything a resume needs in one safetensors file (tensors + JSON metadata), written to a
     temporary file and renamed: a kill at any moment leaves the previous checkpoint intact."""
-    tensors = {f"student.{k}": v for k, v in run.core.state_dict().items()}
+    tensors = {f"student.{k}": v for k, v in run.unwrapped.state_dict().items()}
     if run.teacher is not None:
         tensors |= {f"teacher.{k}": v for k, v in run.teacher.state_dict().items()}
         tensors["dino.center"] = run.dino.center
@@ -543,18 +545,26 @@ def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
     rsmclip.atomic_save(tensors, path, {"state": json.dumps(meta)})
 
 
-def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:
+def read_checkpoint(path: Path, device: Optional[str] = None) -> tuple[dict, dict]:
+    """The one reader of a checkpoint: (metadata, its step included; the tensors, on `device`, or none
+    without one)."""
     try:
-        with safe_open(str(path), "pt", device=str(run.device)) as f:
+        with safe_open(str(path), "pt", device=device or "cpu") as f:
             meta = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta["step"]
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if device else {}
     except Exception as e:  # any failure here means the file is not a checkpoint of ours
         raise TrainError(f"{path}: unreadable checkpoint ({e})") from None
+    return meta, tensors
+
+
+def load_checkpoint(run: Run, path: Path) -> tuple[int, int]:
+    meta, tensors = read_checkpoint(path, str(run.device))
 
     def section(prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    run.core.load_state_dict(section("student."), strict=True)
+    run.unwrapped.load_state_dict(section("student."), strict=True)
     if run.teacher is not None:
         run.teacher.load_state_dict(section("teacher."), strict=True)
         run.dino.center.copy_(tensors["dino.center"])
@@ -640,22 +650,22 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
               device: torch.device) -> Run:
     torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
     head = (DINOHead(model.config.vision.width, cfg.prototypes, cfg.head_hidden, cfg.head_bottleneck,
-                             cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
-    core = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits).to(device)
-    core.clip.set_grad_checkpointing(cfg.grad_checkpointing)
+                     cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
+    unwrapped = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits).to(device)
+    unwrapped.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
     precision, dtype = resolve_precision(cfg.precision, device.type)
-    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(unwrapped, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    student = core
-    if rsmclip.world()[1] > 1:  # DDP's constructor broadcasts rank 0's parameters into every rank's `core`
+    student = unwrapped
+    if rsmclip.world()[1] > 1:  # DDP's constructor broadcasts rank 0's parameters into every rank's student
         device_ids = [device.index] if device.type == "cuda" else None
-        student = nn.parallel.DistributedDataParallel(core, device_ids=device_ids)
-    teacher = Teacher(core).to(device) if head else None  # after the broadcast: equal on all ranks
+        student = nn.parallel.DistributedDataParallel(unwrapped, device_ids=device_ids)
+    teacher = Teacher(unwrapped).to(device) if head else None  # after the broadcast: equal on all ranks
     if cfg.compile:
         student = torch.compile(student)
-    return Run(cfg, student, core, teacher, dino, optimizer, scaler, tokenizer, device, dtype)
+    return Run(cfg, student, unwrapped, teacher, dino, optimizer, scaler, tokenizer, device, dtype)
 
 
 def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
@@ -666,7 +676,7 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
              if all(r["captions"].get(lang) for r in chosen)]
     if not chosen or not langs:
         return None
-    model = run.core.clip  # evaluate_retrieval switches dropout off and back on itself
+    model = run.unwrapped.clip  # evaluate_retrieval switches dropout off and back on itself
     preprocess = rsmclip.Preprocess(model.config.vision.image_size)
     return evaluation.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs, 128,
                                          str(run.device), workers=0)
@@ -816,7 +826,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     # ----- final weights -----
     final = out / "model.safetensors"
     if is_main:
-        rsmclip.save(run.core.clip, final)
+        rsmclip.save(run.unwrapped.clip, final)
         tokenizer_copy = out / model.config.tokenizer
         if tokenizer.path.resolve() != tokenizer_copy.resolve():
             data = tokenizer.path.read_bytes()
@@ -841,11 +851,7 @@ def finished_step(out: Path) -> Optional[int]:
     checkpoint = out / "checkpoint.safetensors"
     if not (checkpoint.is_file() and (out / "summary.json").is_file()):
         return None
-    try:
-        with safe_open(str(checkpoint), "pt") as f:
-            return json.loads(f.metadata()["state"])["step"]
-    except Exception as e:  # any failure here means the file is not a checkpoint of ours
-        raise TrainError(f"{checkpoint}: unreadable checkpoint ({e})") from None
+    return read_checkpoint(checkpoint)[0]["step"]
 
 
 def earlier_before(out: Path) -> Optional[dict]:
@@ -873,6 +879,174 @@ def cut_metrics(path: Path, step: int):
         except json.JSONDecodeError:  # the last line, torn by a kill
             break
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+# ===================================================================== command line: the config is the CLI
+
+def check_config(cfg: TrainConfig):
+    """Every setting checked before any work (a bad flag must not fail after the model is built and the
+    first validation has run): one message listing every problem."""
+    bad = []
+
+    def need(name, ok, what):
+        if not ok:
+            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {what}")
+
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "prototypes", "head_hidden",
+                 "head_bottleneck"):
+        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 1, "a whole number >= 1")
+    for name in ("warmup", "val_every", "workers", "local_crops", "teacher_temp_steps", "freeze_last_layer",
+                 "seed"):
+        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 0, "a whole number >= 0")
+    for name, lo, hi, open_lo in (("lr", 0, math.inf, True), ("head_lr", 0, math.inf, False),
+                                  ("weight_decay", 0, math.inf, False), ("eps", 0, 1, True),
+                                  ("grad_clip", 0, math.inf, False), ("distill_weight", 0, math.inf, False),
+                                  ("student_temp", 0, math.inf, True), ("teacher_temp", 0, math.inf, True),
+                                  ("warmup_teacher_temp", 0, math.inf, True), ("beta1", 0, 1, False),
+                                  ("beta2", 0, 1, False), ("text_dropout", 0, 1, False),
+                                  ("center_momentum", 0, 1, False), ("ema_momentum", 0, 1, False),
+                                  ("flip", 0, 1, False), ("jitter_prob", 0, 1, False), ("hue", 0, 0.5, False),
+                                  ("grayscale", 0, 1, False), ("solarize", 0, 1, False)):
+        value = getattr(cfg, name)
+        need(name, isinstance(value, (int, float)) and math.isfinite(value)
+             and (lo < value if open_lo else lo <= value) and value <= hi,
+             f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = (tuple(getattr(cfg, name)) + (None, None))[:2]
+        numbers = len(getattr(cfg, name)) == 2 and all(isinstance(v, (int, float)) for v in (lo, hi))
+        need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
+    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")),
+                          ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
+                          ("augment", ("auto", "pil", "tensor")),
+                          ("arch", tuple(rsmclip.PRESETS))):
+        need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
+    try:
+        rsmclip.parse_langs(cfg.langs)
+    except rsmclip.RsmclipError as e:
+        bad.append(str(e))
+    demo = cfg.data == [str(DEMO_DIR / "captions.jsonl")]  # the run makes it, tokenizer included
+    for name in ("init", "tokenizer", "val_data"):
+        given = getattr(cfg, name)
+        need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
+    missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
+    need("data", not missing, f"no such file: {', '.join(missing)}")
+    need("image_cache", not cfg.image_cache or len(cfg.data) == 1, "one cache holds one manifest: give one "
+         "--data (merge several with data/prepare.py merge)")
+    if cfg.image_cache and len(cfg.data) == 1 and not missing:
+        try:  # a stale or foreign cache must stop the run before any work
+            ImageCache(Path(cfg.image_cache), Path(cfg.data[0]))
+        except rsmclip.RsmclipError as e:
+            bad.append(f"--image-cache: {e}")
+    need("tokenizer", cfg.tokenizer or cfg.init, "training a new model from --data needs --tokenizer "
+         "(the SentencePiece model for its vocabulary; with --init it is the one next to the weights)")
+    if bad:
+        raise TrainError("bad settings, nothing was started:\n  " + "\n  ".join(bad))
+
+
+def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> TrainConfig:
+    """Preset defaults, then a saved config.json, then the flags given on the command line."""
+    if preset not in RECIPES:
+        raise TrainError(f"unknown preset {preset!r}; choose from {', '.join(RECIPES)}")
+    cfg = RECIPES[preset]
+    if config_file:
+        if not config_file.is_file():
+            raise TrainError(f"{config_file}: no such config file")
+        saved = read_config_json(config_file)
+        if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
+            raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v
+                              for k, v in saved.items()})
+    given = {k: v for k, v in given.items() if v is not None and v != []}
+    if "data" in given:
+        given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
+    cfg = replace(cfg, **given)
+    if not cfg.data:  # the built-in demo
+        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
+                      tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
+    if cfg.init:  # a known name (rs-m-clip, laion) is the file `download` put in the user cache
+        cfg = replace(cfg, init=str(rsmclip.weights_path(cfg.init)))
+    return cfg
+
+
+RENAMED = {"model": "arch", "head_dim": "prototypes"}  # settings' old names -> new (old config.json files)
+
+
+def read_config_json(path: Path) -> dict:
+    """The settings of a run's config.json (or of a bare settings file), or one message why not."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path}: unreadable ({e}); a run directory with a damaged config.json cannot be "
+                         "resumed: use another --out") from None
+    saved = doc.get("config", doc) if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: expected a JSON object of settings")
+    return {RENAMED.get(k, k): v for k, v in saved.items()}  # run directories made before a rename resume
+
+
+def resolved(key: str, value):
+    """Paths compare by the file they name: runs/x/, ./runs/x and /abs/runs/x are one run directory."""
+    if key == "data":
+        return [str(Path(v).resolve()) for v in value]
+    paths = ("out", "init", "tokenizer", "val_data", "image_cache")
+    return str(Path(value).resolve()) if key in paths and value else value
+
+
+def check_resume(cfg: TrainConfig):
+    """An existing run directory is resumed with its own config: other settings would not be a resume."""
+    saved = Path(cfg.out) / "config.json"
+    if not (Path(cfg.out) / "checkpoint.safetensors").exists():
+        return
+    if not saved.exists():
+        raise TrainError(f"{cfg.out} holds a checkpoint but no config.json, so its settings are unknown and "
+                         "a resume could silently change them; use another --out")
+    old = read_config_json(saved)
+    now = json.loads(json.dumps(asdict(cfg)))
+    if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now.get(k))]:
+        raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
+                         "use another --out, or the same settings to resume")
+
+
+def _cli_signature():
+    """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
+    demo, paper = asdict(RECIPES["demo"]), asdict(RECIPES["rs-m-clip"])
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                default=typer.Option("demo",
+                                                     help=f"defaults to start from: {', '.join(RECIPES)}")),
+              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, help="re-run a saved run's config.json (default: "
+                                                     "none, the preset's settings)"))]
+    for f in fields(TrainConfig):
+        default = (demo[f.name] if demo[f.name] == paper[f.name]
+                   else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}")
+        if default in ("", []):  # an empty value means something: say what
+            default = f.metadata["unset"]
+        scalar = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}
+        annotation = scalar.get(type(demo[f.name]),
+                                Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
+        option = typer.Option(None, help=f"{f.metadata['help']} (default: {default})", show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=option))
+    return inspect.Signature(params)
+
+
+def main(**options):
+    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo.
+    `python train.py plot RUN_DIR` draws a run's curves."""
+    if options.pop("ctx").invoked_subcommand:  # the options belong to training, not to `plot`
+        return
+    preset, config_file = options.pop("preset"), options.pop("config")
+    cfg = resolve_config(preset, config_file, options)
+    check_config(cfg)
+    check_resume(cfg)
+    train(cfg, sys.argv)
+
+
+main.__signature__ = _cli_signature()
+main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.callback(invoke_without_command=True)(main)  # training: the options without a command
 
 
 # ===================================================================== the picture of a run: curves.svg
@@ -975,174 +1149,6 @@ def plot(run_dir: Path) -> Path:
     path = run_dir / "curves.svg"
     rsmclip.atomic_write(path, lambda tmp: tmp.write_text(svg, encoding="utf-8"))
     return path
-
-
-# ===================================================================== command line: the config is the CLI
-
-def check_config(cfg: TrainConfig):
-    """Every setting checked before any work (a bad flag must not fail after the model is built and the
-    first validation has run): one message listing every problem."""
-    bad = []
-
-    def need(name, ok, what):
-        if not ok:
-            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {what}")
-
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "prototypes", "head_hidden",
-                 "head_bottleneck"):
-        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 1, "a whole number >= 1")
-    for name in ("warmup", "val_every", "workers", "local_crops", "teacher_temp_steps", "freeze_last_layer",
-                 "seed"):
-        need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 0, "a whole number >= 0")
-    for name, lo, hi, open_lo in (("lr", 0, math.inf, True), ("head_lr", 0, math.inf, False),
-                                  ("weight_decay", 0, math.inf, False), ("eps", 0, 1, True),
-                                  ("grad_clip", 0, math.inf, False), ("distill_weight", 0, math.inf, False),
-                                  ("student_temp", 0, math.inf, True), ("teacher_temp", 0, math.inf, True),
-                                  ("warmup_teacher_temp", 0, math.inf, True), ("beta1", 0, 1, False),
-                                  ("beta2", 0, 1, False), ("text_dropout", 0, 1, False),
-                                  ("center_momentum", 0, 1, False), ("ema_momentum", 0, 1, False),
-                                  ("flip", 0, 1, False), ("jitter_prob", 0, 1, False), ("hue", 0, 0.5, False),
-                                  ("grayscale", 0, 1, False), ("solarize", 0, 1, False)):
-        value = getattr(cfg, name)
-        need(name, isinstance(value, (int, float)) and math.isfinite(value)
-             and (lo < value if open_lo else lo <= value) and value <= hi,
-             f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
-    for name in ("global_scale", "local_scale"):
-        lo, hi = (tuple(getattr(cfg, name)) + (None, None))[:2]
-        numbers = len(getattr(cfg, name)) == 2 and all(isinstance(v, (int, float)) for v in (lo, hi))
-        need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
-    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")),
-                          ("ema_schedule", ("fixed", "cosine")), ("clip_view", ("global", "light")),
-                          ("augment", ("auto", "pil", "tensor")),
-                          ("arch", tuple(rsmclip.PRESETS))):
-        need(name, getattr(cfg, name) in choices, f"choose {', '.join(choices)}")
-    try:
-        rsmclip.parse_langs(cfg.langs)
-    except rsmclip.RsmclipError as e:
-        bad.append(str(e))
-    demo = cfg.data == [str(DEMO_DIR / "captions.jsonl")]  # the run makes it, tokenizer included
-    for name in ("init", "tokenizer", "val_data"):
-        given = getattr(cfg, name)
-        need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
-    missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
-    need("data", not missing, f"no such file: {', '.join(missing)}")
-    need("image_cache", not cfg.image_cache or len(cfg.data) == 1, "one cache holds one manifest: give one "
-         "--data (merge several with data/prepare.py merge)")
-    if cfg.image_cache and len(cfg.data) == 1 and not missing:
-        try:  # a stale or foreign cache must stop the run before any work
-            ImageCache(Path(cfg.image_cache), Path(cfg.data[0]))
-        except rsmclip.RsmclipError as e:
-            bad.append(f"--image-cache: {e}")
-    need("tokenizer", cfg.tokenizer or cfg.init, "training a new model from --data needs --tokenizer "
-         "(the SentencePiece model for its vocabulary; with --init it is the one next to the weights)")
-    if bad:
-        raise TrainError("bad settings, nothing was started:\n  " + "\n  ".join(bad))
-
-
-def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> TrainConfig:
-    """Preset defaults, then a saved config.json, then the flags given on the command line."""
-    if preset not in RECIPES:
-        raise TrainError(f"unknown preset {preset!r}; choose from {', '.join(RECIPES)}")
-    cfg = RECIPES[preset]
-    if config_file:
-        if not config_file.is_file():
-            raise TrainError(f"{config_file}: no such config file")
-        saved = read_config_json(config_file)
-        if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
-            raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
-        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v
-                              for k, v in saved.items()})
-    given = {k: v for k, v in given.items() if v is not None and v != []}
-    if "data" in given:
-        given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
-    cfg = replace(cfg, **given)
-    if not cfg.data:  # the built-in demo
-        cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
-                      tokenizer=cfg.tokenizer or str(DEMO_DIR / "spm.model"))
-    if cfg.init:  # a known name (rs-m-clip, laion) is the file `download` put in the user cache
-        cfg = replace(cfg, init=str(rsmclip.weights_path(cfg.init)))
-    return cfg
-
-
-RENAMED = {"model": "arch", "head_dim": "prototypes"}  # settings' old names -> new (2026-12)
-
-
-def read_config_json(path: Path) -> dict:
-    """The settings of a run's config.json (or of a bare settings file), or one message why not."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"{path}: unreadable ({e}); a run directory with a damaged config.json cannot be "
-                         "resumed: use another --out") from None
-    saved = doc.get("config", doc) if isinstance(doc, dict) else None
-    if not isinstance(saved, dict):
-        raise TrainError(f"{path}: expected a JSON object of settings")
-    return {RENAMED.get(k, k): v for k, v in saved.items()}  # run directories made before a rename resume
-
-
-def resolved(key: str, value):
-    """Paths compare by the file they name: runs/x/, ./runs/x and /abs/runs/x are one run directory."""
-    if key == "data":
-        return [str(Path(v).resolve()) for v in value]
-    paths = ("out", "init", "tokenizer", "val_data", "image_cache")
-    return str(Path(value).resolve()) if key in paths and value else value
-
-
-def check_resume(cfg: TrainConfig):
-    """An existing run directory is resumed with its own config: other settings would not be a resume."""
-    saved = Path(cfg.out) / "config.json"
-    if not (Path(cfg.out) / "checkpoint.safetensors").exists():
-        return
-    if not saved.exists():
-        raise TrainError(f"{cfg.out} holds a checkpoint but no config.json, so its settings are unknown and "
-                         "a resume could silently change them; use another --out")
-    old = read_config_json(saved)
-    now = json.loads(json.dumps(asdict(cfg)))
-    if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now.get(k))]:
-        raise TrainError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
-                         "use another --out, or the same settings to resume")
-
-
-def _cli_signature():
-    """Typer options generated from TrainConfig: one typed config, and the CLI is it."""
-    demo, paper = asdict(RECIPES["demo"]), asdict(RECIPES["rs-m-clip"])
-    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-              inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                                default=typer.Option("demo",
-                                                     help=f"defaults to start from: {', '.join(RECIPES)}")),
-              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, help="re-run a saved run's config.json (default: "
-                                                                    "none, the preset's settings)"))]
-    for f in fields(TrainConfig):
-        default = (demo[f.name] if demo[f.name] == paper[f.name]
-                   else f"demo {demo[f.name]}, rs-m-clip {paper[f.name]}")
-        if default in ("", []):  # an empty value means something: say what
-            default = f.metadata["unset"]
-        scalar = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str]}
-        annotation = scalar.get(type(demo[f.name]),
-                                Optional[list[str]] if f.name == "data" else Optional[tuple[float, float]])
-        option = typer.Option(None, help=f"{f.metadata['help']} (default: {default})", show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=option))
-    return inspect.Signature(params)
-
-
-def main(**options):
-    """Train RS-M-CLIP (CLIP + local-to-global self-distillation). No flags: the built-in demo.
-    `python train.py plot RUN_DIR` draws a run's curves."""
-    if options.pop("ctx").invoked_subcommand:  # the options belong to training, not to `plot`
-        return
-    preset, config_file = options.pop("preset"), options.pop("config")
-    cfg = resolve_config(preset, config_file, options)
-    check_config(cfg)
-    check_resume(cfg)
-    train(cfg, sys.argv)
-
-
-main.__signature__ = _cli_signature()
-main.__annotations__ = {p.name: p.annotation for p in main.__signature__.parameters.values()}
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.callback(invoke_without_command=True)(main)  # training: the options without a command
 
 
 @app.command("plot")

@@ -83,6 +83,7 @@ SIZES = {"vocab_size": 1 << 20, "hidden_size": 1 << 15, "intermediate_size": 1 <
          "max_position_embeddings": 1 << 18,  # the rotary table, positions x head_dim, is held in memory
          "sliding_window": 1 << 30}
 
+
 @dataclass
 class ModelConfig:
     arch: str
@@ -119,14 +120,14 @@ class ModelConfig:
         try:
             heads = c["num_attention_heads"]
             cfg = cls(arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"],
-                       hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
-                       n_kv_heads=c.get("num_key_value_heads") or heads,
-                       head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                       norm_eps=c.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-                       max_positions=c.get("max_position_embeddings", 4096),
-                       tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                       sliding_window=c.get("sliding_window") if arch == "MistralForCausalLM" else None)
+                      hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
+                      n_kv_heads=c.get("num_key_value_heads") or heads,
+                      head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                      norm_eps=c.get("rms_norm_eps", 1e-6),
+                      rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                      max_positions=c.get("max_position_embeddings", 4096),
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                      sliding_window=c.get("sliding_window") if arch == "MistralForCausalLM" else None)
         except KeyError as e:
             raise TranslateError(f"{where}: no {e.args[0]!r}") from None
         if cfg.n_heads % cfg.n_kv_heads or cfg.head_dim % 2:
@@ -621,7 +622,7 @@ class HttpBackend:
 
     def post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"}
-                                                         if self.api_key else {})
+                                                          if self.api_key else {})
         for attempt in range(self.max_retries + 1):
             conn = self.conn(self.host, self.port, timeout=self.timeout)
             try:

@@ -40,6 +40,7 @@ from rsmclip import CLIP_MEAN, CLIP_STD
 
 # -------------------------------------------------------- the recipe: what each view of an image draws
 
+
 @dataclass(frozen=True)
 class Recipe:
     """What training asks of its views (train.TrainConfig.recipe() fills it from the command line)."""

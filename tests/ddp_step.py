@@ -37,7 +37,8 @@ if world > 1:
     torch.distributed.all_reduce(loss)
     loss /= world
 if rank == 0:
-    out = {f"grad.{n}": p.grad.contiguous() for n, p in run.core.named_parameters() if p.grad is not None}
+    out = {f"grad.{n}": p.grad.contiguous() for n, p in run.unwrapped.named_parameters()
+           if p.grad is not None}
     save_file(out | {"loss": loss.reshape(1), "center": run.dino.center}, sys.argv[2])
 if world > 1:
     del run, model, loss, parts

@@ -142,7 +142,7 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
 
 
 def test_the_index_lives_in_the_user_cache_and_a_read_only_folder_can_be_searched(tiny_weights, tmp_path,
-                                                                                   user_cache):
+                                                                                  user_cache):
     images = tmp_path / "images"
     write_images(images, 3)
     before = sorted(images.iterdir())
@@ -362,7 +362,7 @@ def hub(tmp_path, spm_model):
     sd["text.transformer.embeddings.position_ids"] = torch.arange(514)[None]  # as in the public file
     torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
     FakeHub.files = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin":
-                         (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
+                     (tmp_path / "open_clip_pytorch_model.bin").read_bytes(),
                      "FacebookAI/xlm-roberta-base/sentencepiece.bpe.model": Path(spm_model).read_bytes()}
     FakeHub.lfs = {"joaodaniel/RS-M-CLIP/open_clip_pytorch_model.bin"}
     FakeHub.announced_sha, FakeHub.drop_once_after, FakeHub.requests = {}, {}, []

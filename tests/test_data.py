@@ -121,7 +121,7 @@ def test_karpathy_rsitmd_style_with_extra_fields(tmp_path):
     report = prepare.build_captions(ann, images, tmp_path / "captions.jsonl")
     records = prepare.load_manifest(tmp_path / "captions.jsonl")
     assert [r["captions"]["en"] for r in records] == [["Many planes.", "A runway."], ["Planes."],
-                                                       ["Terminal \u201cbuildings\u201d."]]
+                                                      ["Terminal \u201cbuildings\u201d."]]
     assert [r["id"] for r in records] == ["rsitmd/airport_0", "rsitmd/airport_1", "rsitmd/airport_2"]
     assert "karpathy format, dataset 'rsitmd'" in report[0] and "images 3 (published 4,743)" in report[1]
     assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()  # as any tool
@@ -268,7 +268,7 @@ def test_classes_tree_checks(tmp_path):
     with pytest.raises(DataError, match=r"1 of 4 images are unreadable: b_forest/1\.png"):
         prepare.build_labels(root, tmp_path / "labels.jsonl")
     assert "dropped 1 unreadable images" in prepare.build_labels(root, tmp_path / "labels.jsonl",
-                                                                  drop_unreadable=True)[-2]
+                                                                 drop_unreadable=True)[-2]
     save(scene_image(5), root / "stray.png")  # an image outside any class folder
     with pytest.raises(DataError, match=r"class folders at one depth.*stray\.png"):
         prepare.build_labels(root, tmp_path / "labels.jsonl")

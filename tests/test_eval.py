@@ -622,6 +622,7 @@ def test_linear_probe_features_are_cached_per_weights_and_dataset(tmp_path, monk
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     root = colour_tree(tmp_path / "tree")
     pp = rsmclip.Preprocess(16)
+
     def probe(key):
         return ev.evaluate_linear_probe(ColourModel(), pp, root, (2,), 1, cache_key=key, workers=0)
 

@@ -223,7 +223,7 @@ def tiny_run(**overrides):
 
 def test_head_has_its_own_lr_schedule():
     run, batch = tiny_run(lr=1e-3, head_lr=2e-2)
-    head = {id(p) for p in run.core.head.parameters() if p.requires_grad}
+    head = {id(p) for p in run.unwrapped.head.parameters() if p.requires_grad}
     for group in run.optimizer.param_groups:  # the head's groups hold exactly the head, with its own peak lr
         assert {id(p) in head for p in group["params"]} == {group["base_lr"] == 2e-2}
     assert sum(len(g["params"]) for g in run.optimizer.param_groups if g["base_lr"] == 2e-2) == len(head)
@@ -266,14 +266,14 @@ def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
 
 def test_freezing_keeps_every_last_layer_parameter():
     run, batch = tiny_run(norm_last_layer=False, freeze_last_layer=2)
-    last = run.core.head.last_layer()
+    last = run.unwrapped.head.last_layer()
     assert all(p.requires_grad for p in last)  # with norm_last_layer false the norms train too
     before = [p.detach().clone() for p in last]
-    mlp = run.core.head.mlp[0].weight.detach().clone()
+    mlp = run.unwrapped.head.mlp[0].weight.detach().clone()
     for step in range(2):
         train.train_step(run, batch, step)
     assert all(torch.equal(p, b) for p, b in zip(last, before))
-    assert not torch.equal(run.core.head.mlp[0].weight, mlp)
+    assert not torch.equal(run.unwrapped.head.mlp[0].weight, mlp)
     train.train_step(run, batch, 2)
     assert all(not torch.equal(p, b) for p, b in zip(last, before))
 
@@ -652,7 +652,7 @@ def test_validation_during_training_equals_eval_py(demo_manifest):
     run, _ = tiny_run(langs="en,zh")
     run.tokenizer = rsmclip.Tokenizer(demo_manifest.parent / "spm.model")
     during = train.validate(run, str(demo_manifest), "test")
-    model = run.core.clip
+    model = run.unwrapped.clip
     after = ev.evaluate_retrieval(model, run.tokenizer, rsmclip.Preprocess(64), demo_manifest, "test",
                                   ["en", "zh"], workers=0)
     assert list(during) == ["en", "zh", "mean"]

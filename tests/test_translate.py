@@ -195,7 +195,7 @@ def test_config_checks(tmp_path):
     old_style = T.ModelConfig.from_hf({**base, "rope_theta": 1e6, "rope_scaling": None})
     assert old_style.rope_theta == 1e6 and old_style.n_kv_heads == 2 and old_style.head_dim == 4
     new_style = T.ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default",
-                                                                    "rope_theta": 5e5}})
+                                                                   "rope_theta": 5e5}})
     assert new_style.rope_theta == 5e5
     with pytest.raises(T.TranslateError, match="rope scaling 'yarn'"):
         T.ModelConfig.from_hf({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
@@ -567,7 +567,7 @@ def test_bad_model_folders(bad_inputs, tiny_model):
     d = bad_inputs
     no_shards = copy_model(tiny_model, d / "no_shards", drop=("*.safetensors", "*.index.json"))
     assert "no model.safetensors or model.safetensors.index.json" in invoke(d, "--langs", "pt",
-                                                                             model=no_shards)
+                                                                            model=no_shards)
     lost = copy_model(tiny_model, d / "lost_shard", drop=("model-00002-*",))
     assert "shard model-00002-of-" in invoke(d, "--langs", "pt", model=lost)
     gpt2 = copy_model(tiny_model, d / "gpt2",
@@ -682,7 +682,7 @@ def test_existing_translations_are_kept_unless_overwrite(tmp_path, connections):
         server.close()
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["captions"]["de"] for r in rows] == [[c if c == "copy me" else f"de:{c[::-1]}"  # a planted copy
-                                                     for c in r["captions"]["en"]] for r in records]
+                                                    for c in r["captions"]["en"]] for r in records]
     records[1]["captions"]["pt"] = ["", "x", "y"]  # e.g. the output of an older version
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert ("1 existing translations are empty or not lists of text: 'demo/001' pt. Fix or remove them, or "
