@@ -46,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from safetensors import safe_open
 
-import eval as evaluation
+import eval as ev
 import rsmclip
 import rsmclip_cli
 from data import augment
@@ -678,8 +678,8 @@ def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
         return None
     model = run.unwrapped.clip  # evaluate_retrieval switches dropout off and back on itself
     preprocess = rsmclip.Preprocess(model.config.vision.image_size)
-    return evaluation.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs, 128,
-                                         str(run.device), workers=0)
+    return ev.evaluate_retrieval(model, run.tokenizer, preprocess, Path(manifest), split, langs, 128,
+                                 str(run.device), workers=0)
 
 
 def recall(result: dict) -> float:

@@ -1,4 +1,4 @@
-"""bench.py's one-shot GPU check runs end to end (on CPU, quick mode) and reports every part it promises."""
+"""bench/peers.py's one-shot GPU check runs end to end (on CPU, quick mode) and reports every part."""
 import json
 import os
 import subprocess
@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_gpu_runs_end_to_end_in_quick_mode_on_cpu(tmp_path):
-    """bench.py gpu is for a GPU host; --device cpu --quick runs the whole script on the tiny model (no
+    """bench.peers gpu is for a GPU host; --device cpu --quick runs the whole script on the tiny model (no
     compile) so that its every part is exercised here. Without CUDA the default device is refused."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
-        refused = subprocess.run([sys.executable, str(ROOT / "bench.py"), "gpu"], capture_output=True,
+        refused = subprocess.run([sys.executable, "-m", "bench.peers", "gpu"], capture_output=True,
                                  text=True, env=env, cwd=ROOT, timeout=120)
         assert refused.returncode == 1 and "CUDA is not available" in refused.stderr, refused.stderr
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "gpu", "--device", "cpu", "--quick",
+    result = subprocess.run([sys.executable, "-m", "bench.peers", "gpu", "--device", "cpu", "--quick",
                              "--out", str(tmp_path / "gpu.json")], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr

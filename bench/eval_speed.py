@@ -2,8 +2,8 @@
 image decoding, image encoding, text encoding and scoring, then end to end; and how much the tie rule
 moves recall on a real caption set.
 
-    python bench_eval.py speed [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
-    python bench_eval.py ties --data datasets/ucm/captions.jsonl --split val \
+    python -m bench.eval_speed speed [--images 10000] [--workers 2] [--device cpu] [--out bench_eval.json]
+    python -m bench.eval_speed ties --data datasets/ucm/captions.jsonl --split val \
         --tokenizer weights/sentencepiece.bpe.model
 
 The images are 256x256 JPEGs (the size of UCM/RSITMD; RSICD's are 224), made once from the demo's
@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +28,7 @@ import eval as ev
 import rsmclip
 import rsmclip_cli
 from data import demo, prepare
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from openclip_oracle import fill_with_noise  # noqa: E402 (the tests' seeded-noise weights)
+from tests.openclip_oracle import fill_with_noise  # the tests' seeded-noise weights
 
 
 def make_bench_set(folder: Path, n: int) -> Path:
@@ -152,4 +149,4 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"),
 
 
 if __name__ == "__main__":
-    app()
+    rsmclip_cli.run_cli(app)

@@ -1,7 +1,7 @@
 """Greedy generation speed: translate.py's decoder vs transformers' `generate`, same random weights.
 
-    python bench_translate.py                      # ~100M-parameter Llama on CPU (fp32)
-    python bench_translate.py --shape 7b           # Llama-2-7B shape (Tower) on CUDA (bf16)
+    python -m bench.generate_speed                      # ~100M-parameter Llama on CPU (fp32)
+    python -m bench.generate_speed --shape 7b           # Llama-2-7B shape (Tower) on CUDA (bf16)
 
 Prompts are shaped like Tower's (BOS, an instruction shared by the batch, a caption of varying length,
 the chat suffix), left-padded for transformers. Two workloads, the same work on both sides:

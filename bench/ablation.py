@@ -1,8 +1,8 @@
 """The training-recipe ablation of docs/internals.md: real UCM-Captions, trained on `train`, measured on
 `val`.
 
-    python ablation.py --ucm datasets/ucm_captions_trainval   # runs under runs/ablation
-    python ablation.py --seeds 0,1,2 --steps 300
+    python -m bench.ablation --ucm datasets/ucm_captions_trainval   # runs under runs/ablation
+    python -m bench.ablation --seeds 0,1,2 --steps 300
 
 The tiny model from scratch (64 px, 1.4M parameters: minutes per run on one CPU core), bf16 autocast as
 on GPUs, the same steps, batch and seeds in every row. A finished run (model.safetensors) is not trained
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import typer
 
-import eval as evaluation
+import eval as ev
 import rsmclip
 import rsmclip_cli
 from data.demo import train_tokenizer
 from data.prepare import build_captions, load_manifest
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 UCM = ROOT / "datasets/ucm_captions_trainval"  # UCM-Captions' Karpathy file and images/
 
 # The rs-m-clip recipe (DINO's augmentation, 2 global + 8 local crops) at the tiny model's scale: a head the
@@ -79,8 +79,8 @@ def train_once(out: Path, args: list[str]) -> float:
 
 def val_recall(out: Path, manifest: Path) -> dict:
     model, preprocess, tokenizer = rsmclip.load(out / "model.safetensors")
-    return evaluation.evaluate_retrieval(model, tokenizer, preprocess, manifest, "val", ["en"], 128, "cpu",
-                                         workers=0)["en"]
+    return ev.evaluate_retrieval(model, tokenizer, preprocess, manifest, "val", ["en"], 128, "cpu",
+                                 workers=0)["en"]
 
 
 def main(ucm: Path = typer.Option(UCM, help="UCM-Captions: its Karpathy file and images/"),

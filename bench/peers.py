@@ -1,7 +1,7 @@
 """Speed and memory of rsmclip against open_clip on the same weights, in the same process.
 
-    python bench.py model                      # tiny and xlmr-b32, CPU or the local GPU
-    python bench.py model --presets xlmr-b32 --batch-sizes 32,128 --device cuda --precision bf16
+    python -m bench.peers model                      # tiny and xlmr-b32, CPU or the local GPU
+    python -m bench.peers model --presets xlmr-b32 --batch-sizes 32,128 --device cuda --precision bf16
 
 Prints time per call for each side, the ratio ours / open_clip (below 1 = we are faster) and the peak
 memory of each. open_clip is a benchmark peer only (pip install -r requirements-dev.txt).
@@ -28,8 +28,6 @@ import rsmclip
 import rsmclip_cli
 import train
 from data import augment
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -121,7 +119,8 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
           captions: Optional[Path] = CAPTIONS, tokenizer: Optional[Path] = VOCAB):
     """Image encoding, text encoding of real-length captions, and one forward+backward CLIP step."""
     import open_clip  # the peer, imported only by the commands that measure against it
-    from openclip_oracle import paired_models
+
+    from tests.openclip_oracle import paired_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -187,7 +186,8 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     logit_scale clamp) on the same data, CLIP loss only so both do the same work; then the cost of
     our multi-crop self-distillation on top, reported separately."""
     import open_clip  # the peer, imported only by the commands that measure against it
-    from openclip_oracle import paired_models
+
+    from tests.openclip_oracle import paired_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -288,7 +288,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
 
 # ----------------------------------------------------------------------------- data pipeline benchmark
 
-SHARED_UCM = Path(__file__).resolve().parent.parent / "shared/datasets/ucm_captions_trainval"
+SHARED_UCM = Path(__file__).resolve().parents[2] / "shared/datasets/ucm_captions_trainval"
 
 
 def dino_transform(cfg: train.TrainConfig, size: int):
@@ -458,7 +458,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     """One-shot GPU check (meant to take at most 5 minutes on one H100/H200), one JSON: bf16 vs fp32
     parity of the model; the demo step and the paper-shaped multi-crop step (batch 256: 2 x 224 + 8 x 96
     px) with AMP and fused AdamW, with and without torch.compile: images/s, MFU, peak memory; whether
-    training from the image cache with tensor augmentation is data-bound; bench.py train's ratio against
+    training from the image cache with tensor augmentation is data-bound; bench.peers train's ratio against
     open_clip. Not yet run on a GPU: README says which figures are calculated."""
     import os
     import tempfile
@@ -467,7 +467,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     from data.prepare import ImageCache, build_cache
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise rsmclip.RsmclipError("bench.py gpu: CUDA is not available on this machine (torch "
+        raise rsmclip.RsmclipError("bench.peers gpu: CUDA is not available on this machine (torch "
                                    f"{torch.__version__}); run it where a GPU is, or --device cpu --quick "
                                    "for a smoke run")
     dev = torch.device(device)
@@ -568,7 +568,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
                                 "data_bound": waiting > 0.1 * computing}
         del run
 
-    # ----- bench.py train: ours against open_clip -----
+    # ----- bench.peers train: ours against open_clip -----
     with contextlib.redirect_stdout(sys.stderr):  # its table joins the progress lines; stdout: the JSON
         report["train_vs_open_clip"] = train_bench(
             preset=arch, batch_size=4 if quick else 128, steps=3 if quick else 10, device=device,
