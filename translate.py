@@ -45,6 +45,7 @@ from torch import nn
 
 import rsmclip  # its language list, output checks and atomic writer
 import rsmclip_cli  # the CLI error wrapper
+from data.prepare import load_manifest
 from rsmclip import listing
 
 LANGS = {code: name for code, name in rsmclip.LANGUAGES.items() if code != "en"}  # English is the source
@@ -736,26 +737,16 @@ def flags(src: str, rec: dict, lang: str) -> list[str]:
 # ----- manifest -----
 
 def read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise TranslateError(f"{path}: no such manifest")
-    records, empty = [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TranslateError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
-                caps = rec.get("captions") if isinstance(rec, dict) else None
-                en = caps.get("en") if isinstance(caps, dict) else None
-                rid = rec.get("id") if isinstance(rec, dict) else None
-                if not (isinstance(en, list) and en and all(isinstance(s, str) for s in en)):
-                    raise TranslateError(f"{path}:{n}: record {rid!r} has no English captions "
-                                         '(expected "captions": {"en": [...]})')
-                empty += [f"{rid!r} #{k}" for k, s in enumerate(en) if not s.strip()]
-                records.append(rec)
-    except UnicodeDecodeError:
-        raise TranslateError(f"{path}: not UTF-8 text") from None
+    """The input, read by the one captions.jsonl reader (data/prepare.py's load_manifest); the caption
+    lists are checked here: every record needs non-empty English captions, the source of the translation,
+    while damaged translations are reported later (--overwrite redoes them)."""
+    records, empty = load_manifest(path, check_captions=False), []
+    for rec in records:
+        en = rec["captions"].get("en")
+        if not (isinstance(en, list) and en and all(isinstance(s, str) for s in en)):
+            raise TranslateError(f"{path}: record {rec['id']!r} has no English captions "
+                                 '(expected "captions": {"en": [...]})')
+        empty += [f"{rec['id']!r} #{k}" for k, s in enumerate(en) if not s.strip()]
     if empty:  # there is nothing to translate, and an empty translation would be no caption either
         raise TranslateError(f"{path}: {len(empty)} English captions are empty: {listing(empty)}. None was "
                              "sent for translation: remove them (prepare captions --drop-empty does)")

@@ -114,8 +114,10 @@ def not_utf8(name: str) -> bool:
     return False
 
 
-def load_manifest(path: Path) -> list[dict]:
-    """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md).
+def load_manifest(path: Path, check_captions: bool = True) -> list[dict]:
+    """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md); the one
+    reader of that format. check_captions=False leaves the caption lists' contents to the caller
+    (translate.py, which repairs damaged translations with --overwrite).
 
     One JSON object per line, UTF-8, one line per image: {"id": "<dataset>/<name>", "image": path of the
     image relative to this file's folder (POSIX, never absolute, never leaving the folder), "split":
@@ -127,7 +129,7 @@ def load_manifest(path: Path) -> list[dict]:
     for r in records:
         if r["split"] not in SPLITS:
             errors.append(f"{r['id']}: split {r['split']!r}")
-        caps = r["captions"]
+        caps = r["captions"] if check_captions else {}
         if not all(isinstance(c, list) and c and all(isinstance(s, str) and s.strip() for s in c)
                    for c in caps.values()):
             errors.append(f"{r['id']}: empty or non-text captions")

@@ -549,16 +549,16 @@ def test_bad_language_and_manifest(bad_inputs, tiny_model):
         return invoke(d, "--langs", "pt", *args, manifest=manifest, model=tiny_model)
     assert "unknown language xx" in invoke(d, "--langs", "pt,xx", model=tiny_model)
     assert "unknown language en" in invoke(d, "--langs", "en", model=tiny_model)
-    ok = '{"id": "a", "captions": {"en": ["x"]}}\n'
-    (d / "no_en.jsonl").write_text(ok + '{"id": "b", "captions": {"pt": ["y"]}}\n')
-    assert "no_en.jsonl:2: record 'b' has no English captions" in message("no_en.jsonl")
-    (d / "no_dict.jsonl").write_text(ok + ok + '{"id": "c", "captions": ["x"]}\n')
-    assert "no_dict.jsonl:3: record 'c' has no English captions" in message("no_dict.jsonl")
-    (d / "blank.jsonl").write_text(ok + "\n" + ok)
-    assert "blank.jsonl:2: malformed JSON" in message("blank.jsonl")
+    ok = '{"id": "a", "image": "a.jpg", "split": "train", "captions": {"en": ["x"]}}\n'
+    (d / "no_en.jsonl").write_text(ok + ok.replace('"a"', '"b"').replace('"en"', '"pt"'))
+    assert "no_en.jsonl: record 'b' has no English captions" in message("no_en.jsonl")
+    (d / "no_dict.jsonl").write_text(ok + ok.replace('"a"', '"b"') + ok.replace('{"en": ["x"]}', '["x"]'))
+    assert "no_dict.jsonl, line 3: missing or mistyped captions" in message("no_dict.jsonl")
+    (d / "blank.jsonl").write_text(ok + "\n" + ok)  # the one reader skips blank lines, as training does
+    assert "blank.jsonl: 1 problems: duplicated ids a" in message("blank.jsonl")
     (d / "broken.jsonl").write_text(ok + '{"id": "c", "captions": {"en": ["z"]}\n')
-    assert "broken.jsonl:2: malformed JSON" in message("broken.jsonl")
-    assert "missing.jsonl: no such manifest" in message("missing.jsonl")
+    assert "broken.jsonl, line 2: not valid JSON" in message("broken.jsonl")
+    assert "missing.jsonl: no such file" in message("missing.jsonl")
     assert "--model DIR is needed" in invoke(d, "--langs", "pt")
     assert "--base-url and --api-model are needed" in invoke(d, "--langs", "pt", "--backend", "http")
 
@@ -701,7 +701,8 @@ def test_outputs_never_overwrite_the_manifest_or_each_other(tmp_path):
     assert "is also the output" in refused("--cache", tmp_path / "out.jsonl")
     assert "--out" in refused("--out", tmp_path) and "is a folder" in refused("--out", tmp_path)
     assert manifest.read_bytes() == before
-    manifest.write_text('{"id": "x", "captions": {"en": ["a", " ", ""]}}\n')
+    manifest.write_text(json.dumps({"id": "x", "image": "x.jpg", "split": "train",
+                                    "captions": {"en": ["a", " ", ""]}}) + "\n")
     assert "2 English captions are empty: 'x' #1, 'x' #2. None was sent for translation" in refused()
     assert list(tmp_path.iterdir()) == [tmp_path / "captions.jsonl"]
 
