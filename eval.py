@@ -421,23 +421,30 @@ def stratified_split(labels: list[int], fraction: float, seed: int, what: str) -
     return sorted(rest), sorted(part)
 
 
-def probe_splits(items: list, labels: list[int], test_fraction: float) -> dict[str, list[int]]:
-    """{"fit", "val", "test"} positions. A labels.jsonl with train and test splits is used as it is (its val
-    split, if any, is the validation part); otherwise (a folder, or one split) a stratified, seeded
+def train_test(items: list, labels: list[int], test_fraction: float, what: str) -> dict[str, list[int]]:
+    """{"train", "test"} positions, and "val" where the labels.jsonl has a val split. A labels.jsonl with
+    train and test splits is used as it is; otherwise (a folder, or one split) a stratified, seeded
     `test_fraction` of each class is the test split."""
     splits = [split for _, _, split in items]
     if "train" in splits and "test" in splits:
-        test = [i for i, s in enumerate(splits) if s == "test"]
-        train = [i for i, s in enumerate(splits) if s == "train"]
-        if "val" in splits:
-            return {"fit": train, "val": [i for i, s in enumerate(splits) if s == "val"], "test": test}
-    elif len(set(splits)) == 1:
+        return {s: [i for i, x in enumerate(splits) if x == s]
+                for s in ("train", "val", "test") if s in splits}
+    if len(set(splits)) == 1:
         train, test = stratified_split(labels, test_fraction, 0, "train/test split")
-    else:
-        raise EvalError(f"splits {', '.join(sorted(set(splits)))}: a linear probe needs train and test "
-                        "splits, or a single split to divide with --test-fraction")
+        return {"train": train, "test": test}
+    raise EvalError(f"splits {', '.join(sorted(set(splits)))}: a {what} needs train and test splits, or a "
+                    "single split to divide with --test-fraction")
+
+
+def probe_splits(items: list, labels: list[int], test_fraction: float) -> dict[str, list[int]]:
+    """{"fit", "val", "test"} positions (train_test): the val split is the validation part when there is
+    one, else a stratified 20% of train."""
+    part = train_test(items, labels, test_fraction, "linear probe")
+    if "val" in part:
+        return {"fit": part["train"], "val": part["val"], "test": part["test"]}
+    train = part["train"]
     fit, val = stratified_split([labels[i] for i in train], VAL_FRACTION, 0, "validation part of train")
-    return {"fit": [train[i] for i in fit], "val": [train[i] for i in val], "test": test}
+    return {"fit": [train[i] for i in fit], "val": [train[i] for i in val], "test": part["test"]}
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, lam: float,
@@ -570,10 +577,84 @@ def linear_probe_table(result: dict, title: str) -> Table:
     return table
 
 
+# ----------------------------------------------------------------------------- k-NN
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07
+KNN_PROTOCOL = (
+    "k-NN protocol (DINO's weighted k-NN): frozen, L2-normalised image features; the train images are the "
+    "memory (train and val splits; or, for a folder or a single split, the images left after the "
+    "stratified, seeded test part). Each test image's k most cosine-similar memory images (equal "
+    "similarities: the earlier image first) vote for their class with weight exp(similarity / T); the "
+    "class with the largest sum wins (equal sums: the first class in name order). Top-1 accuracy in % on "
+    "the test split.")
+
+
+def knn_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, classes: int,
+                k: int = KNN_K, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> torch.Tensor:
+    """Predicted class of each query row by KNN_PROTOCOL (features already L2-normalised), `chunk` queries
+    at a time ([chunk, memory] similarities)."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk].double() @ memory.double().T
+        top, nearest = sims.sort(dim=1, descending=True, stable=True)  # ties: the earlier memory row first
+        weights = (top[:, :k] / temperature).exp()
+        votes = torch.zeros(len(sims), classes, dtype=torch.float64, device=sims.device)
+        votes.scatter_add_(1, memory_labels[nearest[:, :k]], weights)
+        out.append(votes.argmax(1))  # argmax: the first of equal sums
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+@in_eval_mode
+def evaluate_knn(model, preprocess, data: Path, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
+                 test_fraction: float = 0.5, cache_key: Optional[str] = None, batch_size: int = 64,
+                 device: str = "cpu", workers: int = 2) -> dict:
+    """Weighted k-NN top-1 (KNN_PROTOCOL) on a class-folder tree or a labels.jsonl, with the image
+    features the linear probe caches: {"top1", "per_class", "k", "temperature", "chance", ...}."""
+    data = Path(data)
+    if k < 1:
+        raise EvalError(f"--k {k}: the number of neighbours must be at least 1")
+    if not temperature > 0 or math.isinf(temperature):  # nan fails the comparison too
+        raise EvalError(f"--temperature {temperature}: must be a positive number")
+    items = classification_items(data)
+    names = sorted({label for _, label, _ in items})
+    if len(names) < 2:
+        raise EvalError(f"{data}: {len(names)} class ({', '.join(names)}): a classifier needs at least 2")
+    labels = [names.index(label) for _, label, _ in items]
+    part = train_test(items, labels, test_fraction, "k-NN classifier")
+    memory_rows = part["train"] + part.get("val", [])
+    if k > len(memory_rows):
+        raise EvalError(f"--k {k}: more neighbours than the {len(memory_rows)} train images; choose at most "
+                        f"{len(memory_rows)}")
+    feats = cached_image_features(model, preprocess, [p for p, _, _ in items], cache_key, batch_size, device,
+                                  workers)
+    y = torch.tensor(labels, device=feats.device)
+    memory, test = (torch.tensor(rows, device=feats.device) for rows in (memory_rows, part["test"]))
+    predicted = knn_predict(feats[memory], y[memory], feats[test], len(names), k, temperature)
+    correct = (predicted == y[test]).double()
+    per_class = {name: {"images": int((y[test] == c).sum()),
+                        "top1": 100 * correct[y[test] == c].mean().item()}
+                 for c, name in enumerate(names) if (y[test] == c).any()}
+    return {"top1": 100 * correct.mean().item(), "per_class": per_class, "k": k, "temperature": temperature,
+            "classes": names, "chance": 100 / len(names),
+            "images": {"memory": len(memory_rows), "test": len(part["test"])},
+            "test_fraction": None if "train" in {s for _, _, s in items} else test_fraction}
+
+
+def knn_table(result: dict, title: str) -> Table:
+    table = Table("class", "test images", "top-1 %", title=f"{title}: k {result['k']}, "
+                  f"T {result['temperature']:g}, {result['images']['memory']} train images as memory")
+    for name, r in result["per_class"].items():
+        table.add_row(name, str(r["images"]), f"{r['top1']:.2f}")
+    table.add_section()
+    table.add_row(f"all (chance {result['chance']:.2f})", str(result["images"]["test"]),
+                  f"{result['top1']:.2f}")
+    return table
+
+
 # ----------------------------------------------------------------------------- reports
 
 
-TASKS = ("retrieval", "zeroshot", "linear-probe")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "knn")
 
 
 def check_suite(suite, suite_path: Path):
@@ -598,10 +679,10 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
               workers: int, ties: str = "expected") -> dict:
     """Every task of a suite file against every checkpoint -> rows for the table and the full results.
 
-    Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe", "data", "split",
-    "langs", "classes", "templates", "shots", "seeds", "test_fraction", "peers": {peer: {lang: number}}}]};
-    paths relative to the suite file. A linear-probe task gives one row per setting ("full", "16-shot", ...),
-    and its peers are keyed by setting."""
+    Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe"|"knn", "data",
+    "split", "langs", "classes", "templates", "shots", "seeds", "test_fraction", "k", "temperature", "peers":
+    {peer: {lang: number}}}]}; paths relative to the suite file. A linear-probe task gives one row per setting
+    ("full", "16-shot", ...), a knn task one ("k=20"); their peers are keyed by setting."""
     suite = read_json(Path(suite_path))
     check_suite(suite, suite_path)
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
@@ -621,6 +702,12 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
                     model, tok, preprocess, data, task["classes"], lang, templates.get(lang),
                     task.get("split"), batch_size, device, workers) for lang in task.get("langs", ["en"])}
                 score = {lang: r["top1"] for lang, r in result.items()}
+            elif task["task"] == "knn":
+                result = evaluate_knn(model, preprocess, data, task.get("k", KNN_K),
+                                      task.get("temperature", KNN_TEMPERATURE),
+                                      task.get("test_fraction", 0.5), rsmclip.weights_fingerprint(w),
+                                      batch_size, device, workers)
+                score = {f"k={result['k']}": result["top1"]}
             else:
                 result = evaluate_linear_probe(model, preprocess, data, tuple(task.get("shots", SHOTS)),
                                                task.get("seeds", PROBE_SEEDS), task.get("test_fraction", 0.5),
@@ -630,14 +717,14 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
                     "full": result["full"]["top1"]}
             details[name][task["name"]], scores[name][task["name"]] = result, score
     for task in suite["tasks"]:
-        metric = {"retrieval": "mR", "zeroshot": "top1", "linear-probe": "top1"}[task["task"]]
+        metric = {"retrieval": "mR", "zeroshot": "top1", "linear-probe": "top1", "knn": "top1"}[task["task"]]
         for key in scores[names[0]][task["name"]]:
             rows.append({"task": task["task"], "name": task["name"], "lang": key, "metric": metric,
                          "values": {n: scores[n][task["name"]][key] for n in names},
                          "peers": {p: v.get(key) for p, v in task.get("peers", {}).items()}})
     return {"suite": suite.get("name", Path(suite_path).stem), "models": [str(w) for w in weights],
             "protocol": {"retrieval": retrieval_protocol(ties), "zeroshot": ZEROSHOT_PROTOCOL,
-                         "linear-probe": LINEAR_PROBE_PROTOCOL},
+                         "linear-probe": LINEAR_PROBE_PROTOCOL, "knn": KNN_PROTOCOL},
             "rows": rows, "details": details}
 
 
@@ -771,6 +858,29 @@ def linear_probe(model_path: Path = MODEL,
     Console().print(linear_probe_table(result, f"linear probe, {model_path.name} on {data}"))
     print(LINEAR_PROBE_PROTOCOL)
     meta = {"model": str(model_path), "data": str(data), "protocol": LINEAR_PROBE_PROTOCOL}
+    write_json(result | {"_meta": meta}, out)
+
+
+@app.command()
+def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
+        k: int = typer.Option(KNN_K, "--k", min=1, help="neighbours that vote"),
+        temperature: float = typer.Option(KNN_TEMPERATURE, help="vote weight exp(similarity / T)"),
+        test_fraction: float = typer.Option(0.5, min=0.01, max=0.99, help="share of each class held out for "
+                                            "testing when the data has no train/test splits"),
+        out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
+        batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
+    """Weighted k-NN top-1 accuracy on frozen image features (DINO's check of self-supervised features)."""
+    if not temperature > 0 or math.isinf(temperature):
+        raise EvalError(f"--temperature {temperature}: must be a positive number")
+    rsmclip.refuse_overwrite(out, [model_path, data])
+    cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
+    rsmclip.warn_if_toy(cfg, model_path, [data])
+    model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+    result = evaluate_knn(model, preprocess, data, k, temperature, test_fraction,
+                          rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
+    Console().print(knn_table(result, f"k-NN, {model_path.name} on {data}"))
+    print(KNN_PROTOCOL)
+    meta = {"model": str(model_path), "data": str(data), "protocol": KNN_PROTOCOL}
     write_json(result | {"_meta": meta}, out)
 
 

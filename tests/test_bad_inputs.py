@@ -195,6 +195,13 @@ def cache(tmp: Path, split: str = "test", edit: bool = False):
         prepare.write_jsonl([r | {"captions": {"en": ["a river"]}} for r in records], path)
 
 
+def two_classes(tmp: Path):
+    """tree/fields and tree/water, 3 images each: a k-NN memory of 2 (1 per class) after the test half."""
+    (tmp / "tree").mkdir()
+    for label in ("fields", "water"):
+        shutil.move(str(images(tmp)), tmp / "tree" / label)
+
+
 def train_split(tmp: Path, missing: bool = False):
     """A manifest of 2 train images (missing: one of them absent)."""
     path = manifest(tmp, {"en": ["a road"]})
@@ -301,6 +308,23 @@ CASES = [
          ["linear-probe", "--model", "{w}", "--data", "{tmp}/tree", "--workers", "0"],
          make=lambda tmp: (tmp / "tree").mkdir() or shutil.move(str(images(tmp)), tmp / "tree" / "fields"),
          words=("a classifier needs at least 2",)),
+    Case("knn: --k 0", "eval", ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--k", "0"],
+         make=two_classes, code=2, words=("Invalid value for '--k'",)),
+    Case("knn: --k above the train images", "eval",
+         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--k", "3", "--workers", "0"], make=two_classes,
+         words=("--k 3: more neighbours than the 2 train images",)),
+    Case("knn: --temperature 0", "eval",
+         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--temperature", "0"], make=two_classes,
+         words=("--temperature 0.0: must be a positive number",)),
+    Case("knn: --temperature nan", "eval",
+         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--temperature", "nan"], make=two_classes,
+         words=("--temperature nan: must be a positive number",)),
+    Case("knn: no classes in the data (images without class folders)", "eval",
+         ["knn", "--model", "{w}", "--data", "{tmp}/imgs", "--workers", "0"], make=images,
+         words=("class folders",)),
+    Case("knn: --out is the --model file", "eval",
+         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--out", "{w}"], make=two_classes,
+         words=("is the input",), unchanged=("w.safetensors",)),
     Case("retrieval without captions in any language", "eval",
          ["retrieval", "--model", "{w}", "--data", "{tmp}/ds/captions.jsonl", "--workers", "0"],
          make=lambda tmp: manifest(tmp, captions={}), words=("no captions in any language",)),

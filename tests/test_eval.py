@@ -4,6 +4,7 @@ loop and a naive per-query loop; zero-shot weights against open_clip's `build_ze
 zero-shot, linear probe and report end to end on tiny data, the no-argument demo, and the error paths."""
 import itertools
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -618,6 +619,71 @@ def test_linear_probe_errors_are_one_message_each(tmp_path):
         probe(no_blue_test)
 
 
+# ----------------------------------------------------------------------------- k-NN
+
+
+def naive_knn(memory, memory_labels, queries, classes, k, temperature):
+    """KNN_PROTOCOL one query at a time, in plain Python: neighbours by (-similarity, memory row), votes
+    exp(similarity / T) per class, the first class of the largest sum."""
+    out = []
+    for q in queries:
+        sims = [float(q.double() @ m.double()) for m in memory]
+        nearest = sorted(range(len(memory)), key=lambda i: (-sims[i], i))[:k]
+        votes = [0.0] * classes
+        for i in nearest:
+            votes[int(memory_labels[i])] += math.exp(sims[i] / temperature)
+        out.append(max(range(classes), key=lambda c: (votes[c], -c)))
+    return out
+
+
+def test_knn_equals_a_naive_loop_with_ties_and_k_above_a_class():
+    # hand-made unit features: equal similarities between memory rows, equal vote sums between classes
+    e = torch.eye(3, dtype=torch.float64)
+    memory = torch.stack([e[0], e[0], e[1], e[1], e[2], (e[0] + e[1]) / math.sqrt(2)])
+    labels = torch.tensor([0, 1, 1, 0, 2, 2])
+    queries = torch.stack([e[0], e[1], e[2], (e[0] + e[1]) / math.sqrt(2), (e[1] + e[2]) / math.sqrt(2)])
+    for k in (1, 2, 3, 4, 6):  # k 3 and more: above the size of class 2 (and of every class from 4 on)
+        for t in (0.07, 1.0, 1e3):
+            got = ev.knn_predict(memory, labels, queries, 3, k, t, chunk=2).tolist()
+            assert got == naive_knn(memory, labels, queries, 3, k, t), (k, t)
+    # e0 ties between rows 0 (class 0) and 1 (class 1): with k 1 the earlier row decides; with k 2 the
+    # two votes are equal and the first class wins
+    assert ev.knn_predict(memory, labels, queries[:1], 3, 1).tolist() == [0]
+    assert ev.knn_predict(memory, labels, queries[:1], 3, 2).tolist() == [0]
+    g = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    queries = F.normalize(torch.randn(23, 8, generator=g), dim=1)
+    for k in (1, 5, 20, 50):
+        assert ev.knn_predict(memory, labels, queries, 4, k, 0.07, chunk=7).tolist() == naive_knn(
+            memory, labels, queries, 4, k, 0.07)
+
+
+def test_knn_on_separable_features_and_its_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
+    root = colour_tree(tmp_path / "tree", per_class=6)
+    pp = rsmclip.Preprocess(16)
+    res = ev.evaluate_knn(ColourModel(), pp, root, k=3, workers=0)
+    assert res["top1"] == 100 and res["images"] == {"memory": 9, "test": 9} and res["chance"] == 100 / 3
+    assert set(res["per_class"]) == {"blue", "green", "red"}
+    with pytest.raises(ev.EvalError, match=r"--k 10: more neighbours than the 9 train images"):
+        ev.evaluate_knn(ColourModel(), pp, root, k=10, workers=0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ev.EvalError, match=r"--temperature .*: must be a positive number"):
+            ev.evaluate_knn(ColourModel(), pp, root, temperature=bad, workers=0)
+    with pytest.raises(ev.EvalError, match=r"1 class \(red\): a classifier needs at least 2"):
+        ev.evaluate_knn(ColourModel(), pp, colour_tree(tmp_path / "one", classes=("red",)), workers=0)
+
+
+def test_knn_shares_the_linear_probe_feature_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
+    root = colour_tree(tmp_path / "tree")
+    pp = rsmclip.Preprocess(16)
+    ev.evaluate_linear_probe(ColourModel(), pp, root, (2,), 1, cache_key="w1", workers=0)
+    monkeypatch.setattr(ev, "encode_images", lambda *a, **k: pytest.fail("encoded again"))
+    assert ev.evaluate_knn(ColourModel(), pp, root, k=3, cache_key="w1", workers=0)["top1"] == 100
+
+
 def test_linear_probe_features_are_cached_per_weights_and_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     root = colour_tree(tmp_path / "tree")
@@ -659,6 +725,16 @@ def test_linear_probe_cli_and_report_suite(weights, tmp_path, monkeypatch):
     assert [(r["lang"], r["peers"]) for r in report["rows"]] == [("2-shot", {"PaperNet": None}),
                                                                  ("full", {"PaperNet": 90.0})]
     assert ev.LINEAR_PROBE_PROTOCOL in ev.report_markdown(report)
+    suite.write_text(json.dumps({"name": "knn", "tasks": [
+        {"name": "colours", "task": "knn", "data": "tree", "k": 3, "peers": {"PaperNet": {"k=3": 80.0}}}]}))
+    report = ev.run_suite(suite, weights, None, 8, "cpu", 0)
+    rows = [(r["lang"], r["metric"], r["peers"]) for r in report["rows"]]
+    assert rows == [("k=3", "top1", {"PaperNet": 80.0})]
+    assert ev.KNN_PROTOCOL in ev.report_markdown(report)
+    result = CliRunner().invoke(ev.app, ["knn", "--model", str(weights[0]), "--data", str(tmp_path / "tree"),
+                                         "--k", "3", "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "k-NN protocol" in result.output and json.loads(out.read_text())["k"] == 3
     suite.write_text(json.dumps({"tasks": [{"name": "c", "task": "linear-probe", "data": "tree",
                                             "peers": {"PaperNet": {"full": "90"}}}]}))
     with pytest.raises(ev.EvalError, match=r'"peers" must be'):
