@@ -93,6 +93,8 @@ class TrainConfig:
     eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip; 0: off"})
     text_dropout: float = field(default=0.1, metadata={"help": "XLM-R dropout (0.1 as in open_clip)"})
+    clip_weight: float = field(default=1.0, metadata={
+        "help": "lambda of the CLIP loss; 0: self-distillation alone (no text forward)"})
     distill_weight: float = field(default=1.0, metadata={
         "help": "lambda of the self-distillation loss; 0: CLIP only, open_clip's recipe (one light view)"})
     clip_view: str = field(default="global", metadata={
@@ -374,14 +376,17 @@ class Student(nn.Module):
         super().__init__()
         self.clip, self.head, self.views, self.fp32_logits = clip, head, views, fp32_logits
 
-    def forward(self, views: torch.Tensor, locals_: Optional[torch.Tensor], ids: torch.Tensor):
-        """views: view-major full-size crops (augment.view_layout); the last len(ids) rows: the CLIP views."""
+    def forward(self, views: torch.Tensor, locals_: Optional[torch.Tensor], ids: Optional[torch.Tensor]):
+        """views: view-major full-size crops (augment.view_layout); the last len(ids) rows: the CLIP views.
+        ids None (--clip-weight 0): no CLIP features, no text forward; images and texts are None."""
         tokens = self.clip.visual.forward_features(views)
-        images = self.clip.visual.proj(tokens[len(tokens) - len(ids):])
-        texts = self.clip.encode_text(ids)
-        if self.fp32_logits:  # normalise the features in fp32 too: the logits are their dot products
-            images, texts = images.float(), texts.float()
-        images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+        images = texts = None
+        if ids is not None:
+            images = self.clip.visual.proj(tokens[len(tokens) - len(ids):])
+            texts = self.clip.encode_text(ids)
+            if self.fp32_logits:  # normalise the features in fp32 too: the logits are their dot products
+                images, texts = images.float(), texts.float()
+            images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
         head = None
         if self.head is not None:
             tokens = tokens[:2 * len(views) // self.views]  # the two global crops
@@ -449,18 +454,21 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     ids = batch["ids"].to(dev, non_blocking=True)
     n_views, n_clip = augment.view_layout(cfg.recipe())
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-        images, texts, scale, head = run.student(views, locals_ if run.teacher else None, ids)
-        clip = sum(rsmclip.clip_loss(i, t, scale, cfg.fp32_logits)
-                   for i, t in zip(images.chunk(n_clip), texts.chunk(n_clip))) / n_clip
+        images, texts, scale, head = run.student(views, locals_ if run.teacher else None,
+                                                 ids if cfg.clip_weight > 0 else None)
+        clip = (sum(rsmclip.clip_loss(i, t, scale, cfg.fp32_logits)
+                    for i, t in zip(images.chunk(n_clip), texts.chunk(n_clip))) / n_clip
+                if cfg.clip_weight > 0 else None)
         if run.teacher is None:
-            return clip, {"clip": clip}
+            return cfg.clip_weight * clip, {"clip": clip}
         temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
         with torch.no_grad():
             teacher = run.teacher(views[:2 * len(views) // n_views]).chunk(2)
         student = head.chunk(2 + (cfg.local_crops if locals_ is not None else 0))
         distill, entropy = run.dino(student, teacher, temp)
-    return clip + cfg.distill_weight * distill, {"clip": clip, "distill": distill, "teacher_entropy": entropy,
-                                                 "kl": distill - entropy, "teacher_temp": temp}
+    loss = cfg.distill_weight * distill + (cfg.clip_weight * clip if clip is not None else 0)
+    return loss, ({"clip": clip} if clip is not None else {}) | {
+        "distill": distill, "teacher_entropy": entropy, "kl": distill - entropy, "teacher_temp": temp}
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict:
@@ -808,8 +816,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                     tick = now
                     metrics.write(json.dumps(logs) + "\n")
                     metrics.flush()
-                    bar.update(task, info=f"loss {logs['loss']:.3f} clip {logs['clip']:.3f} "
-                                          f"{logs['images_per_s']:.0f} img/s")
+                    clip = f" clip {logs['clip']:.3f}" if "clip" in logs else ""
+                    bar.update(task, info=f"loss {logs['loss']:.3f}{clip} {logs['images_per_s']:.0f} img/s")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
                 result = validate(run, val_manifest, "val")
                 metrics.write(json.dumps({"step": step, "val": result}) + "\n")
@@ -901,6 +909,7 @@ def check_config(cfg: TrainConfig):
     for name, lo, hi, open_lo in (("lr", 0, math.inf, True), ("head_lr", 0, math.inf, False),
                                   ("weight_decay", 0, math.inf, False), ("eps", 0, 1, True),
                                   ("grad_clip", 0, math.inf, False), ("distill_weight", 0, math.inf, False),
+                                  ("clip_weight", 0, math.inf, False),
                                   ("student_temp", 0, math.inf, True), ("teacher_temp", 0, math.inf, True),
                                   ("warmup_teacher_temp", 0, math.inf, True), ("beta1", 0, 1, False),
                                   ("beta2", 0, 1, False), ("text_dropout", 0, 1, False),
@@ -911,6 +920,8 @@ def check_config(cfg: TrainConfig):
         need(name, isinstance(value, (int, float)) and math.isfinite(value)
              and (lo < value if open_lo else lo <= value) and value <= hi,
              f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
+    if cfg.clip_weight == 0 and cfg.distill_weight == 0:
+        bad.append("--clip-weight 0 and --distill-weight 0: no loss is left to train; keep one of them > 0")
     for name in ("global_scale", "local_scale"):
         lo, hi = (tuple(getattr(cfg, name)) + (None, None))[:2]
         numbers = len(getattr(cfg, name)) == 2 and all(isinstance(v, (int, float)) for v in (lo, hi))

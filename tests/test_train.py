@@ -235,6 +235,19 @@ def test_head_has_its_own_lr_schedule():
         assert logs["lr"] == train.lr_at(step, 1e-3, 3, 10)
 
 
+def test_clip_weight_zero_is_self_distillation_alone(monkeypatch):
+    run, batch = tiny_run(clip_weight=0.0)
+    monkeypatch.setattr(run.unwrapped.clip, "encode_text",
+                        lambda ids: pytest.fail("text forward at --clip-weight 0"))
+    logs = train.train_step(run, batch, 0)
+    assert "clip" not in logs and torch.equal(logs["loss"], logs["distill"])
+    assert all(p.grad is None for p in run.unwrapped.clip.text.parameters())
+    for bad, message in (({"clip_weight": -1.0}, "--clip-weight -1.0"),
+                         ({"clip_weight": 0.0, "distill_weight": 0.0}, "no loss is left")):
+        with pytest.raises(train.TrainError, match=message):
+            train.check_config(replace(train.RECIPES["demo"], data=[], **bad))
+
+
 def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
     g = torch.Generator().manual_seed(0)
     images, texts = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
