@@ -106,9 +106,13 @@ class TrainConfig:
     prototypes: int = field(default=1024, metadata={"help": "DINO head prototypes (output dimensions)"})
     head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
     head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
+    head_bn: bool = field(default=True, metadata={
+        "help": "batch norm after the head's hidden layers (DINO's use_bn_in_head): a random-init ViT's class "
+                "token after ln_pre is nearly the same for every image, and without it the teacher goes uniform"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
     student_temp: float = field(default=0.1, metadata={"help": "DINO student temperature"})
-    teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after warm-up"})
+    teacher_temp: float = field(default=0.04, metadata={
+        "help": "teacher temperature after warm-up (DINO's default)"})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at step 0"})
     teacher_temp_steps: int = field(default=180, metadata={"help": "teacher temperature warm-up steps"})
     center_momentum: float = field(default=0.9, metadata={
@@ -162,6 +166,7 @@ RECIPES = {
     "rs-m-clip": TrainConfig(
         out="runs/rs-m-clip", arch="xlmr-b32", steps=5000, batch_size=256, lr=1e-5, warmup=500,
         local_size=96, prototypes=65536, teacher_temp_steps=1500, ema_momentum=0.999, freeze_last_layer=300,
+        head_bn=False,  # DINO's ViT setting: laion's features differ between images (not measured here)
         ckpt_every=500, val_every=1000, workers=8),
 }
 
@@ -302,18 +307,22 @@ class StepSampler:
 # rsmclip.py holds the model and the CLIP loss that inference and open_clip parity need.
 
 class DINOHead(nn.Module):
-    """DINO's projection head: 3-layer MLP -> L2 norm -> weight-normalised prototypes. With
+    """DINO's projection head: 3-layer MLP (bn: batch norm after each hidden layer, batch statistics also in
+    the teacher, which DINO never puts in eval mode) -> L2 norm -> weight-normalised prototypes. With
     norm_last_layer the prototype norms (weight norm's g) stay 1, which DINO found stabilising. The
     prototype layer runs in fp32 also under autocast (fp32=False: in the autocast dtype)."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
-                 norm_last_layer: bool = True, fp32: bool = True):
+                 norm_last_layer: bool = True, fp32: bool = True, bn: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        for layer in self.mlp[::2]:
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
+        layers = []
+        for n_in in (in_dim, hidden):  # DINO's use_bn_in_head: batch norm after each hidden layer
+            layers += [nn.Linear(n_in, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, bottleneck))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         self.prototypes = nn.Parameter(
             nn.Linear(bottleneck, out_dim, bias=False).weight.detach())  # weight norm's v
         self.prototype_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # its g
@@ -658,7 +667,9 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
               device: torch.device) -> Run:
     torch.manual_seed(cfg.seed + 7919)  # --seed decides the head's init (a stream apart from the model's)
     head = (DINOHead(model.config.vision.width, cfg.prototypes, cfg.head_hidden, cfg.head_bottleneck,
-                     cfg.norm_last_layer, cfg.fp32_logits) if cfg.distill_weight > 0 else None)
+                     cfg.norm_last_layer, cfg.fp32_logits, cfg.head_bn) if cfg.distill_weight > 0 else None)
+    if head is not None and cfg.head_bn and rsmclip.world()[1] > 1 and device.type == "cuda":
+        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)  # as DINO: the batch statistics of all ranks
     unwrapped = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits).to(device)
     unwrapped.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
