@@ -107,8 +107,9 @@ class TrainConfig:
     head_hidden: int = field(default=2048, metadata={"help": "DINO head MLP width"})
     head_bottleneck: int = field(default=256, metadata={"help": "DINO head bottleneck before the prototypes"})
     head_bn: bool = field(default=True, metadata={
-        "help": "batch norm after the head's hidden layers (DINO's use_bn_in_head): a random-init ViT's class "
-                "token after ln_pre is nearly the same for every image, and without it the teacher goes uniform"})
+        "help": "batch norm after the head's hidden layers (DINO's use_bn_in_head): a random-init ViT's "
+                "class token after ln_pre is nearly the same for every image; without it the teacher goes "
+                "uniform"})
     norm_last_layer: bool = field(default=True, metadata={"help": "keep prototype norms at 1"})
     student_temp: float = field(default=0.1, metadata={"help": "DINO student temperature"})
     teacher_temp: float = field(default=0.04, metadata={
@@ -166,7 +167,7 @@ RECIPES = {
     "rs-m-clip": TrainConfig(
         out="runs/rs-m-clip", arch="xlmr-b32", steps=5000, batch_size=256, lr=1e-5, warmup=500,
         local_size=96, prototypes=65536, teacher_temp_steps=1500, ema_momentum=0.999, freeze_last_layer=300,
-        head_bn=False, teacher_temp=0.07,  # unchanged here: DINO's ViT head, its README's long-run temperature
+        head_bn=False, teacher_temp=0.07,  # a trained CLIP: DINO's ViT head, long-run temperature
         ckpt_every=500, val_every=1000, workers=8),
 }
 
@@ -372,6 +373,22 @@ class DINOLoss(nn.Module):
 
 
 @torch.no_grad()
+def collapse_stats(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+                   student_temp: float) -> dict:
+    """What tells DINO's collapse modes apart, per step (before the centre moves): the teacher's output for
+    different images of the batch (mean pairwise cosine, near 1: the same output for every image; the std
+    across images of the centred logits, to compare with the teacher temperature: below it the targets are
+    uniform whatever the head learns), the student's entropy and the centre's norm."""
+    t = teacher[0].float()
+    unit = F.normalize(t, dim=-1)
+    n = len(t)
+    cosine = ((unit @ unit.T).sum() - n) / max(n * (n - 1), 1)
+    log_p = torch.cat([F.log_softmax(s.float() / student_temp, dim=-1) for s in student])
+    return {"teacher_cosine": cosine, "teacher_spread": (t - center).std(0).mean() if n > 1 else cosine * 0,
+            "student_entropy": -(log_p.exp() * log_p).sum(-1).mean(), "center_norm": center.norm()}
+
+
+@torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
@@ -474,9 +491,10 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             teacher = run.teacher(views[:2 * len(views) // n_views]).chunk(2)
         student = head.chunk(2 + (cfg.local_crops if locals_ is not None else 0))
+        stats = collapse_stats(student, teacher, run.dino.center, cfg.student_temp)
         distill, entropy = run.dino(student, teacher, temp)
     loss = cfg.distill_weight * distill + (cfg.clip_weight * clip if clip is not None else 0)
-    return loss, ({"clip": clip} if clip is not None else {}) | {
+    return loss, ({"clip": clip} if clip is not None else {}) | stats | {
         "distill": distill, "teacher_entropy": entropy, "kl": distill - entropy, "teacher_temp": temp}
 
 

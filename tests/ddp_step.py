@@ -18,8 +18,9 @@ rank, world, device = train.setup_distributed()
 manifest = Path(sys.argv[1])  # a demo dataset
 cfg = train.TrainConfig(data=[str(manifest)], tokenizer=str(manifest.parent / "spm.model"),
                         batch_size=GLOBAL_BATCH // world,
-                        local_crops=2, prototypes=64, text_dropout=0.0,
-                        workers=0)  # no dropout: same function
+                        local_crops=2, prototypes=64, text_dropout=0.0,  # no dropout: same function
+                        head_bn=False,  # batch statistics are per process on CPUs (SyncBatchNorm: GPUs only)
+                        workers=0)
 model, tokenizer = train.build_model(cfg, Path(cfg.tokenizer))
 if rank == 1:
     with torch.no_grad():

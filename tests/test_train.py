@@ -248,6 +248,19 @@ def test_clip_weight_zero_is_self_distillation_alone(monkeypatch):
             train.check_config(replace(train.RECIPES["demo"], data=[], **bad))
 
 
+def test_collapse_stats_tell_one_output_for_every_image_from_a_spread():
+    same = [torch.ones(4, 8)] * 2  # every image, every view: the same output
+    stats = train.collapse_stats(same, same, torch.zeros(1, 8), 0.1)
+    assert math.isclose(stats["teacher_cosine"], 1, rel_tol=1e-6) and stats["teacher_spread"] == 0
+    assert math.isclose(stats["student_entropy"], math.log(8), rel_tol=1e-6) and stats["center_norm"] == 0
+    eye = [torch.eye(4, 8)] * 2  # orthogonal outputs: cosine 0; each row one-hot at 1/0.1 -> low entropy
+    stats = train.collapse_stats(eye, eye, torch.full((1, 8), 2.0), 0.1)
+    assert abs(stats["teacher_cosine"]) < 1e-6 and math.isclose(stats["center_norm"], 2 * math.sqrt(8), rel_tol=1e-6)
+    assert math.isclose(stats["teacher_spread"], torch.eye(4, 8).std(0).mean().item(), rel_tol=1e-6)
+    p = torch.softmax(torch.eye(4, 8)[0] / 0.1, -1)
+    assert math.isclose(stats["student_entropy"], -(p * p.log()).sum().item(), rel_tol=1e-5)
+
+
 def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
     g = torch.Generator().manual_seed(0)
     images, texts = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
@@ -351,7 +364,8 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert {"loss", "clip", "distill", "lr", "head_lr", "logit_scale", "teacher_temp", "images_per_s",
-            "memory_mb", "teacher_entropy", "kl"} <= set(metrics[0])
+            "memory_mb", "teacher_entropy", "kl", "student_entropy", "teacher_cosine", "teacher_spread",
+            "center_norm"} <= set(metrics[0])
     assert 0 < metrics[0]["teacher_entropy"] <= math.log(64) + 1e-4  # --prototypes 64
     assert math.isclose(metrics[0]["kl"], metrics[0]["distill"] - metrics[0]["teacher_entropy"], abs_tol=1e-5)
     saved = json.loads((tmp_path / "run/config.json").read_text())
