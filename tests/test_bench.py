@@ -61,3 +61,18 @@ def test_ablation_markdown_gives_mean_sd_and_each_seed():
 
     text = markdown("t", ["a", "b"], [("row", [[1.0, 2.0, 4.0], [math.nan, math.nan, math.nan]])])
     assert "| row | 2.33 ± 1.53 (1.00, 2.00, 4.00) | – |" in text
+
+
+def test_demo_attribute_accuracy_changes_one_attribute_and_counts_the_best_caption():
+    from bench.ablation import attribute_accuracy, attribute_captions
+
+    scene = {"kind": "tank", "colour": "red", "count": 4, "position": "top left", "ground": "desert",
+             "road": "none"}
+    colours = attribute_captions(scene, "colour")
+    assert colours == [f"Four {c} storage tanks in the top left corner, in the desert."
+                       for c in ("red", "white", "blue", "yellow")]
+    assert attribute_captions(scene, "kind")[2] == "Four red airplanes in the top left corner, in the desert."
+    images = torch.eye(3)[[0, 2]]  # image 0 points at caption value 0, image 1 at value 2
+    captions = torch.eye(3).expand(2, 3, 3)  # each image: one caption per value, value v along axis v
+    assert attribute_accuracy(images, captions, torch.tensor([0, 2])) == 100
+    assert attribute_accuracy(images, captions, torch.tensor([0, 1])) == 50
