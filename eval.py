@@ -830,6 +830,20 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
     write_json(result | {"_meta": meta}, out)
 
 
+def image_model(model_path: Path, data: Path, device: str) -> tuple[rsmclip.CLIP, rsmclip.Preprocess]:
+    """A weights file's model for image features only (no tokenizer needed), and its preprocessing."""
+    cfg, state = rsmclip.read_weights(model_path)
+    rsmclip.warn_if_toy(cfg, model_path, [data])
+    return rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+
+
+def show(result: dict, table: Table, protocol: str, model_path: Path, data: Path, out: Optional[Path]):
+    """A classifier's table, its protocol, and the JSON with both named."""
+    Console().print(table)
+    print(protocol)
+    write_json(result | {"_meta": {"model": str(model_path), "data": str(data), "protocol": protocol}}, out)
+
+
 @app.command("linear-probe")
 def linear_probe(model_path: Path = MODEL,
                  data: Path = typer.Option(..., help="class folders or labels.jsonl"),
@@ -850,15 +864,11 @@ def linear_probe(model_path: Path = MODEL,
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
     rsmclip.refuse_overwrite(out, [model_path, data])
-    cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
-    rsmclip.warn_if_toy(cfg, model_path, [data])
-    model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+    model, preprocess = image_model(model_path, data, device)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
                                    rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
-    Console().print(linear_probe_table(result, f"linear probe, {model_path.name} on {data}"))
-    print(LINEAR_PROBE_PROTOCOL)
-    meta = {"model": str(model_path), "data": str(data), "protocol": LINEAR_PROBE_PROTOCOL}
-    write_json(result | {"_meta": meta}, out)
+    show(result, linear_probe_table(result, f"linear probe, {model_path.name} on {data}"),
+         LINEAR_PROBE_PROTOCOL, model_path, data, out)
 
 
 @app.command()
@@ -873,15 +883,10 @@ def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class fol
     if not temperature > 0 or math.isinf(temperature):
         raise EvalError(f"--temperature {temperature}: must be a positive number")
     rsmclip.refuse_overwrite(out, [model_path, data])
-    cfg, state = rsmclip.read_weights(model_path)  # image features only: no tokenizer needed
-    rsmclip.warn_if_toy(cfg, model_path, [data])
-    model, preprocess = rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+    model, preprocess = image_model(model_path, data, device)
     result = evaluate_knn(model, preprocess, data, k, temperature, test_fraction,
                           rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
-    Console().print(knn_table(result, f"k-NN, {model_path.name} on {data}"))
-    print(KNN_PROTOCOL)
-    meta = {"model": str(model_path), "data": str(data), "protocol": KNN_PROTOCOL}
-    write_json(result | {"_meta": meta}, out)
+    show(result, knn_table(result, f"k-NN, {model_path.name} on {data}"), KNN_PROTOCOL, model_path, data, out)
 
 
 @app.command()
