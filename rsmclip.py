@@ -850,17 +850,6 @@ def weights_fingerprint(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- batch embedding
 
-# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
-# sets in data/.
-PROMPTS = {
-    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.",
-    "es": "una imagen satelital de {}.", "fr": "une image satellite de {}.",
-    "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
-    "it": "un'immagine satellitare di {}.", "zh": "{}的卫星图像。", "ko": "{}의 위성 이미지.",
-    "ru": "спутниковый снимок: {}.",
-}
-
-
 def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
     """Embeddings with a NaN or inf would rank and score as numbers (nan scores, exit 0): an error."""
     if not torch.isfinite(feats).all():
@@ -962,16 +951,6 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
                 x = model.encode_text(unique[batch, :length].to(device))
             out[batch] = F.normalize(x.float(), dim=-1).cpu()
     return check_finite(out, "text")[inverse]
-
-
-def warn_unknown(tokenizer: Tokenizer, texts: list[str], what: str = "query"):
-    """A text made mostly of pieces the vocabulary does not know reads as a row of <unk> to the model: its
-    scores mean nothing, so say so (stderr) rather than rank images by it."""
-    for text in texts:
-        unknown, pieces = tokenizer.unknown(text)
-        if 2 * unknown > pieces:
-            print(f"warning: {what} {display(text)!r}: {unknown} of {pieces} pieces are unknown to the "
-                  f"tokenizer {display(tokenizer.path)}, so the model cannot read it", file=sys.stderr)
 
 
 def is_demo_image(path: Path) -> bool:

@@ -40,7 +40,6 @@ from rsmclip import (
     HUB_FILES,
     LANGS,
     PRESETS,
-    PROMPTS,
     RsmclipError,
     Tokenizer,
     atomic_save,
@@ -61,7 +60,6 @@ from rsmclip import (
     read_weights,
     refuse_overwrite,
     warn_if_toy,
-    warn_unknown,
     weights_dir,
     weights_fingerprint,
     weights_path,
@@ -362,6 +360,27 @@ def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str
 
 
 # ----------------------------------------------------------------------------- the commands
+
+# One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
+# sets in data/.
+PROMPTS = {
+    "en": "a satellite image of {}.", "pt": "uma imagem de satélite de {}.",
+    "es": "una imagen satelital de {}.", "fr": "une image satellite de {}.",
+    "de": "ein Satellitenbild von {}.", "nl": "een satellietbeeld van {}.",
+    "it": "un'immagine satellitare di {}.", "zh": "{}的卫星图像。", "ko": "{}의 위성 이미지.",
+    "ru": "спутниковый снимок: {}.",
+}
+
+
+def warn_unknown(tokenizer: Tokenizer, texts: list[str], what: str = "query"):
+    """A text made mostly of pieces the vocabulary does not know reads as a row of <unk> to the model: its
+    scores mean nothing, so say so (stderr) rather than rank images by it."""
+    for text in texts:
+        unknown, pieces = tokenizer.unknown(text)
+        if 2 * unknown > pieces:
+            print(f"warning: {what} {display(text)!r}: {unknown} of {pieces} pieces are unknown to the "
+                  f"tokenizer {display(tokenizer.path)}, so the model cannot read it", file=sys.stderr)
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RS-M-CLIP: multilingual CLIP for remote-sensing images.")

@@ -71,11 +71,12 @@ def test_every_language_table_has_the_ten_languages():
     import json
 
     import rsmclip
+    import rsmclip_cli
     import translate
     from data import demo
 
     langs = set(rsmclip.LANGS)
-    assert set(rsmclip.PROMPTS) == langs and set(translate.LANGS) == langs - {"en"}
+    assert set(rsmclip_cli.PROMPTS) == langs and set(translate.LANGS) == langs - {"en"}
     assert set(json.loads((ROOT / "data/templates.json").read_text())) - {"_about"} == langs
     assert set(demo.TEXT) == langs
     assert rsmclip.parse_langs(" PT,en,pt ") == ["pt", "en"]
