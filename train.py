@@ -477,14 +477,13 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
     else:
         views = batch["views"].to(dev, non_blocking=True)
         locals_ = batch["locals"].to(dev, non_blocking=True) if batch["locals"] is not None else None
-    ids = batch["ids"].to(dev, non_blocking=True)
+    ids = batch["ids"].to(dev, non_blocking=True) if cfg.clip_weight > 0 else None  # 0: no text forward
     n_views, n_clip = augment.view_layout(cfg.recipe())
     with torch.autocast(dev.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-        images, texts, scale, head = run.student(views, locals_ if run.teacher else None,
-                                                 ids if cfg.clip_weight > 0 else None)
+        images, texts, scale, head = run.student(views, locals_ if run.teacher else None, ids)
         clip = (sum(rsmclip.clip_loss(i, t, scale, cfg.fp32_logits)
                     for i, t in zip(images.chunk(n_clip), texts.chunk(n_clip))) / n_clip
-                if cfg.clip_weight > 0 else None)
+                if ids is not None else None)
         if run.teacher is None:
             return cfg.clip_weight * clip, {"clip": clip}
         temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
