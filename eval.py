@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 import rsmclip
 import rsmclip_cli
 from data.demo import make_demo
-from data.prepare import load_labels, load_manifest, read_json, scan_image_folder
+from data.prepare import data_files, load_labels, load_manifest, read_json, scan_image_folder
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "demo_data"
@@ -504,20 +504,28 @@ def sample_shots(labels: list[int], pool: list[int], k: int, seed: int, names: l
 def cached_image_features(model, preprocess, paths: list[Path], key: Optional[str], batch_size: int,
                           device: str, workers: int) -> torch.Tensor:
     """encode_images(), stored under the cache folder by `key` (the weights' fingerprint, the input size,
-    and every image's path, size and modification time), so a second probe reads instead of encoding."""
+    and every image's path and stamp, rsmclip.file_stamp), so a second probe reads instead of encoding. A
+    cache file is used only when it holds what encoding would give in form: float32, one finite row of
+    the model's width per image; anything else is encoded again, with a warning."""
     if key is None:
         return encode_images(model, preprocess, paths, batch_size, device, workers)
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [rsmclip.display(p) for p in paths if not p.is_file()]
     if missing:
         raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}")
     digest = hashlib.sha256(json.dumps([key, preprocess.size] + [
-        [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode()).hexdigest()
+        [rsmclip.display(p.resolve()), *rsmclip.file_stamp(p)] for p in paths]).encode()).hexdigest()
     file = rsmclip.cache_dir() / "features" / f"{digest[:32]}.safetensors"
     if file.is_file():
+        expected = (len(paths), model.config.embed_dim)
         try:
-            return load_file(str(file))["features"].to(device)
-        except (SafetensorError, OSError, KeyError) as e:
-            print(f"warning: {file}: unreadable feature cache ({e}); encoding again", file=sys.stderr)
+            feats = load_file(str(file))["features"]
+            if feats.dtype != torch.float32 or tuple(feats.shape) != expected:
+                raise ValueError(f"{feats.dtype} {tuple(feats.shape)}, expected float32 {expected}")
+            if not torch.isfinite(feats).all():
+                raise ValueError("non-finite features")
+            return feats.to(device)
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            print(f"warning: {file}: unusable feature cache ({e}); encoding again", file=sys.stderr)
     feats = encode_images(model, preprocess, paths, batch_size, device, workers)
     rsmclip.atomic_save({"features": feats}, file, {"images": str(len(paths))})
     return feats
@@ -667,12 +675,54 @@ def check_suite(suite, suite_path: Path):
     if bad:
         raise EvalError(f'{suite_path}: tasks {bad} need "name", "data" and "task": {" or ".join(TASKS)}')
     for t in suite["tasks"]:
+        if t["task"] == "zeroshot" and not isinstance(t.get("classes"), str):
+            raise EvalError(f'{suite_path}: zeroshot task {t["name"]!r} needs "classes": a dataset name in '
+                            "data/classnames.json or a JSON file")
+        if not (Path(suite_path).parent / t["data"]).exists():
+            raise EvalError(f'{suite_path}: task {t["name"]!r}: data {t["data"]} not found (paths are '
+                            "relative to the suite file)")
         peers = t.get("peers", {})
         if not isinstance(peers, dict) or not all(
                 isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
                 for v in peers.values()):
             raise EvalError(f'{suite_path}: task {t["name"]!r}: "peers" must be {{peer: {{lang or setting: '
                             "number}}")
+    return suite
+
+
+class SuiteError(EvalError):
+    """A task of a suite failed; `finished` holds the results of those before it, {model: {task: result}}."""
+
+    def __init__(self, message: str, finished: dict):
+        super().__init__(message)
+        self.finished = finished
+
+
+def run_task(task: dict, data: Path, model, preprocess, tok, w: Path, batch_size: int, device: str,
+             workers: int, ties: str) -> tuple[dict, dict]:
+    """One task of a suite with one model -> (its full result, {lang or setting: score})."""
+    rsmclip.warn_if_toy(model.config, w, [data])
+    if task["task"] == "retrieval":
+        result = evaluate_retrieval(model, tok, preprocess, data, task.get("split", "test"),
+                                    task.get("langs"), batch_size, device, workers, ties)
+        return result, {lang: r["mR"] for lang, r in result.items()}
+    if task["task"] == "zeroshot":  # one result per language
+        templates = task.get("templates") or {}
+        result = {lang: evaluate_zeroshot(model, tok, preprocess, data, task["classes"], lang,
+                                          templates.get(lang), task.get("split"), batch_size, device, workers)
+                  for lang in task.get("langs", ["en"])}
+        return result, {lang: r["top1"] for lang, r in result.items()}
+    if task["task"] == "knn":
+        result = evaluate_knn(model, preprocess, data, task.get("k", KNN_K),
+                              task.get("temperature", KNN_TEMPERATURE), task.get("test_fraction", 0.5),
+                              rsmclip.weights_fingerprint(w), batch_size, device, workers)
+        return result, {f"k={result['k']}": result["top1"]}
+    result = evaluate_linear_probe(model, preprocess, data, tuple(task.get("shots", SHOTS)),
+                                   task.get("seeds", PROBE_SEEDS), task.get("test_fraction", 0.5),
+                                   cache_key=rsmclip.weights_fingerprint(w), batch_size=batch_size,
+                                   device=device, workers=workers)
+    scores = {f"{k}-shot": r["mean"] for k, r in result["shots"].items()}
+    return result, scores | {"full": result["full"]["top1"]}
 
 
 def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], batch_size: int, device: str,
@@ -683,39 +733,18 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
     "split", "langs", "classes", "templates", "shots", "seeds", "test_fraction", "k", "temperature", "peers":
     {peer: {lang: number}}}]}; paths relative to the suite file. A linear-probe task gives one row per setting
     ("full", "16-shot", ...), a knn task one ("k=20"); their peers are keyed by setting."""
-    suite = read_json(Path(suite_path))
-    check_suite(suite, suite_path)
+    suite = check_suite(read_json(Path(suite_path)), suite_path)
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
     rows, details, scores = [], {name: {} for name in names}, {name: {} for name in names}
     for name, w in zip(names, weights):
         model, preprocess, tok = rsmclip.load(w, tokenizer, device)
         for task in suite["tasks"]:
-            data = Path(suite_path).parent / task["data"]
-            rsmclip.warn_if_toy(model.config, w, [data])
-            if task["task"] == "retrieval":
-                result = evaluate_retrieval(model, tok, preprocess, data, task.get("split", "test"),
-                                            task.get("langs"), batch_size, device, workers, ties)
-                score = {lang: r["mR"] for lang, r in result.items()}
-            elif task["task"] == "zeroshot":  # one result per language
-                templates = task.get("templates") or {}
-                result = {lang: evaluate_zeroshot(
-                    model, tok, preprocess, data, task["classes"], lang, templates.get(lang),
-                    task.get("split"), batch_size, device, workers) for lang in task.get("langs", ["en"])}
-                score = {lang: r["top1"] for lang, r in result.items()}
-            elif task["task"] == "knn":
-                result = evaluate_knn(model, preprocess, data, task.get("k", KNN_K),
-                                      task.get("temperature", KNN_TEMPERATURE),
-                                      task.get("test_fraction", 0.5), rsmclip.weights_fingerprint(w),
-                                      batch_size, device, workers)
-                score = {f"k={result['k']}": result["top1"]}
-            else:
-                result = evaluate_linear_probe(model, preprocess, data, tuple(task.get("shots", SHOTS)),
-                                               task.get("seeds", PROBE_SEEDS), task.get("test_fraction", 0.5),
-                                               cache_key=rsmclip.weights_fingerprint(w),
-                                               batch_size=batch_size, device=device, workers=workers)
-                score = {f"{k}-shot": r["mean"] for k, r in result["shots"].items()} | {
-                    "full": result["full"]["top1"]}
-            details[name][task["name"]], scores[name][task["name"]] = result, score
+            try:
+                details[name][task["name"]], scores[name][task["name"]] = run_task(
+                    task, Path(suite_path).parent / task["data"], model, preprocess, tok, w, batch_size,
+                    device, workers, ties)
+            except rsmclip.RsmclipError as e:  # the tasks that finished are kept: the caller writes them
+                raise SuiteError(f"task {task['name']!r} with {w}: {e}", details) from None
     for task in suite["tasks"]:
         metric = {"retrieval": "mR", "zeroshot": "top1", "linear-probe": "top1", "knn": "top1"}[task["task"]]
         for key in scores[names[0]][task["name"]]:
@@ -772,6 +801,13 @@ def demo(ctx: typer.Context):
           "--data demo_data/captions.jsonl")
 
 
+def check_fraction(fraction: float) -> float:
+    """--test-fraction in [0.01, 0.99]; nan, which fails every comparison, named as what it is."""
+    if not 0.01 <= fraction <= 0.99:
+        raise typer.BadParameter(f"{fraction} is not a share between 0.01 and 0.99")
+    return fraction
+
+
 # Options shared by the commands (--model, --tokenizer and --device: those of every script)
 MODEL, TOKENIZER, DEVICE = rsmclip_cli.MODEL, rsmclip_cli.TOKENIZER, rsmclip_cli.DEVICE
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
@@ -789,7 +825,7 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
               tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
               device: str = DEVICE, ties: str = TIES):
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
-    rsmclip.refuse_overwrite(out, [model_path, data, tokenizer])
+    rsmclip.refuse_overwrite(out, [model_path, *data_files(data), tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     rsmclip.warn_if_toy(model.config, model_path, [data])
     results = evaluate_retrieval(model, tok, preprocess, data, split,
@@ -814,7 +850,7 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
              tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
              device: str = DEVICE):
     """Zero-shot top-1 accuracy with per-language class names and templates."""
-    rsmclip.refuse_overwrite(out, [model_path, data, templates, tokenizer, Path(classes)])
+    rsmclip.refuse_overwrite(out, [model_path, *data_files(data), templates, tokenizer, Path(classes)])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
     rsmclip.warn_if_toy(model.config, model_path, [data])
     chosen = load_templates(lang, templates) if templates else None
@@ -850,7 +886,7 @@ def linear_probe(model_path: Path = MODEL,
                  shots: str = typer.Option(",".join(map(str, SHOTS)), help="comma-separated k of the k-shot "
                                            "probes, images per class (empty: full-data probe only)"),
                  seeds: int = typer.Option(PROBE_SEEDS, min=1, help="k-shot draws averaged per k"),
-                 test_fraction: float = typer.Option(0.5, min=0.01, max=0.99,
+                 test_fraction: float = typer.Option(0.5, callback=check_fraction,
                                                      help="share of each class held out for testing "
                                                           "when the data has no train/test splits"),
                  out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
@@ -863,7 +899,8 @@ def linear_probe(model_path: Path = MODEL,
                         "1,2,4,8,16") from None
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
-    rsmclip.refuse_overwrite(out, [model_path, data])
+    rsmclip.refuse_overwrite(out, [model_path, *data_files(data)])
+    rsmclip.cache_dir(check=True)
     model, preprocess = image_model(model_path, data, device)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
                                    rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
@@ -875,14 +912,15 @@ def linear_probe(model_path: Path = MODEL,
 def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
         k: int = typer.Option(KNN_K, "--k", min=1, help="neighbours that vote"),
         temperature: float = typer.Option(KNN_TEMPERATURE, help="vote weight exp(similarity / T)"),
-        test_fraction: float = typer.Option(0.5, min=0.01, max=0.99, help="share of each class held out for "
-                                            "testing when the data has no train/test splits"),
+        test_fraction: float = typer.Option(0.5, callback=check_fraction, help="share of each class held out "
+                                            "for testing when the data has no train/test splits"),
         out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
         batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
     """Weighted k-NN top-1 accuracy on frozen image features (DINO's check of self-supervised features)."""
     if not temperature > 0 or math.isinf(temperature):
         raise EvalError(f"--temperature {temperature}: must be a positive number")
-    rsmclip.refuse_overwrite(out, [model_path, data])
+    rsmclip.refuse_overwrite(out, [model_path, *data_files(data)])
+    rsmclip.cache_dir(check=True)
     model, preprocess = image_model(model_path, data, device)
     result = evaluate_knn(model, preprocess, data, k, temperature, test_fraction,
                           rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
@@ -897,9 +935,20 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
            device: str = DEVICE, ties: str = TIES):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
+    tasks = check_suite(read_json(suite), suite)["tasks"]
+    reads = [suite, tokenizer, *model_paths,
+             *(f for t in tasks for f in data_files(suite.parent / t["data"]))]
     for out, option in ((out_json, "--out-json"), (out_md, "--out-md")):
-        rsmclip.refuse_overwrite(out, [suite, tokenizer, *model_paths], option)
-    result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
+        rsmclip.refuse_overwrite(out, reads + ([out_json] if out == out_md else []), option)
+    if any(t["task"] in ("linear-probe", "knn") for t in tasks):
+        rsmclip.cache_dir(check=True)
+    try:
+        result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
+    except SuiteError as e:
+        if not any(e.finished.values()):
+            raise
+        write_json({"suite": str(suite), "error": str(e), "finished": e.finished}, out_json)
+        raise EvalError(f"{e}; the tasks that finished before it are in {out_json}") from None
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -745,21 +746,26 @@ def build(cfg: CLIPConfig, sd: dict) -> CLIP:
     return model
 
 
-def save(model: CLIP, path: str | Path, openclip_names: bool = False):
+def save(model: CLIP, path: str | Path, openclip_names: bool = False, tokenizer_sha256: Optional[str] = None):
     """Our format (config in the metadata) or, with openclip_names, tensors named as open_clip's
-    state_dict (loadable there with strict=True; our config rides along in the metadata)."""
+    state_dict (loadable there with strict=True; our config rides along in the metadata).
+    tokenizer_sha256: of the SentencePiece file the weights belong to, recorded so that load() can tell
+    another vocabulary of the same size, which would give wrong ids without a word."""
     cfg_json = json.dumps(asdict(model.config))
     sd = model.state_dict()
+    extra = {"tokenizer_sha256": tokenizer_sha256} if tokenizer_sha256 else {}
     if openclip_names:
         atomic_save(to_openclip_state_dict(sd, model.config), Path(path),
-                    {"format": "open_clip", "rsmclip_config": cfg_json})
+                    {"format": "open_clip", "rsmclip_config": cfg_json} | extra)
     else:
-        atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json})
+        atomic_save(sd, Path(path), {"format": "rsmclip", "config": cfg_json} | extra)
 
 
-def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIPConfig:
-    """Any supported checkpoint -> our safetensors (or open_clip naming). Pickled .bin/.pt files are
-    read here and only here, with torch.load(weights_only=True), which refuses arbitrary objects."""
+def convert(src: str | Path, dst: str | Path, to_openclip: bool = False,
+            tokenizer: Optional[Path] = None) -> CLIPConfig:
+    """Any supported checkpoint -> our safetensors (or open_clip naming), recording `tokenizer`'s SHA-256
+    when given (else the one the source recorded). Pickled .bin/.pt files are read here and only here,
+    with torch.load(weights_only=True), which refuses arbitrary objects."""
     src = Path(src)
     if src.suffix in (".bin", ".pt", ".pth", ".ckpt") and src.is_file():
         try:
@@ -770,19 +776,42 @@ def convert(src: str | Path, dst: str | Path, to_openclip: bool = False) -> CLIP
             raise WeightsError(f"{src}: holds a {type(sd).__name__}, not a state dict")
         cfg, sd = _from_openclip(sd, None, str(src))
         sd = {k: v.float() for k, v in sd.items()}
+        recorded = None
     else:
         cfg, sd = read_weights(src)
-    save(build(cfg, sd), dst, openclip_names=to_openclip)
+        recorded = tokenizer_sha(src)
+    if tokenizer:
+        tokenizer_for(cfg, tokenizer)  # one that does not fit the model is refused, not recorded
+    save(build(cfg, sd), dst, openclip_names=to_openclip,
+         tokenizer_sha256=file_sha256(Path(tokenizer)) if tokenizer else recorded)
     return cfg
+
+
+def tokenizer_sha(weights: Path) -> Optional[str]:
+    """The SHA-256 of the tokenizer the weights were saved with (save(tokenizer=...)), if they name one."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return (f.metadata() or {}).get("tokenizer_sha256")
+    except (SafetensorError, OSError):
+        return None
 
 
 def load(weights: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"):
     """-> (model in eval mode, preprocess, tokenizer). `weights` is a file or a known name (`rs-m-clip`,
     `laion`: the files `download` puts in the user cache). The tokenizer file defaults to the one the
-    config names, next to the weights."""
+    config names, next to the weights; when the weights record their tokenizer's SHA-256, another file
+    there is refused, and one given on purpose is used with a warning."""
     weights = weights_path(weights)
     cfg, sd = read_weights(weights)
-    tok = tokenizer_for(cfg, tokenizer or weights.parent / cfg.tokenizer)
+    path = Path(tokenizer or weights.parent / cfg.tokenizer)
+    tok = tokenizer_for(cfg, path)
+    if (recorded := tokenizer_sha(weights)) and (actual := file_sha256(path)) != recorded:
+        what = (f"tokenizer {display(path)} (SHA-256 {actual[:12]}) is not the one {display(weights)} was "
+                f"saved with ({recorded[:12]}): its ids would mean other words")
+        if not tokenizer:
+            raise RsmclipError(f"{what}; put the right one there, or pass --tokenizer {display(path)} to use "
+                               "it anyway")
+        print(f"warning: {what}; used because --tokenizer names it", file=sys.stderr)
     return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
 
 
@@ -815,10 +844,21 @@ HUB_FILES = {  # name -> (Hugging Face repo, candidate files in order of prefere
 }
 
 
-def cache_dir() -> Path:
+def cache_dir(check: bool = False) -> Path:
     """Where rsmclip keeps downloaded weights and what it can recompute (search indexes, image features):
-    $RSMCLIP_HOME, or ~/.cache/rsmclip."""
-    return Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
+    $RSMCLIP_HOME, or ~/.cache/rsmclip. check: a command that will write there asks before its work
+    whether it can (a file in the way, a folder it may not write), not after it."""
+    path = Path(os.environ.get("RSMCLIP_HOME") or "~/.cache/rsmclip").expanduser()
+    if check:
+        where = "$RSMCLIP_HOME" if os.environ.get("RSMCLIP_HOME") else "the cache folder"
+        found = next(d for d in (path, *path.absolute().parents) if d.exists())
+        if not found.is_dir():
+            raise RsmclipError(f"{where} {display(path)}: {display(found)} is a file, not a folder; set "
+                               "$RSMCLIP_HOME to a folder")
+        if not os.access(found, os.W_OK | os.X_OK):
+            raise RsmclipError(f"{where} {display(path)}: {display(found)} is not writable; set "
+                               "$RSMCLIP_HOME to a folder you can write")
+    return path
 
 
 def weights_dir() -> Path:
@@ -988,8 +1028,11 @@ def listing(items: list, n: int = 5) -> str:
 
 
 def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
-    """Refused before any work: an output that is a folder, or that is one of `inputs` by any name (a
-    symlink or a hard link too), which writing it would destroy."""
+    """The one rule for outputs, applied before any work: an output that is a folder, that lies below a
+    file, or that is any file the command reads is refused. `inputs` are what it reads: files, which an
+    output may not be by any name (a symlink or a hard link too), and folders, whose images (list_images,
+    what the commands read of a folder) it may not be either. A manifest's images are passed by the caller
+    (data.prepare.data_files)."""
     if out is None:
         return
     out = Path(out)
@@ -998,11 +1041,34 @@ def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", r
     if parent := next((d for d in out.absolute().parents if d.exists()), None):
         if not parent.is_dir():
             raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):  # also a read-only file system, even for root
+        raise RsmclipError(f"{option} {display(out)}: cannot write in {display(parent)} (not writable)")
+    target = out.stat() if out.exists() else None  # a file not there yet cannot be destroyed by the write
     for given in map(Path, filter(None, inputs)):
-        if given.resolve() == out.resolve() or (out.exists() and given.exists()
-                                                and os.path.samefile(given, out)):
-            raise RsmclipError(f"{option} {out} is {role} {given}: writing it would destroy that file; "
-                               f"choose another {option}")
+        if given.is_dir():
+            hit = target and next((f for f in list_images([given]) if _same_file(f, target)), None)
+            if hit:
+                raise RsmclipError(f"{option} {display(out)} is {display(hit)}, an image of {role} "
+                                   f"{display(given)}: writing it would destroy that image; choose another "
+                                   f"{option}")
+        elif given.resolve() == out.resolve() or (target and given.exists() and _same_file(given, target)):
+            raise RsmclipError(f"{option} {display(out)} is {role} {display(given)}: writing it would "
+                               f"destroy that file; choose another {option}")
+
+
+def _same_file(path: Path, target: os.stat_result) -> bool:
+    try:
+        found = path.stat()
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino)
+
+
+def file_stamp(path: Path) -> list[int]:
+    """What tells a changed file without reading it: size, modification time, inode change time and inode.
+    A file replaced by another of the same size, its mtime set back, still has a new ctime and inode."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _process_alive(pid: int) -> bool:
@@ -1024,11 +1090,12 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], size: Optional[int] = None) -> Path:
     """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
     flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
     On any failure (disk full, an exception) the temporary file is removed and an existing `path` keeps
-    its old bytes. Temporary names carry the writer's pid, so two writers never collide and one killed
+    its old bytes, and the message names the file, the space it needed (`size`, when the caller knows it)
+    and the space left. Temporary names carry the writer's pid, so two writers never collide and one killed
     before it could clean up (SIGKILL) is swept away by the next write of the same file."""
     path = Path(path)
     refuse_overwrite(path, [], "the output")
@@ -1046,10 +1113,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
-    except OSError as e:  # disk full, no permission: the old file stays, the message names the file
+    except (OSError, SafetensorError) as e:  # disk full, no permission: the old file stays
         tmp.unlink(missing_ok=True)
-        raise RsmclipError(f"{path}: cannot write it ({e.strerror or e}); "
-                           "an existing file is unchanged") from None
+        # safetensors puts the OS error in its own text: "... IoError(Os { code: 28, ... message: "..." })"
+        why = getattr(e, "strerror", None) or (re.findall(r'message: "([^"]+)"', str(e)) or [str(e)])[0]
+        space = f"needs {size / 2 ** 20:,.1f} MiB, " if size else ""
+        with contextlib.suppress(OSError):
+            space += f"{shutil.disk_usage(path.parent).free / 2 ** 20:,.1f} MiB free there; "
+        raise RsmclipError(f"{display(path)}: cannot write it ({why}; {space}an existing file is "
+                           "unchanged)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -1059,7 +1131,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_save(tensors: dict, path: Path, metadata: dict):
     """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    size = sum(t.nbytes for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), size)
 
 
 def write_text(path: Path, text: str):

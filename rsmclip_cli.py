@@ -54,6 +54,7 @@ from rsmclip import (
     embed_images,
     embed_texts,
     file_sha256,
+    file_stamp,
     list_images,
     load,
     open_image,
@@ -294,6 +295,9 @@ def index_path(folder: Path, fingerprint: str) -> Path:
     return cache_dir() / "index" / f"{key.hexdigest()[:32]}.safetensors"
 
 
+STAMP = ("size", "mtime", "ctime", "inode")  # an index entry's names for rsmclip.file_stamp's numbers
+
+
 def update_index(model, preprocess, weights: Path, folder: Path, index: Optional[Path], batch_size: int,
                  device: str):
     """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
@@ -305,18 +309,15 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Optional
     keep_rows, kept, todo = [], [], []
     for p in list_images([folder]):
         rel = p.relative_to(folder).as_posix()
-        stat = p.stat()
         old = known.get(rel)
-        if old and old[0]["size"] == stat.st_size and old[0]["mtime"] == stat.st_mtime_ns:
+        if old and [old[0].get(k) for k in STAMP] == file_stamp(p):  # an older index lacks ctime and inode
             keep_rows.append(old[1])
             kept.append(old[0])
         else:
             todo.append(p)
     new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
     new_feats = new_feats.cpu()
-    added = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
-              "mtime": p.stat().st_mtime_ns}
-             for p in done]
+    added = [{"path": p.relative_to(folder).as_posix(), **dict(zip(STAMP, file_stamp(p)))} for p in done]
     entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
     removed = len(known) - len(kept)
     if added or removed or not index.exists():
@@ -342,7 +343,7 @@ def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str
     """One self-contained HTML page (no script, no other file): per section (a query, or the images of a
     classification) a heading and a grid of cards, each an embedded thumbnail and its lines of text."""
     def card(image: Path, lines: list[str]) -> str:
-        text = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+        text = "".join(f"<div>{html.escape(display(line))}</div>" for line in lines)  # file names too
         return (f'<figure><img src="{thumbnail(image)}" alt="{html.escape(display(image))}">'
                 f"<figcaption>{text}</figcaption></figure>")
     body = "".join(f"<section><h2>{html.escape(heading)}</h2><div class=grid>"
@@ -430,13 +431,16 @@ def download_cmd(names: list[str] = typer.Argument(None, help=f"any of {', '.joi
 def convert_cmd(src: Path = typer.Argument(..., help="checkpoint to read: open_clip's .safetensors, .bin or "
                                                      ".pt (pickles are read weights-only), or ours"),
                 dst: Path = typer.Argument(..., help="the .safetensors file to write"),
-                to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours")):
+                to_openclip: bool = typer.Option(False, help="write open_clip tensor names instead of ours"),
+                tokenizer: Optional[Path] = typer.Option(None, help="the SentencePiece model the weights "
+                                                         "belong to: its SHA-256 goes into the metadata, "
+                                                         "and loading refuses another one beside them")):
     """Convert open_clip checkpoints (.safetensors, or pickled .bin/.pt read weights-only) to ours, or
     back."""
     if dst.suffix != ".safetensors":
         raise RsmclipError(f"{dst}: the output must be a .safetensors file")
-    refuse_overwrite(dst, [src], "the output")
-    cfg = convert(src, dst, to_openclip)
+    refuse_overwrite(dst, [src, tokenizer], "the output")
+    cfg = convert(src, dst, to_openclip, tokenizer)
     print(f"wrote {dst} ({'open_clip' if to_openclip else 'rsmclip'} names, "
           f"vision {cfg.vision.width}x{cfg.vision.layers}, text {cfg.text.width}x{cfg.text.layers})")
 
@@ -562,8 +566,11 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     """Text-to-image search over a folder; the index is built once and updated when images change."""
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
-    refuse_overwrite(out, [model_path, index, tokenizer])
-    refuse_overwrite(html_page, [model_path, index, tokenizer, out], "--html")
+    refuse_overwrite(index, [model_path, tokenizer, folder], "--index")
+    refuse_overwrite(out, [model_path, index, tokenizer, folder])
+    refuse_overwrite(html_page, [model_path, index, tokenizer, out, folder], "--html")
+    if index is None:
+        cache_dir(check=True)  # where the index goes: a problem there is found now, not after the embedding
     model, preprocess, tok = load(model_path, tokenizer, device)
     weights = weights_path(model_path)
     entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)

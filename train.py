@@ -21,6 +21,7 @@ curves.svg (also `python train.py plot RUN_DIR`) and summary.json. A finished ru
 from __future__ import annotations
 
 import copy
+import fcntl
 import gc
 import html
 import inspect
@@ -818,7 +819,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    StepRate(), disable=not is_main)
-    step, tick, finite = start, time.perf_counter(), FiniteWatch(device)
+    step, tick, finite, saved = start, time.perf_counter(), FiniteWatch(device), start
     began = tick
     with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="", ran=0, seconds=0.0)
@@ -853,7 +854,14 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
             if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
                 finite.check()
                 if is_main:
-                    save_checkpoint(run, checkpoint, step, skipped)
+                    try:
+                        save_checkpoint(run, checkpoint, step, skipped)
+                    except rsmclip.RsmclipError as e:  # a full disk: the previous checkpoint is whole
+                        kept = (f"its last good checkpoint, step {saved}, is unchanged" if saved
+                                else "it has no checkpoint yet")
+                        raise TrainError(f"{e}; the run stopped at step {step} and {kept}: free space and "
+                                         "run the same command to resume") from None
+                    saved = step
                 barrier()
             if stop["signal"]:
                 raise TrainError(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
@@ -862,7 +870,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     # ----- final weights -----
     final = out / "model.safetensors"
     if is_main:
-        rsmclip.save(run.unwrapped.clip, final)
+        rsmclip.save(run.unwrapped.clip, final, tokenizer_sha256=rsmclip.file_sha256(tokenizer.path))
         tokenizer_copy = out / model.config.tokenizer
         if tokenizer.path.resolve() != tokenizer_copy.resolve():
             data = tokenizer.path.read_bytes()
@@ -969,6 +977,7 @@ def check_config(cfg: TrainConfig):
         need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
     missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
     need("data", not missing, f"no such file: {', '.join(missing)}")
+    need("out", not Path(cfg.out).exists() or Path(cfg.out).is_dir(), "a file; a run directory is a folder")
     need("image_cache", not cfg.image_cache or len(cfg.data) == 1, "one cache holds one manifest: give one "
          "--data (merge several with data/prepare.py merge)")
     if cfg.image_cache and len(cfg.data) == 1 and not missing:
@@ -1031,6 +1040,39 @@ def resolved(key: str, value):
     return str(Path(value).resolve()) if key in paths and value else value
 
 
+def lock_run_dir(out: Path):
+    """One writer per run directory: an exclusive lock on OUT/.lock, held while the returned file is open,
+    so a second train.py on the same --out stops at once instead of interleaving its steps with the
+    first's. The kernel releases it when the process ends in any way (SIGKILL too): no stale lock. The
+    file stays empty (a finished run, run again, changes no file); the holder is found in /proc/locks."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(out / ".lock")
+        f.close()
+        raise TrainError(f"{out} is in use by another train.py (pid {holder}): one run writes a run "
+                         "directory at a time; wait for it to end, or use another --out") from None
+    return f
+
+
+def lock_holder(path: Path) -> str:
+    """The pid holding a flock on `path`, from /proc/locks ("1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE
+    0 EOF"), or "unknown" where there is no such file."""
+    inode = str(path.stat().st_ino)
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for fields_ in map(str.split, lines):
+        if "FLOCK" in fields_ and "->" not in fields_ and len(fields_) >= 6:
+            pid, where = fields_[4], fields_[5]
+            if where.rsplit(":", 1)[-1] == inode:
+                return pid
+    return "unknown"
+
+
 def check_resume(cfg: TrainConfig):
     """An existing run directory is resumed with its own config: other settings would not be a resume."""
     saved = Path(cfg.out) / "config.json"
@@ -1078,6 +1120,7 @@ def main(**options):
     preset, config_file = options.pop("preset"), options.pop("config")
     cfg = resolve_config(preset, config_file, options)
     check_config(cfg)
+    lock = lock_run_dir(Path(cfg.out)) if os.environ.get("RANK", "0") == "0" else None  # noqa: F841 (held)
     check_resume(cfg)
     train(cfg, sys.argv)
 
@@ -1095,6 +1138,7 @@ CURVES = (("loss", "loss (CLIP + distill weight x distillation)"), ("clip", "CLI
           ("distill", "self-distillation loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
           ("teacher_temp", "teacher temperature"), ("val", "validation mR (val split)"))
 PANEL_W, PANEL_H = 380, 220
+PLOT_LIMIT = 1e12  # beyond it a logged value is a blow-up, not a curve
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -1129,10 +1173,22 @@ def nice_ticks(lo: float, hi: float, count: int = 4) -> list[tuple[float, str]]:
     return [(v, f"{v:.{digits}g}") for v in values]
 
 
-def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left: float,
-              top: float) -> list[str]:
-    """One quantity against the step: frame, ticks and labels on both axes, the curve as one polyline."""
+def svg_panel(title: str, points: list[tuple[int, float]], off: list[tuple[int, float]], last_step: int,
+              left: float, top: float) -> list[str]:
+    """One quantity against the step: frame, ticks and labels on both axes, the curve as one polyline; the
+    values it cannot draw (`off`) are named in red under the title."""
     x0, y0, w, h = left + 64, top + 30, PANEL_W - 84, PANEL_H - 74  # the plotting area
+    marks = []
+    if off:
+        more = f" (+{len(off) - 3} more)" if len(off) > 3 else ""
+        listed = ", ".join(f"step {s}: {v:.3g}" for s, v in off[:3]) + more
+        marks = [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 32}" text-anchor="middle" fill="#c0392b">'
+                 f'not drawn: {html.escape(listed)}</text>']
+        y0 += 12
+        h -= 12
+    if not points:
+        return [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 18}" text-anchor="middle" font-weight="bold">'
+                f'{html.escape(title)}</text>', *marks]
     lo, hi = min(v for _, v in points), max(v for _, v in points)
     pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0  # a flat curve gets a band around it
     lo, hi = lo - pad, hi + pad
@@ -1145,7 +1201,7 @@ def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left:
 
     out = [f'<text x="{left + PANEL_W / 2:.1f}" y="{top + 18}" text-anchor="middle" font-weight="bold">'
            f'{html.escape(title)}</text>',
-           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>', *marks]
     for t, label in nice_ticks(lo, hi):
         out += [f'<line x1="{x0 - 4}" y1="{y(t):.1f}" x2="{x0 + w}" y2="{y(t):.1f}" stroke="#e6e6e6"/>',
                 f'<text x="{x0 - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{label}</text>']
@@ -1160,6 +1216,22 @@ def svg_panel(title: str, points: list[tuple[int, float]], last_step: int, left:
     return out
 
 
+def drawable(value: float) -> bool:
+    """A value a panel can scale to: a blow-up (inf, nan, a loss of 1e308) would leave every other point
+    on one line, or give the SVG inf coordinates; it is marked in its panel instead."""
+    return math.isfinite(value) and abs(value) <= PLOT_LIMIT
+
+
+def ordered(key: str, points: list[tuple[int, float]], path: Path) -> list[tuple[int, float]]:
+    """The points in step order, one per step (the last logged). A repeated or decreasing step means two
+    runs wrote one file (or it was edited): say so rather than draw a zigzag."""
+    back = next(((a, b) for (a, _), (b, _) in zip(points, points[1:]) if b <= a), None)
+    if back:
+        print(f"warning: {path}: {key} has repeated or decreasing steps ({back[1]} after {back[0]}): was the "
+              "file written by two runs? Drawn: the last value logged for each step", file=sys.stderr)
+    return sorted(dict(points).items())
+
+
 def plot(run_dir: Path) -> Path:
     """RUN_DIR/curves.svg from RUN_DIR/metrics.jsonl: one panel per logged quantity of CURVES, a plain-text
     SVG that any browser shows (no plotting library)."""
@@ -1172,16 +1244,19 @@ def plot(run_dir: Path) -> Path:
         if key == "val":
             points = [(r["step"], recall(r["val"])) for r in rows if r.get("val")]
         else:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if points := [(s, v) for s, v in points if math.isfinite(v)]:
-            panels.append((title, points))
+            points = [(r["step"], r[key]) for r in rows
+                      if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if points:
+            points = ordered(key, points, run_dir / "metrics.jsonl")
+            panels.append((title, [(s, v) for s, v in points if drawable(v)],
+                           [(s, v) for s, v in points if not drawable(v)]))
     if not panels:
         raise TrainError(f"{run_dir / 'metrics.jsonl'}: no logged steps to draw yet")
-    last_step = max(1, *(s for _, points in panels for s, _ in points))
+    last_step = max(1, *(s for _, points, off in panels for s, _ in points + off))
     width, height = 2 * PANEL_W, 40 + PANEL_H * math.ceil(len(panels) / 2)
     body = [f'<text x="12" y="24" font-size="15">{html.escape(str(run_dir))}: training curves</text>']
-    for i, (title, points) in enumerate(panels):
-        body += svg_panel(title, points, last_step, PANEL_W * (i % 2), 40 + PANEL_H * (i // 2))
+    for i, (title, points, off) in enumerate(panels):
+        body += svg_panel(title, points, off, last_step, PANEL_W * (i % 2), 40 + PANEL_H * (i // 2))
     svg = "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
                      f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
                      f'<rect width="{width}" height="{height}" fill="white"/>', *body, "</svg>", ""])

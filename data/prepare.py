@@ -150,6 +150,25 @@ def load_labels(path: Path) -> list[dict]:
     return records
 
 
+def data_files(data: Path) -> list[Path]:
+    """What a command reads of its data argument, for rsmclip.refuse_overwrite: a folder (whose images it
+    checks), or a manifest (captions.jsonl, labels.jsonl) and every image the manifest lists. Lines that
+    do not parse are left to the reader proper, which names them."""
+    data = Path(data)
+    if not data.is_file():
+        return [data]
+    images = []
+    with open(data, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # bad JSON and bad UTF-8 alike
+                continue
+            if isinstance(record, dict) and isinstance(record.get("image"), str):
+                images.append(data.parent / record["image"])
+    return [data, *images]
+
+
 def write_jsonl(records: list[dict], path: Path):
     """Whole or not at all (rsmclip.atomic_write): a crash or a full disk never leaves half a manifest."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -460,11 +479,14 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
 # size (downscaled, bicubic, aspect kept, when its longer side exceeds max_side), so training reads pixels
 # instead of decoding JPEG/TIFF each step. Tensors: `pixels` (uint8, all images' HWC bytes end to end),
 # `offsets` (int64 [N + 1]: image i is pixels[offsets[i]:offsets[i + 1]]), `shapes` (int32 [N, 2]: height,
-# width). Metadata: format, version, the SHA-256 of the manifest's bytes, the split, max_side and the
-# image paths. Read memory-mapped (ImageCache): the pages of the images in use stay in the OS page cache,
+# width). Metadata: format, version, the SHA-256 of the manifest's bytes, the split, max_side, the image
+# paths, and per image its stamp (rsmclip.file_stamp: size, mtime, ctime, inode) and the SHA-256 of its
+# bytes: an image changed since is found by its stamp and confirmed by its bytes (a copied dataset has new
+# stamps but the same bytes), so a cache never feeds the pixels of a replaced image. Read memory-mapped
+# (ImageCache): the pages of the images in use stay in the OS page cache,
 # shared by every loader process. UCM-Captions' 1,680 train images take 330 MB; the paper's ~45k images
 # of 256-500 px take 9-34 GB.
-CACHE_FORMAT, CACHE_VERSION = "rsmclip-image-cache", "1"
+CACHE_FORMAT, CACHE_VERSION = "rsmclip-image-cache", "2"  # 2: the images' stamps and SHA-256
 MAX_SIDE = 512
 
 
@@ -480,18 +502,21 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
     if max_side < 32:
         raise DataError(f"--max-side {max_side}: at least 32 pixels (the cache feeds 224-px crops)")
     out = out or default_cache(manifest, split)
-    rsmclip.refuse_overwrite(out, [manifest])
+    rsmclip.refuse_overwrite(out, data_files(manifest))
     records = [r for r in load_manifest(manifest) if r["split"] == split]
     digest = rsmclip.file_sha256(manifest)
     if not records:
         raise DataError(f"{manifest}: no {split} images to cache")
-    arrays, bad, resized = [], [], 0
+    arrays, bad, resized, stamps, hashes = [], [], 0, [], []
     for r in track(records, description=f"decoding {split} images", transient=True,
                    disable=len(records) < 200):
+        path = manifest.parent / r["image"]
         try:
-            image = rsmclip.open_image(manifest.parent / r["image"])
-        except rsmclip.ImageError as e:
-            bad.append(str(e))
+            stamps.append(rsmclip.file_stamp(path))  # before reading: a change while it is read shows later
+            hashes.append(rsmclip.file_sha256(path))
+            image = rsmclip.open_image(path)
+        except (rsmclip.ImageError, OSError) as e:
+            bad.append(str(e) if isinstance(e, rsmclip.ImageError) else f"{path}: {e.strerror}")
             continue
         if max(image.size) > max_side:  # PIL's rule for the shorter side: round
             scale = max_side / max(image.size)
@@ -507,10 +532,27 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
                "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])),
                "shapes": torch.tensor([a.shape[:2] for a in arrays], dtype=torch.int32)}
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "manifest_sha256": digest, "split": split,
-            "max_side": str(max_side), "images": json.dumps([r["image"] for r in records])}
+            "max_side": str(max_side), "images": json.dumps([r["image"] for r in records]),
+            "stamps": json.dumps(stamps), "sha256": json.dumps(hashes)}
     rsmclip.atomic_save(tensors, out, meta)
     return [f"wrote {out}: {len(arrays):,} {split} images of {manifest}, {sizes.sum() / 2 ** 20:,.0f} MiB "
             f"of pixels ({resized} downscaled to a longer side of {max_side})"]
+
+
+def check_cached_images(folder: Path, images: list[str], stamps: list, hashes: list[str], rebuild: str):
+    """Refuse a cache whose images changed since it was made: a stamp that differs sends the file to be
+    hashed, and only different bytes (or a missing file) count as a change."""
+    changed = []
+    for rel, stamp, digest in zip(images, stamps, hashes):
+        path = folder / rel
+        try:
+            if rsmclip.file_stamp(path) != stamp and rsmclip.file_sha256(path) != digest:
+                changed.append(rel)
+        except OSError:
+            changed.append(f"{rel} (missing)")
+    if changed:
+        raise DataError(f"{len(changed)} of {len(images)} cached images changed since the cache was made: "
+                        f"{listing(changed)}; {rebuild}")
 
 
 class ImageCache:
@@ -559,6 +601,8 @@ class ImageCache:
         self.offsets = np.array(mapped("offsets", np.int64))
         self.shapes = np.array(mapped("shapes", np.int32)).reshape(-1, 2)
         self.images, self.max_side = json.loads(meta["images"]), int(meta["max_side"])
+        check_cached_images(manifest.parent, self.images, json.loads(meta["stamps"]),
+                            json.loads(meta["sha256"]), rebuild)
         self.mapping = (path, 8 + n + header["pixels"]["data_offsets"][0], len(self.pixels))
 
     def __len__(self):

@@ -495,7 +495,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
         tmp.write_text("partial")
         raise OSError(28, "No space left on device", str(tmp))
 
-    with pytest.raises(rsmclip.RsmclipError, match="out.json: cannot write it .No space left on device."):
+    with pytest.raises(rsmclip.RsmclipError, match="out.json: cannot write it .No space left on device; "):
         rsmclip.atomic_write(target, fail)
     assert target.read_text() == "old" and not stale.exists() and mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])

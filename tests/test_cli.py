@@ -518,7 +518,8 @@ def test_a_full_disk_leaves_the_old_search_results_and_a_clear_message(tiny_weig
         rsmclip_cli.run_cli(rsmclip_cli.app, search + ["--out", str(hits)])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err
-    assert "hits.json: cannot write it (No space left on device)" in err
+    assert "hits.json: cannot write it (No space left on device; " in err
+    assert "an existing file is unchanged" in err
     assert hits.read_text() == "old results" and not list(tmp_path.glob(".*.tmp"))
 
 

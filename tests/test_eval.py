@@ -2,6 +2,7 @@
 loop and a naive per-query loop; zero-shot weights against open_clip's `build_zero_shot_classifier`
 (zero_shot_classifier.py); the linear probe against scikit-learn's `LogisticRegression`; retrieval,
 zero-shot, linear probe and report end to end on tiny data, the no-argument demo, and the error paths."""
+import dataclasses
 import itertools
 import json
 import math
@@ -511,7 +512,7 @@ def test_eval_without_arguments_prints_a_chance_level_demo_table():
 
 class ColourModel(torch.nn.Module):
     """Image features = the mean colour plus noise: separable when each class has its own colour."""
-    config = TINY
+    config = dataclasses.replace(TINY, embed_dim=3)  # the width of its features, which caches check
 
     def encode_image(self, pixels, normalize=False):
         g = torch.Generator().manual_seed(int(pixels.sum() * 1000) % 2 ** 31)

@@ -491,11 +491,13 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest)
         f.write('{"step": 9, "lo')  # the last one torn
     for stale in [".checkpoint.safetensors.12345.x8f2k.tmp", ".tmpSAh4ic"]:  # atomic_write's, safetensors'
         (tmp_path / "cut" / stale).write_bytes(b"\0" * 1000)
+    # the killed run's lock died with it: the resume starts at once (no stale lock)
     resumed = run_train("--out", str(tmp_path / "cut") + "/", *args)  # spelled otherwise: the same directory
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {killed_at}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6] and not list((tmp_path / "cut").glob(".*"))  # each step once, no temporaries
+    hidden = [p.name for p in (tmp_path / "cut").glob(".*")]
+    assert steps == [2, 4, 6] and hidden == [".lock"]  # each step once, no temporaries
     a, b = read_model(tmp_path / "ref/model.safetensors"), read_model(tmp_path / "cut/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     with safe_open(str(tmp_path / "ref/checkpoint.safetensors"), "pt") as f, \
