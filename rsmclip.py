@@ -1048,9 +1048,9 @@ def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", r
         if given.is_dir():
             hit = target and next((f for f in list_images([given]) if _same_file(f, target)), None)
             if hit:
-                raise RsmclipError(f"{option} {display(out)} is {display(hit)}, an image of {role} "
-                                   f"{display(given)}: writing it would destroy that image; choose another "
-                                   f"{option}")
+                which = "" if hit == out else f" (as {display(hit)})"
+                raise RsmclipError(f"{option} {display(out)} is an image of {role} {display(given)}{which}: "
+                                   f"writing it would destroy that image; choose another {option}")
         elif given.resolve() == out.resolve() or (target and given.exists() and _same_file(given, target)):
             raise RsmclipError(f"{option} {display(out)} is {role} {display(given)}: writing it would "
                                f"destroy that file; choose another {option}")
@@ -1115,17 +1115,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size: Optional
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:  # disk full, no permission: the old file stays
         tmp.unlink(missing_ok=True)
-        # safetensors puts the OS error in its own text: "... IoError(Os { code: 28, ... message: "..." })"
-        why = getattr(e, "strerror", None) or (re.findall(r'message: "([^"]+)"', str(e)) or [str(e)])[0]
-        space = f"needs {size / 2 ** 20:,.1f} MiB, " if size else ""
+        why = os_reason(e)
+        space = f"needs {byte_size(size)}, " if size else ""
         with contextlib.suppress(OSError):
-            space += f"{shutil.disk_usage(path.parent).free / 2 ** 20:,.1f} MiB free there; "
+            space += f"{byte_size(shutil.disk_usage(path.parent).free)} free there; "
         raise RsmclipError(f"{display(path)}: cannot write it ({why}; {space}an existing file is "
                            "unchanged)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def os_reason(e: Exception) -> str:
+    """The system's words for a failed write: an OSError's strerror, or the part of a SafetensorError that
+    quotes it ("Error while serializing: I/O error: No space left on device (os error 28)")."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    found = re.search(r'I/O error: (.+?) \(os error \d+\)|message: "([^"]+)"', str(e))
+    return next(filter(None, found.groups())) if found else str(e)
+
+
+def byte_size(n: int) -> str:
+    """1,234 bytes, 12.1 KiB, 3.4 MiB, 1.2 GiB: a size as a person reads it."""
+    if n < 1024:
+        return f"{n:,} bytes"
+    unit = next(u for u in range(1, 4) if n < 1024 ** (u + 1) or u == 3)
+    return f"{n / 1024 ** unit:,.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict):

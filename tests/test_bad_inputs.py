@@ -8,8 +8,11 @@ The entry points run in this process (their Typer apps through rsmclip.run_cli, 
 the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 import sentencepiece
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import eval as ev
@@ -168,6 +172,8 @@ class Case:
     words: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()  # files under tmp that must keep their bytes
     absent: tuple[str, ...] = ()  # globs under tmp that must match nothing afterwards
+    stdout: tuple[str, ...] = ()  # words the normal output must hold (a rebuilt cache says so there)
+    check: Callable[[Path], None] = lambda tmp: None  # what must hold of the files afterwards
 
 
 CAPTIONS = ["captions", "{tmp}/ds/ann.json", "--images", "{tmp}/ds/imgs", "--out"]  # + the output
@@ -209,6 +215,140 @@ def train_split(tmp: Path, missing: bool = False):
     if missing:
         records[1]["image"] = "imgs/gone.png"
     prepare.write_jsonl(records, path)
+
+
+def image_cache_then_replace(tmp: Path):
+    """A train-split manifest and its image cache c.safetensors; then one image is replaced by another of
+    the same size, its modification time set back: the manifest's bytes are unchanged."""
+    train_split(tmp)
+    path = tmp / "ds" / "captions.jsonl"
+    prepare.build_cache(path, tmp / "c.safetensors", "train")
+    replace_keeping_size_and_mtime(tmp / "ds" / "imgs" / "1.png")
+
+
+def replace_keeping_size_and_mtime(image: Path):
+    """Another picture in the same file name, of exactly the same size, with the old mtime put back."""
+    st = image.stat()
+    for green in range(256):  # another colour whose PNG has the same number of bytes
+        Image.new("RGB", (32, 32), (7, green, 99)).save(image.with_name("other.png"))
+        if image.with_name("other.png").stat().st_size == st.st_size:
+            break
+    os.replace(image.with_name("other.png"), image)  # a new file (new inode), as a copy or an editor gives
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def planted_feature_cache(damage: str) -> Callable[[Path], None]:
+    """A row's make: the features the k-NN row will cache, already there but damaged (`damage`: "nan",
+    "width", "rows"), found where the command looks (the same key)."""
+    def make(tmp: Path):
+        two_classes(tmp)
+        model = rsmclip.load(tmp / "w.safetensors")[0]
+        paths = [p for p, _, _ in ev.classification_items(tmp / "tree")]
+        feats = ev.cached_image_features(model, rsmclip.Preprocess(64), paths,
+                                         rsmclip.weights_fingerprint(tmp / "w.safetensors"), 8, "cpu", 0)
+        file = next((tmp / "home" / "features").glob("*.safetensors"))
+        bad = {"nan": feats.clone().index_fill_(0, torch.tensor([0]), float("nan")),
+               "width": feats[:, :3].contiguous(), "rows": feats[:-1].contiguous()}[damage]
+        save_file({"features": bad}, str(file))
+    return make
+
+
+def cache_is_whole(tmp: Path):
+    """The feature cache was written again: finite, one 64-wide row per image of the tree."""
+    feats = load_features(next((tmp / "home" / "features").glob("*.safetensors")))
+    assert feats.shape == (6, TINY.embed_dim) and torch.isfinite(feats).all()
+
+
+def load_features(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["features"]
+
+
+def index_then_replace(tmp: Path):
+    """A search index of imgs/ built, then imgs/1.png replaced at the same size and mtime."""
+    images(tmp)
+    search = ["search", str(tmp / "imgs"), "roads", "--model", str(tmp / "w.safetensors"), "--index",
+              str(tmp / "i.safetensors")]
+    with pytest.raises(SystemExit):
+        rsmclip_cli.run_cli(rsmclip_cli.app, search)
+    replace_keeping_size_and_mtime(tmp / "imgs" / "1.png")
+
+
+def two_writers(tmp: Path):
+    """A metrics.jsonl written by two runs at once: steps 2, 4, 2, 6, 4 (both runs' lines interleaved)."""
+    (tmp / "run").mkdir()
+    lines = [{"step": s, "loss": v} for s, v in ((2, 5.0), (4, 4.0), (2, 5.1), (6, 3.0), (4, 4.2))]
+    (tmp / "run" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def blow_up(tmp: Path):
+    """A metrics.jsonl whose loss goes to 1e308 and then inf (json writes Infinity), logit scale with it."""
+    (tmp / "run").mkdir()
+    lines = [{"step": 2, "loss": 5.0, "logit_scale": 14.3}, {"step": 4, "loss": 4.0, "logit_scale": 14.2},
+             {"step": 6, "loss": 1e308, "logit_scale": 1e308}, {"step": 8, "loss": float("inf")}]
+    (tmp / "run" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def html_names(page: Path, name: str):
+    assert name in page.read_text(encoding="utf-8")
+
+
+def svg_is_finite(tmp: Path):
+    """curves.svg has no inf/nan coordinate, and says what it did not draw."""
+    svg = (tmp / "run" / "curves.svg").read_text()
+    coords = re.findall(r' (?:x|y|x1|y1|x2|y2|cx|cy|points)="([^"]*)"', svg)
+    numbers = [float(v) for c in coords for v in re.split(r"[ ,]", c)]
+    assert len(numbers) > 100 and all(math.isfinite(v) and abs(v) < 1e4 for v in numbers)
+    assert "not drawn: step 6: 1e+308, step 8: inf" in svg and "not drawn: step 6: 1e+308" in svg
+
+
+def foreign_tokenizer(tmp: Path):
+    """Weights that record their tokenizer's SHA-256, and another SentencePiece model in its place (as
+    many pieces: only the hash tells them apart)."""
+    from conftest import CORPUS, train_spm
+
+    torch.manual_seed(0)
+    (tmp / "m").mkdir()
+    own = train_spm(tmp / "own.model", CORPUS[:17] * 20)
+    rsmclip.save(rsmclip.CLIP(TINY), tmp / "m" / "w.safetensors", tokenizer_sha256=rsmclip.file_sha256(own))
+    train_spm(tmp / "m" / TINY.tokenizer, CORPUS[:9] * 40)
+    images(tmp)
+
+
+def read_only(folder: Path):
+    """A folder that cannot be written, for root too: a read-only tmpfs mounted there (the test's
+    teardown unmounts it), else mode 0555 (which binds every other user)."""
+    folder.mkdir()
+    if os.geteuid() == 0 and os.system(f"mount -t tmpfs -o ro,size=64k tmpfs {folder} 2>/dev/null") == 0:
+        MOUNTS.append(folder)
+    else:
+        folder.chmod(0o555)
+
+
+MOUNTS: list[Path] = []
+
+
+def zeroshot_suite(tmp: Path):
+    """A suite whose first task (k-NN) runs and whose second (zeroshot) lacks "classes"."""
+    two_classes(tmp)
+    (tmp / "suite.json").write_text(json.dumps({"name": "s", "tasks": [
+        {"name": "a", "task": "knn", "data": "tree", "k": 1},
+        {"name": "b", "task": "zeroshot", "data": "tree"}]}))
+
+
+def failing_suite(tmp: Path):
+    """A suite whose first task runs and whose second fails only when it runs (k above the memory)."""
+    two_classes(tmp)
+    (tmp / "suite.json").write_text(json.dumps({"name": "s", "tasks": [
+        {"name": "a", "task": "knn", "data": "tree", "k": 1},
+        {"name": "b", "task": "knn", "data": "tree", "k": 5}]}))
+
+
+def partial_report(tmp: Path):
+    report = json.loads((tmp / "report.json").read_text())
+    assert "task 'b'" in report["error"] and report["finished"]["w"]["a"]["top1"] >= 0
 
 
 CASES = [
@@ -289,7 +429,78 @@ CASES = [
          make=images, words=("is a file, not a folder",)),
     Case("download: --endpoint notaurl", "rsmclip", ["download", "tokenizer", "--out", "{tmp}/w",
                                                      "--endpoint", "notaurl"], words=("not an http(s) URL",)),
+    # outputs onto what the command reads: an image inside a folder argument (issue: 8 data losses)
+    *(Case(f"search: {option} is an image of the searched folder", "rsmclip",
+           ["search", "{tmp}/imgs", "roads", "--model", "{w}", option, "{tmp}/imgs/1.png"]
+           + (["--index", "{tmp}/i.safetensors"] if option != "--index" else []),
+           make=images, words=(option, "imgs/1.png is an image of the input", "would destroy that image"),
+           unchanged=("imgs/1.png",), absent=("i.safetensors",))
+      for option in ("--html", "--out", "--index")),
+    Case("search: --html a symlink to an image of the folder", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--html", "{tmp}/page.html"],
+         make=lambda tmp: (images(tmp), (tmp / "page.html").symlink_to(tmp / "imgs" / "0.png")),
+         words=("would destroy that image",), unchanged=("imgs/0.png",)),
+    Case("classify: --out an image of the folder argument", "rsmclip",
+         ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}", "--out", "{tmp}/imgs/2.png"],
+         make=images, words=("imgs/2.png is an image of the input",), unchanged=("imgs/2.png",)),
+    Case("search: a file name not UTF-8 on the --html page", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--html",
+          "{tmp}/hits.html"], code=0, make=odd_names,
+         check=lambda tmp: html_names(tmp / "hits.html", "caf\\xe9.png")),
+    Case("search: an image replaced at the same size and mtime is embedded again", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors"], code=0,
+         make=index_then_replace, stdout=("3 images (1 added, 1 removed or changed",)),
+    Case("search: $RSMCLIP_HOME is a file", "rsmclip", ["search", "{tmp}/imgs", "roads", "--model", "{w}"],
+         make=lambda tmp: (images(tmp), (tmp / "home").write_text("x")),
+         words=("$RSMCLIP_HOME", "is a file, not a folder"), unchanged=("home",)),
+    Case("search: weights that name another tokenizer", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{tmp}/m/w.safetensors", "--index",
+          "{tmp}/i.safetensors"],
+         make=foreign_tokenizer, words=("is not the one", "was saved with", "--tokenizer"),
+         absent=("i.safetensors",)),
+    Case("search: another tokenizer given on purpose is used, with a warning", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{tmp}/m/w.safetensors", "--index",
+          "{tmp}/i.safetensors", "--tokenizer", "{tmp}/m/spm.model"], code=0, make=foreign_tokenizer,
+         words=("warning: tokenizer", "used because --tokenizer names it")),
     # --- eval.py
+    *(Case(f"{command}: --out an image of the evaluated data", "eval",
+           [command, "--model", "{w}", "--data", data, "--out", target, "--workers", "0", *extra],
+           make=make, words=("is an image of the input" if data.endswith("tree") else "is the input",),
+           unchanged=(target.replace("{tmp}/", ""),))
+      for command, data, target, extra, make in (
+          ("retrieval", MANIFEST, "{tmp}/ds/imgs/0.png", [], lambda tmp: manifest(tmp, {"en": ["a road"]})),
+          ("zeroshot", "{tmp}/tree", "{tmp}/tree/water/1.png", ["--classes", "RSSCN7"], two_classes),
+          ("linear-probe", "{tmp}/tree", "{tmp}/tree/fields/0.png", [], two_classes),
+          ("knn", "{tmp}/tree", "{tmp}/tree/fields/2.png", ["--k", "1"], two_classes))),
+    Case("retrieval: --out a manifest image through a symlinked folder", "eval",
+         ["retrieval", "--model", "{w}", "--data", MANIFEST, "--out", "{tmp}/link/0.png"],
+         make=lambda tmp: (manifest(tmp, {"en": ["a road"]}), (tmp / "link").symlink_to(tmp / "ds" / "imgs")),
+         words=("is the input",), unchanged=("ds/imgs/0.png",)),
+    *(Case(f"knn: a feature cache with {what} is not trusted", "eval",
+           ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--k", "1", "--workers", "0"], code=0,
+           make=planted_feature_cache(damage), words=("unusable feature cache", why, "encoding again"),
+           check=cache_is_whole)
+      for damage, what, why in (("nan", "a NaN", "non-finite features"),
+                                ("width", "features of the wrong width", "(6, 3), expected float32 (6, 64)"),
+                                ("rows", "a row too few", "(5, 64), expected float32 (6, 64)"))),
+    Case("linear-probe: $RSMCLIP_HOME is a file", "eval",
+         ["linear-probe", "--model", "{w}", "--data", "{tmp}/tree", "--workers", "0"],
+         make=lambda tmp: (two_classes(tmp), (tmp / "home").write_text("x")),
+         words=("$RSMCLIP_HOME", "is a file, not a folder")),
+    Case("linear-probe: --test-fraction nan", "eval",
+         ["linear-probe", "--model", "{w}", "--data", "{tmp}/tree", "--test-fraction", "nan"], code=2,
+         make=two_classes, words=("nan is not a share between 0.01 and 0.99",)),
+    Case("retrieval: --out in a read-only folder, before any work", "eval",
+         ["retrieval", "--model", "{w}", "--data", MANIFEST, "--out", "{tmp}/ro/r.json"],
+         make=lambda tmp: (manifest(tmp, {"en": ["a road"]}), read_only(tmp / "ro")),
+         words=("cannot write in", "not writable")),
+    Case("report: a zeroshot task without classes, found before any task runs", "eval",
+         ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"], make=zeroshot_suite,
+         words=("zeroshot task 'b' needs \"classes\"",), absent=("report.*",)),
+    Case("report: a task that fails late keeps the results of those before it", "eval",
+         ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"], make=failing_suite,
+         words=("task 'b'", "--k 5: more neighbours", "the tasks that finished before it are in report.json"),
+         absent=("report.md",), check=partial_report),
     Case("retrieval: --out under a file", "eval",
          ["retrieval", "--model", "{w}", "--data", MANIFEST, "--workers", "0", "--out", MANIFEST + "/r.json"],
          make=lambda tmp: manifest(tmp, {"en": ["a road"]}), words=("is a file, not a folder",)),
@@ -362,6 +573,9 @@ CASES = [
          make=train_split, words=("--max-side 8: at least 32",)),
     Case("cache --out the manifest", "prepare", ["cache", MANIFEST, "--out", MANIFEST],
          make=train_split, words=("captions.jsonl",), unchanged=("ds/captions.jsonl",)),
+    Case("cache --out an image the manifest lists", "prepare",
+         ["cache", MANIFEST, "--out", "{tmp}/ds/imgs/1.png"],
+         make=train_split, words=("imgs/1.png is the input",), unchanged=("ds/imgs/1.png",)),
     Case("cache: an image missing", "prepare", ["cache", MANIFEST, "--out", "{tmp}/c.safetensors"],
          make=lambda tmp: train_split(tmp, missing=True),
          words=("1 of 2 train images are unreadable", "gone.png"), absent=("c.safetensors",)),
@@ -432,6 +646,17 @@ CASES = [
     Case("train: resuming a run without its config.json", "train", TRAIN + ["--batch-size", "7"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, None)),
          words=("no config.json", "use another --out"), unchanged=("run/checkpoint.safetensors",)),
+    Case("train: --image-cache whose images changed (same manifest bytes)", "train",
+         TRAIN + ["--langs", "en", "--image-cache", "{tmp}/c.safetensors"], make=image_cache_then_replace,
+         words=("1 of 2 cached images changed since the cache was made: imgs/1.png", "rebuild it"),
+         absent=("run",)),
+    Case("train: --out an existing file", "train", TRAIN[:-1] + ["{tmp}/afile", "--langs", "en"],
+         make=lambda tmp: (train_split(tmp), (tmp / "afile").write_text("mine")),
+         words=("--out", "a file; a run directory is a folder"), unchanged=("afile",)),
+    Case("train plot: steps written by two runs are a warning, not a zigzag", "train", ["plot", "{tmp}/run"],
+         code=0, make=two_writers, words=("repeated or decreasing steps (2 after 4)", "two runs")),
+    Case("train plot: inf and 1e308 are marked, not plotted", "train", ["plot", "{tmp}/run"], code=0,
+         make=blow_up, check=svg_is_finite),
     Case("train plot: no such folder", "train", ["plot", "{tmp}/run"], words=("run: no such run directory",)),
     Case("train plot: a folder without metrics.jsonl", "train", ["plot", "{tmp}/run"],
          make=lambda tmp: (tmp / "run").mkdir(), words=("run/metrics.jsonl: no such file",),
@@ -461,14 +686,18 @@ def entry_app(name: str):
 def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    case.make(tmp_path)
     w = weights(tmp_path, spm_model) if any("{w}" in a or "{spm}" in a for a in case.args) else None
+    case.make(tmp_path)  # after the weights: some rows run a command to make their input
     before = {f: (tmp_path / f).read_bytes() for f in case.unchanged}
     fill = {"{tmp}": tmp_path, "{w}": w, "{spm}": tmp_path / TINY.tokenizer}
     args = [a.replace("{tmp}", str(tmp_path)).replace("{w}", str(w)).replace("{spm}", str(fill["{spm}"]))
             for a in case.args]  # not str.format: rows pass braces of their own (templates)
-    with pytest.raises(SystemExit) as exit_:
-        rsmclip_cli.run_cli(entry_app(case.entry), args)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            rsmclip_cli.run_cli(entry_app(case.entry), args)
+    finally:
+        while MOUNTS:
+            os.system(f"umount {MOUNTS.pop()}")
     out = capsys.readouterr()
     assert exit_.value.code == case.code, out
     assert "Traceback" not in out.err + out.out
@@ -478,6 +707,9 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
         assert (tmp_path / f).read_bytes() == data, f"{f} changed"
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), pattern
+    for word in case.stdout:
+        assert word in out.out, out.out
+    case.check(tmp_path)
 
 
 # ----------------------------------------------------------------------------- the one atomic writer
@@ -504,3 +736,57 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
     assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()
     with pytest.raises(rsmclip.RsmclipError, match="is a folder; give a file name"):
         rsmclip.atomic_write(tmp_path, lambda tmp: None)
+
+
+def test_a_failing_safetensors_write_names_the_file_and_the_space(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error, with the OS error inside its text."""
+    target = tmp_path / "index.safetensors"
+    target.write_bytes(b"the old index")
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(rsmclip, "save_file", full)
+    with pytest.raises(rsmclip.RsmclipError) as error:
+        rsmclip.atomic_save({"embeddings": torch.zeros(256, 4)}, target, {})
+    assert str(error.value).startswith(f"{target}: cannot write it (No space left on device; needs 4.0 KiB, ")
+    assert "free there; an existing file is unchanged)" in str(error.value)
+    assert target.read_bytes() == b"the old index" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB file system mounted at tmp/small, then filled: every write there fails with ENOSPC, as on
+    a full disk. Needs root (mount); skipped with the reason otherwise."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=1m tmpfs {small} 2>/dev/null") != 0:
+        pytest.skip("mounting a small tmpfs needs root: the full-disk path is covered by the unit test above")
+    try:
+        with contextlib.suppress(OSError), open(small / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(bytes(4096))
+        yield small
+    finally:
+        os.system(f"umount {small}")
+
+
+@pytest.mark.parametrize("entry", ["search", "cache"])
+def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, spm_model, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    w = weights(tmp_path, spm_model)
+    if entry == "search":
+        app, out = rsmclip_cli.app, full_disk / "i.safetensors"
+        args = ["search", str(images(tmp_path)), "roads", "--model", str(w), "--index", str(out)]
+    else:
+        train_split(tmp_path)
+        app, out = prepare.app, full_disk / "c.safetensors"
+        args = ["cache", str(tmp_path / "ds" / "captions.jsonl"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        rsmclip_cli.run_cli(app, args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err, err
+    assert f"error: {out}: cannot write it (No space left on device; needs " in err
+    assert "0 bytes free there; an existing file is unchanged" in err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no partial or temporary file

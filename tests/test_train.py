@@ -468,6 +468,55 @@ def test_every_option_of_train_and_eval_says_what_it_does():
                 assert param.help and "(default: )" not in param.help, (command.name, param.name)
 
 
+def test_two_runs_on_one_directory_one_runs_and_the_other_is_refused(tmp_path, demo_manifest):
+    args = ["--out", tmp_path / "run", *demo_args(demo_manifest), *SMALL]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    metrics, deadline = tmp_path / "run/metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size) and first.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, lock held: the second run meets it for certain
+    try:
+        second = run_train(*args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"{tmp_path / 'run'} is in use by another train.py (pid {first.pid})" in second.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6]  # once each
+
+
+def test_a_full_disk_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, demo_manifest):
+    """On a file system with room for one checkpoint but not two (an atomic write holds the old one until
+    the new one is whole), the second checkpoint fails: a message, the first checkpoint intact, and once
+    there is room the same command resumes from it."""
+    args = [*demo_args(demo_manifest), *SMALL]
+    probe = run_train("--out", tmp_path / "probe", *args[:-5], "--steps", "2", "--ckpt-every", "2")
+    assert probe.returncode == 0, probe.stderr
+    size = (tmp_path / "probe/checkpoint.safetensors").stat().st_size
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size={size * 3 // 2 + 2 ** 20} tmpfs {small}"):
+        pytest.skip("mounting a small tmpfs needs root (the message itself: test_bad_inputs' unit test)")
+    try:
+        stopped = run_train("--out", small / "run", *args)
+        assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+        checkpoint = small / "run/checkpoint.safetensors"
+        assert f"error: {checkpoint}: cannot write it (No space left on device; needs " in stopped.stderr
+        assert ("the run stopped at step 4 and its last good checkpoint, step 2, is unchanged: free space "
+                "and run the same command to resume") in stopped.stderr
+        assert train.read_checkpoint(checkpoint)[0]["step"] == 2
+        assert not [p.name for p in (small / "run").iterdir() if p.name.endswith("tmp") or "tmp" in p.name]
+        assert os.system(f"mount -o remount,size={4 * size} tmpfs {small}") == 0
+        resumed = run_train("--out", small / "run", *args)
+        assert resumed.returncode == 0 and "resuming at step 2" in resumed.stdout, resumed.stderr
+    finally:
+        os.system(f"umount {small}")
+
+
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest):
     args = [*demo_args(demo_manifest), *SMALL]
     reference = run_train("--out", tmp_path / "ref", *args)
