@@ -65,6 +65,18 @@ def test_convert_round_trip(tiny_weights, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_convert_records_the_tokenizer_and_keeps_the_record(tiny_weights, tmp_path):
+    """--tokenizer puts the file's SHA-256 in the weights; a later convert without it keeps it."""
+    spm = tiny_weights.parent / rsmclip.PRESETS["tiny"].tokenizer
+    assert rsmclip.tokenizer_sha(tiny_weights) is None
+    result = run("convert", tiny_weights, tmp_path / "a.safetensors", "--tokenizer", spm)
+    assert result.returncode == 0, result.stderr
+    assert rsmclip.tokenizer_sha(tmp_path / "a.safetensors") == rsmclip.file_sha256(spm)
+    result = run("convert", tmp_path / "a.safetensors", tmp_path / "oc.safetensors", "--to-openclip")
+    assert result.returncode == 0, result.stderr
+    assert rsmclip.tokenizer_sha(tmp_path / "oc.safetensors") == rsmclip.file_sha256(spm)
+
+
 def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     images = tmp_path / "images"
     write_images(images, 4)

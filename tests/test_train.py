@@ -362,6 +362,8 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert "retrieval before training" in result.stdout and "retrieval mR before" in result.stdout
     model, _, tokenizer = rsmclip.load(tmp_path / "run/model.safetensors")
     assert model.config == rsmclip.PRESETS["tiny"] and tokenizer.path.name == "spm.model"
+    spm_sha = rsmclip.file_sha256(demo_manifest.parent / "spm.model")  # recorded: another one is refused
+    assert rsmclip.tokenizer_sha(tmp_path / "run/model.safetensors") == spm_sha
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert {"loss", "clip", "distill", "lr", "head_lr", "logit_scale", "teacher_temp", "images_per_s",
