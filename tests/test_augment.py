@@ -4,8 +4,10 @@ torchvision's samplers (RandomResizedCrop.get_params, ColorJitter), and the deco
 (data/prepare.py) against the files it was made from."""
 import json
 import math
+import os
 import pickle
 import random
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -317,6 +319,28 @@ def test_a_stale_foreign_or_cut_cache_is_refused(tmp_path):
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     prepare.write_jsonl([r | {"captions": {"en": ["another caption"]}} for r in records], manifest)
     with pytest.raises(prepare.DataError, match="made from another manifest .* rebuild it: python data/"):
+        prepare.ImageCache(path, manifest)
+
+
+def test_a_cache_follows_its_images_not_only_its_manifest(tmp_path, capsys):
+    """A copied dataset (new inodes and change times, same bytes) keeps its cache, with a note; an image
+    edited in place, its modification time set back, is found by its bytes and the cache refused."""
+    manifest = tiny_dataset(tmp_path / "a")
+    path = manifest.parent / "c.safetensors"
+    prepare.build_cache(manifest, path)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # copy2: the same mtimes, other inodes and ctimes
+    copy = prepare.ImageCache(tmp_path / "b/ds/c.safetensors", tmp_path / "b/ds" / manifest.name)
+    assert len(copy) == 3
+    assert "3 of 3 cached images have new file stamps but the same bytes" in capsys.readouterr().err
+    image = manifest.parent / "imgs/1.png"
+    st = image.stat()
+    with open(image, "r+b") as f:  # one byte of the file changed where it lies: same size, same inode
+        f.seek(st.st_size - 20)
+        byte = f.read(1)
+        f.seek(st.st_size - 20)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(prepare.DataError, match="1 of 3 cached images changed since the cache was made"):
         prepare.ImageCache(path, manifest)
 
 
