@@ -843,13 +843,12 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                         "step": step, "images_per_s": cfg.log_every * cfg.batch_size * world / (now - tick),
                         "skipped_images": skipped, "memory_mb": memory_mb(device.type)}
                     tick = now
-                    metrics.write(json.dumps(logs) + "\n")
-                    metrics.flush()
+                    log_line(metrics, logs, step, saved)
                     clip = f" clip {logs['clip']:.3f}" if "clip" in logs else ""
                     bar.update(task, info=f"loss {logs['loss']:.3f}{clip} {logs['images_per_s']:.0f} img/s")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps and is_main:
                 result = validate(run, val_manifest, "val")
-                metrics.write(json.dumps({"step": step, "val": result}) + "\n")
+                log_line(metrics, {"step": step, "val": result}, step, saved)
                 bar.console.print(f"step {step}: validation mR {mean_recall(result)}")
             if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
                 finite.check()
@@ -857,10 +856,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                     try:
                         save_checkpoint(run, checkpoint, step, skipped)
                     except rsmclip.RsmclipError as e:  # a full disk: the previous checkpoint is whole
-                        kept = (f"its last good checkpoint, step {saved}, is unchanged" if saved
-                                else "it has no checkpoint yet")
-                        raise TrainError(f"{e}; the run stopped at step {step} and {kept}: free space and "
-                                         "run the same command to resume") from None
+                        raise stopped(str(e), step, saved) from None
                     saved = step
                 barrier()
             if stop["signal"]:
@@ -887,6 +883,23 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         del run, model  # DDP's reducer holds the process group: see teardown_distributed
         teardown_distributed()
     return final
+
+
+def stopped(why: str, step: int, saved: int) -> TrainError:
+    """A run that cannot write (a full disk): where it stopped, and what a resume starts from."""
+    kept = f"its last good checkpoint, step {saved}, is unchanged" if saved else "it has no checkpoint yet"
+    return TrainError(f"{why}; the run stopped at step {step} and {kept}: free space and run the same "
+                      "command to resume")
+
+
+def log_line(metrics, row: dict, step: int, saved: int):
+    """One metrics.jsonl line, flushed (a kill loses at most the line being written)."""
+    try:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    except OSError as e:
+        raise stopped(f"{rsmclip.display(metrics.name)}: cannot write it ({e.strerror})", step,
+                      saved) from None
 
 
 def finished_step(out: Path) -> Optional[int]:

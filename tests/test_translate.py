@@ -717,7 +717,7 @@ def test_disk_full_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path, c
     monkeypatch.setattr(os, "fsync", full)  # atomic_write flushes the finished temporary file to disk
     try:
         said = cli(*http_args(tmp_path, server.url, "--langs", "pt"))
-        assert "out.jsonl: cannot write it (No space left on device)" in said
+        assert "out.jsonl: cannot write it (No space left on device; " in said
     finally:
         server.close()
     assert (tmp_path / "out.jsonl").read_text() == "an earlier run's output\n"
