@@ -788,7 +788,7 @@ def convert(src: str | Path, dst: str | Path, to_openclip: bool = False,
 
 
 def tokenizer_sha(weights: Path) -> Optional[str]:
-    """The SHA-256 of the tokenizer the weights were saved with (save(tokenizer=...)), if they name one."""
+    """The SHA-256 of the tokenizer the weights were saved with (save(tokenizer_sha256=...)), if recorded."""
     try:
         with safe_open(str(weights), "pt") as f:
             return (f.metadata() or {}).get("tokenizer_sha256")
