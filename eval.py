@@ -938,8 +938,8 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     tasks = check_suite(read_json(suite), suite)["tasks"]
     reads = [suite, tokenizer, *model_paths,
              *(f for t in tasks for f in data_files(suite.parent / t["data"]))]
-    for out, option in ((out_json, "--out-json"), (out_md, "--out-md")):
-        rsmclip.refuse_overwrite(out, reads + ([out_json] if out == out_md else []), option)
+    rsmclip.refuse_overwrite(out_json, reads, "--out-json")
+    rsmclip.refuse_overwrite(out_md, [*reads, out_json], "--out-md")
     if any(t["task"] in ("linear-probe", "knn") for t in tasks):
         rsmclip.cache_dir(check=True)
     try:
