@@ -427,6 +427,13 @@ CASES = [
     Case("classify: --out under a file", "rsmclip",
          ["classify", "{tmp}/imgs", "--labels", "a,b", "--model", "{w}", "--out", "{tmp}/imgs/0.png/c.json"],
          make=images, words=("is a file, not a folder",)),
+    Case("convert --tokenizer that is not a SentencePiece model", "rsmclip",
+         ["convert", "{w}", "{tmp}/o.safetensors", "--tokenizer", "{tmp}/t.model"],
+         make=lambda tmp: (tmp / "t.model").write_text("not a model"),
+         words=("t.model: not a SentencePiece model",), absent=("o.safetensors",)),
+    Case("convert --tokenizer that does not exist", "rsmclip",
+         ["convert", "{w}", "{tmp}/o.safetensors", "--tokenizer", "{tmp}/none.model"],
+         words=("none.model: no such file",), absent=("o.safetensors",)),
     Case("download: --endpoint notaurl", "rsmclip", ["download", "tokenizer", "--out", "{tmp}/w",
                                                      "--endpoint", "notaurl"], words=("not an http(s) URL",)),
     # outputs onto what the command reads: an image inside a folder argument (issue: 8 data losses)
