@@ -25,6 +25,7 @@ import functools
 import glob
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -469,14 +470,15 @@ MAX_ASPECT = 20
 STRETCH_PERCENTILES = (1, 99)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Read an image file as 8-bit RGB, or raise ImageError naming the file and the problem."""
+def open_image(path: str | Path, data: Optional[bytes] = None) -> Image.Image:
+    """Read an image file (or its bytes, `data`, named `path` in messages: a sample of a tar shard) as 8-bit
+    RGB, or raise ImageError naming the file and the problem."""
     path = Path(path)
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's bomb check, at our limit: set where images are opened
-    if path.is_dir():
+    if data is None and path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     try:
-        image = Image.open(path)
+        image = Image.open(path if data is None else io.BytesIO(data))
         w, h = image.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} "

@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 4 train.py --preset rs-m-clip ...    # DDP: same script, no flags
     python data/prepare.py cache D.jsonl && python train.py ... --data D.jsonl \
         --image-cache D.train.imagecache.safetensors      # decoded once; views made on the GPU (README)
+    python data/prepare.py shards D.jsonl --out S && python train.py ... \
+        --data 'S/train-{000000..000099}.tar' --val-data D.jsonl   # streamed tar shards (data/shards.py)
 
 Each image gives 2 global crops and N local crops. The student (the CLIP model and a DINO head on the
 ViT class token) sees every crop; an EMA teacher (image tower + head) sees the global crops. Loss =
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +54,7 @@ import eval as ev
 import rsmclip
 import rsmclip_cli
 from data import augment
+from data import shards as shardlib
 from data.demo import make_demo
 from data.prepare import ImageCache, load_manifest
 
@@ -67,7 +71,8 @@ class TrainError(rsmclip.RsmclipError):
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={
-        "help": "captions.jsonl manifests (repeat the flag, or separate them with commas)",
+        "help": "captions.jsonl manifests, or WebDataset tar shards: 'DIR/train-{000000..000099}.tar', a "
+                "folder of .tar files (repeat the flag, or separate them with commas)",
         "unset": "none, the built-in demo"})
     out: str = field(default="runs/demo", metadata={"help": "run directory; an existing one is resumed"})
     init: str = field(default="", metadata={
@@ -81,7 +86,7 @@ class TrainConfig:
     langs: str = field(default=",".join(rsmclip.LANGS), metadata={"help": "caption languages drawn from"})
     val_data: str = field(default="", metadata={
         "help": "manifest for validation (val split every --val-every steps, test split before and after)",
-        "unset": "the first --data"})
+        "unset": "the first --data (none with shards)"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step and process"})
     lr: float = field(default=5e-4, metadata={
@@ -144,6 +149,8 @@ class TrainConfig:
     val_every: int = field(default=0, metadata={"help": "validate every N steps; 0: at the end only"})
     ckpt_every: int = field(default=100, metadata={
         "help": "checkpoint every N steps (and on SIGINT/SIGTERM)"})
+    shuffle_buffer: int = field(default=1000, metadata={
+        "help": "shards: samples shuffled together (a block each loader worker reads and holds)"})
     strict_images: bool = field(default=False, metadata={
         "help": "stop on an unreadable image instead of skipping it"})
     deterministic: bool = field(default=False, metadata={
@@ -259,9 +266,44 @@ class MultiCropDataset(torch.utils.data.Dataset):
                          if local else None}
 
 
+class ShardDataset(MultiCropDataset):
+    """The same samples as MultiCropDataset, read from tar shards: a key is ((stream, position), seed)
+    (data/shards.py). A sample without image or caption, or whose image does not decode, is replaced by
+    the next one of its stream and reported, as an unreadable file is; a shard that cannot be read stops the
+    run with its message (carried in the batch: a loader worker's exception would arrive as a traceback)."""
+
+    def __init__(self, shards: shardlib.ShardSet, streams: shardlib.Streams, cfg: TrainConfig,
+                 image_size: int, tokenizer: rsmclip.Tokenizer, tensor: bool = False):
+        super().__init__([], cfg, image_size, tokenizer, None, tensor)
+        self.reader = shardlib.ShardReader(shards, streams)
+
+    def read(self, index: tuple[int, int]) -> tuple[dict, Image.Image, list[str]]:
+        stream, position = index
+        failures = []
+        for attempt in range(self.reader.streams.block):
+            shard, key, data = self.reader.get(stream, position + attempt)
+            try:
+                captions, name, image = shardlib.parse_sample(shard, key, data)
+                if not any(captions.get(lang) for lang in self.langs):
+                    raise rsmclip.ImageError(f"{name}: no caption in --langs {','.join(self.langs)}")
+                return {"captions": captions}, rsmclip.open_image(name, image), failures
+            except rsmclip.ImageError as e:
+                failures.append(str(e))
+        raise shardlib.ShardError(f"stream {stream}: {len(failures)} samples in a row cannot be used, the "
+                                  f"last: {failures[-1]}")
+
+    def __getitem__(self, key):
+        try:
+            return super().__getitem__(key)
+        except shardlib.ShardError as e:
+            return {"fatal": str(e)}
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack view-major ([view 0 of every image, view 1 of every image, ...]) as the losses expect. Tensor
     samples give their images, padded to one size, and the plans of their views (data/augment.py)."""
+    if fatal := [s["fatal"] for s in samples if "fatal" in s]:
+        return {"fatal": fatal[0]}
     ids = torch.stack([s["ids"] for s in samples], 1).flatten(0, 1)
     # cut after the longest caption here, on the CPU: the text tower does not on a GPU (a host sync)
     last = int((ids != rsmclip.PAD).any(0).nonzero().max()) + 1
@@ -302,6 +344,42 @@ class StepSampler:
             pos = (step % self.per_epoch) * self.batch * self.world + self.rank * self.batch
             yield [(int(i), (self.seed * 1_000_003 + step) * 4096 + self.rank * self.batch + j)
                    for j, i in enumerate(order[pos:pos + self.batch])]
+
+
+class StreamSampler:
+    """Shards' batches for steps start..steps-1: ((stream, position), seed) keys. At step k each process
+    reads the next batch of its stream k mod S (S = max(workers, 1) streams a process): the loader sends
+    a step's batch to worker (k - start) mod workers, so each worker always reads the same stream, in
+    order. Augmentation seeds as StepSampler's."""
+
+    def __init__(self, streams: int, batch: int, rank: int, seed: int, start: int, steps: int):
+        self.streams, self.batch, self.rank, self.seed = streams, batch, rank, seed
+        self.start, self.steps = start, steps
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            stream = self.rank * self.streams + step % self.streams
+            position = (step // self.streams) * self.batch
+            seed = (self.seed * 1_000_003 + step) * 4096 + self.rank * self.batch
+            yield [((stream, position + j), seed + j) for j in range(self.batch)]
+
+
+def data_state(shards: shardlib.ShardSet, streams: shardlib.Streams, per_process: int, batch: int,
+               step: int) -> dict:
+    """What the checkpoint records of the shards: which (fingerprint, streams) and where every stream
+    stands after `step` steps (its position, pass, and the shard its next block starts in)."""
+    where = []
+    for stream in range(streams.streams):
+        position = max(0, step - stream % per_process + per_process - 1) // per_process * batch
+        number, start, _ = streams.find_pass(stream, position)
+        shard = streams.block_samples((stream, number, (position - start) // streams.block))[0][0]
+        where.append({"stream": stream, "position": position, "pass": number,
+                      "shard": shards.paths[shard].name})
+    return {"shards": shards.fingerprint, "streams": streams.streams, "block": streams.block,
+            "positions": where}
 
 
 # ===================================================================== model parts
@@ -566,9 +644,10 @@ class FiniteWatch:
 
 # ===================================================================== checkpoints (no pickle)
 
-def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
+def save_checkpoint(run: Run, path: Path, step: int, skipped: int, data: Optional[dict] = None):
     """Everything a resume needs in one safetensors file (tensors + JSON metadata), written to a
-    temporary file and renamed: a kill at any moment leaves the previous checkpoint intact."""
+    temporary file and renamed: a kill at any moment leaves the previous checkpoint intact. `data`: where
+    the shards' streams stand (data_state); a manifest's order is a function of the step alone."""
     tensors = {f"student.{k}": v for k, v in run.unwrapped.state_dict().items()}
     if run.teacher is not None:
         tensors |= {f"teacher.{k}": v for k, v in run.teacher.state_dict().items()}
@@ -577,7 +656,7 @@ def save_checkpoint(run: Run, path: Path, step: int, skipped: int):
     for index, state in optim["state"].items():
         tensors |= {f"optim.{index}.{k}": v for k, v in state.items()}
     meta = {"step": step, "skipped": skipped, "param_groups": optim["param_groups"],
-            "scaler": run.scaler.state_dict() if run.scaler else None}
+            "scaler": run.scaler.state_dict() if run.scaler else None, "data": data}
     tensors = {k: v.detach().clone() for k, v in tensors.items()}
     rsmclip.atomic_save(tensors, path, {"state": json.dumps(meta)})
 
@@ -707,9 +786,11 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
     return Run(cfg, student, unwrapped, teacher, dino, optimizer, scaler, tokenizer, device, dtype)
 
 
-def validate(run: Run, manifest: str, split: str) -> Optional[dict]:
+def validate(run: Run, manifest: Optional[str], split: str) -> Optional[dict]:
     """Retrieval with eval.py's protocol on a manifest split, in the run's languages that the split has
-    (None if it has no such images)."""
+    (None if it has no such images, or there is no manifest)."""
+    if manifest is None:
+        return None
     chosen = [r for r in load_manifest(Path(manifest)) if r["split"] == split]
     langs = [lang for lang in rsmclip.parse_langs(run.cfg.langs)
              if all(r["captions"].get(lang) for r in chosen)]
@@ -772,22 +853,33 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         if is_main:
             make_demo(DEMO_DIR)  # a few seconds, once
         barrier()
-    items = read_manifests(cfg.data, "train")
-    if not items:
-        raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
-    check_languages(items, rsmclip.parse_langs(cfg.langs))
+    shards = shardlib.open_shards(cfg.data) if shardlib.is_shards(cfg.data) else None
+    if shards:
+        items = []
+        streams = shardlib.Streams(shards.counts, world * max(cfg.workers, 1), cfg.seed, cfg.shuffle_buffer)
+        check_languages([{"captions": {lang: [""] for lang in shards.langs}}], rsmclip.parse_langs(cfg.langs))
+        size = sum(shards.counts)
+    else:
+        items = read_manifests(cfg.data, "train")
+        if not items:
+            raise TrainError(f"no training images in {', '.join(cfg.data)} (split 'train')")
+        check_languages(items, rsmclip.parse_langs(cfg.langs))
+        size = len(items)
     cache = ImageCache(Path(cfg.image_cache), Path(cfg.data[0])) if cfg.image_cache else None
     # Batched on a GPU the augmentation costs little of the step; on a CPU it would share the cores with
     # the model, while PIL runs in the loader processes beside it
     tensor = cfg.augment == "tensor" or cfg.augment == "auto" and device.type == "cuda"
-    if len(items) < cfg.batch_size * world:
-        raise TrainError(f"{len(items)} training images: fewer than one batch of {cfg.batch_size * world}")
+    if size < cfg.batch_size * world:
+        raise TrainError(f"{size} training images: fewer than one batch of {cfg.batch_size * world}")
 
     # ----- model, optimizer, resume -----
     model, tokenizer = build_model(cfg, Path(cfg.tokenizer) if cfg.tokenizer else None)
     run = build_run(cfg, model, tokenizer, device)
     start, skipped = (load_checkpoint(run, checkpoint) if checkpoint.exists() else (0, 0))
-    val_manifest = cfg.val_data or cfg.data[0]
+    if start:
+        check_data_state(read_checkpoint(checkpoint)[0].get("data"), shards and data_state(
+            shards, streams, max(cfg.workers, 1), cfg.batch_size, start))
+    val_manifest = cfg.val_data or (None if shards else cfg.data[0])
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         # A kill during a write leaves a temporary file: atomic_write's (.NAME.PID.XXXX.tmp) or the one
@@ -800,19 +892,29 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         saved = {"config": asdict(cfg), "argv": argv, "git_commit": commit, "world_size": world}
         text = json.dumps(saved, indent=2) + "\n"
         rsmclip.atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
-        print(f"{'resuming at step ' + str(start) if start else 'starting'}: {len(items)} training images, "
+        for note in shards.notes if shards else []:
+            print(f"note: {note}")
+        source = f"{size:,} training images" + (f" in {len(shards.paths)} shards, {streams.streams} streams"
+                                                if shards else "")
+        print(f"{'resuming at step ' + str(start) if start else 'starting'}: {source}, "
               f"{cfg.steps} steps of {cfg.batch_size * world}, {rsmclip.count_parameters(model)['total']:,} "
               f"parameters, device {device}, precision {cfg.precision}, "
               f"augment {'tensor' if tensor else 'pil'}" + (f" from {cfg.image_cache}" if cache else ""))
     before = None
     if is_main:
         before = validate(run, val_manifest, "test") if start == 0 else earlier_before(out)
-    if is_main and start == 0:
+    if is_main and start == 0 and val_manifest:
         print(f"retrieval before training ({val_manifest}, test split): mR {mean_recall(before)}")
+    elif is_main and start == 0:
+        print("no --val-data: retrieval is not measured (shards hold one split; give the manifest)")
 
     # ----- loop -----
-    dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer, cache, tensor)
-    sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
+    if shards:
+        dataset = ShardDataset(shards, streams, cfg, model.config.vision.image_size, tokenizer, tensor)
+        sampler = StreamSampler(max(cfg.workers, 1), cfg.batch_size, rank, cfg.seed, start, cfg.steps)
+    else:
+        dataset = MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer, cache, tensor)
+        sampler = StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
@@ -826,6 +928,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     with bar, open(out / "metrics.jsonl", "a") if is_main else open(os.devnull, "w") as metrics:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="", ran=0, seconds=0.0)
         for batch in loader:
+            if "fatal" in batch:
+                raise TrainError(batch["fatal"])
             if batch["failures"]:
                 if cfg.strict_images:
                     raise TrainError(f"unreadable training image: {batch['failures'][0]} "
@@ -856,7 +960,8 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 finite.check()
                 if is_main:
                     try:
-                        save_checkpoint(run, checkpoint, step, skipped)
+                        save_checkpoint(run, checkpoint, step, skipped, shards and data_state(
+                            shards, streams, max(cfg.workers, 1), cfg.batch_size, step))
                     except rsmclip.RsmclipError as e:  # a full disk: the previous checkpoint is whole
                         raise stopped(str(e), step, saved) from None
                     saved = step
@@ -902,6 +1007,28 @@ def log_line(metrics, row: dict, step: int, saved: int):
     except OSError as e:
         raise stopped(f"{rsmclip.display(metrics.name)}: cannot write it ({e.strerror})", step,
                       saved) from None
+
+
+def check_data_state(saved: Optional[dict], now: Optional[dict]):
+    """A run resumes on the kind of data it began on, and a run on shards only on the same shards and
+    streams: else its data order would change."""
+    if (saved is None) != (now is None):
+        kinds = ("shards", "manifests") if now is None else ("manifests", "shards")
+        raise TrainError(f"the checkpoint is of a run on {kinds[0]}, this one reads {kinds[1]}: its data "
+                         "order cannot continue; train into a new --out (--init the checkpoint's model, if "
+                         "wanted)")
+    if now is None:
+        return
+    for key, what in (("shards", "the shards (their names or sample counts)"),
+                      ("streams", "processes x loader workers (--workers, torchrun's --nproc-per-node)"),
+                      ("block", "--shuffle-buffer")):
+        if saved[key] != now[key]:
+            raise TrainError(f"{what} changed since the checkpoint ({saved[key]} then, {now[key]} now): the "
+                             "resumed run would not read what the first one would have; run with the same "
+                             "data and settings")
+    if saved["positions"] != now["positions"]:
+        raise TrainError("the streams' positions recorded in the checkpoint differ from those its step "
+                         "gives (a checkpoint from another version?)")
 
 
 def finished_step(out: Path) -> Optional[int]:
@@ -952,7 +1079,7 @@ def check_config(cfg: TrainConfig):
             bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {what}")
 
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "local_size", "prototypes", "head_hidden",
-                 "head_bottleneck"):
+                 "head_bottleneck", "shuffle_buffer"):
         need(name, type(getattr(cfg, name)) is int and getattr(cfg, name) >= 1, "a whole number >= 1")
     for name in ("warmup", "val_every", "workers", "local_crops", "teacher_temp_steps", "freeze_last_layer",
                  "seed"):
@@ -990,12 +1117,20 @@ def check_config(cfg: TrainConfig):
     for name in ("init", "tokenizer", "val_data"):
         given = getattr(cfg, name)
         need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
-    missing = [d for d in cfg.data if not Path(d).is_file() and not demo]
+    shards = shardlib.is_shards(cfg.data)
+    if shards:
+        try:  # only names here; open_shards reads their shards.json or headers when the run starts
+            shardlib.shard_paths(cfg.data)
+        except rsmclip.RsmclipError as e:
+            bad.append(str(e))
+        need("image_cache", not cfg.image_cache, "shards are read as they are; the cache holds a manifest's "
+             "images")
+    missing = [d for d in cfg.data if not Path(d).is_file() and not demo and not shards]
     need("data", not missing, f"no such file: {', '.join(missing)}")
     need("out", not Path(cfg.out).exists() or Path(cfg.out).is_dir(), "a file; a run directory is a folder")
     need("image_cache", not cfg.image_cache or len(cfg.data) == 1, "one cache holds one manifest: give one "
          "--data (merge several with data/prepare.py merge)")
-    if cfg.image_cache and len(cfg.data) == 1 and not missing:
+    if cfg.image_cache and len(cfg.data) == 1 and not missing and not shards:
         try:  # a stale or foreign cache must stop the run before any work
             ImageCache(Path(cfg.image_cache), Path(cfg.data[0]))
         except rsmclip.RsmclipError as e:
@@ -1021,7 +1156,8 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
                               for k, v in saved.items()})
     given = {k: v for k, v in given.items() if v is not None and v != []}
     if "data" in given:
-        given["data"] = [p for arg in given["data"] for p in arg.split(",") if p]
+        # commas separate entries, except inside a shard pattern's braces ({a,b})
+        given["data"] = [p for arg in given["data"] for p in re.split(r",(?![^{}]*\})", arg) if p]
     cfg = replace(cfg, **given)
     if not cfg.data:  # the built-in demo
         cfg = replace(cfg, data=[str(DEMO_DIR / "captions.jsonl")],
@@ -1058,13 +1194,15 @@ def resolved(key: str, value):
 def lock_run_dir(out: Path):
     """One writer per run directory: an exclusive lock on OUT/.lock, held while the returned file is open,
     so a second train.py on the same --out stops at once instead of interleaving its steps with the
-    first's. The kernel releases it when the process ends in any way (SIGKILL too): no stale lock. The
-    file stays empty (a finished run, run again, changes no file); the holder is found in /proc/locks."""
+    first's. The kernel releases it when the process ends in any way (SIGKILL too): no stale lock. A POSIX
+    lock (lockf), not flock: a flock is shared with the loader processes forked after it, which outlive a
+    killed trainer by seconds and would hold the lock against its resume. The file stays empty (a finished
+    run, run again, changes no file); the holder is found in /proc/locks."""
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EAGAIN or EACCES: held by another process
         holder = lock_holder(out / ".lock")
         f.close()
         raise TrainError(f"{out} is in use by another train.py (pid {holder}): one run writes a run "
@@ -1073,7 +1211,7 @@ def lock_run_dir(out: Path):
 
 
 def lock_holder(path: Path) -> str:
-    """The pid holding a flock on `path`, from /proc/locks ("1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE
+    """The pid holding a lock on `path`, from /proc/locks ("1: POSIX ADVISORY WRITE PID MAJ:MIN:INODE
     0 EOF"), or "unknown" where there is no such file."""
     inode = str(path.stat().st_ino)
     try:
@@ -1081,7 +1219,7 @@ def lock_holder(path: Path) -> str:
     except OSError:
         return "unknown"
     for fields_ in map(str.split, lines):
-        if "FLOCK" in fields_ and "->" not in fields_ and len(fields_) >= 6:
+        if "POSIX" in fields_ and "->" not in fields_ and len(fields_) >= 6:
             pid, where = fields_[4], fields_[5]
             if where.rsplit(":", 1)[-1] == inode:
                 return pid

@@ -4,6 +4,7 @@
     python data/prepare.py classes ROOT --out LABELS
     python data/prepare.py merge MANIFEST... --exclude MANIFEST --out MANIFEST
     python data/prepare.py cache MANIFEST [--out FILE] [--split train] [--max-side 512]
+    python data/prepare.py shards MANIFEST --out DIR [--split train] [--per-shard 1000] [--max-side 512]
 
 Every image path in a manifest is relative to the manifest's own folder (POSIX, never absolute, never
 `..`), so a manifest must be written in a folder that holds its images: usually the dataset folder.
@@ -673,6 +674,21 @@ def cache_cmd(manifest: Path = typer.Argument(..., help="captions.jsonl whose im
                                            help="longer sides above this are downscaled (bicubic)")):
     """Decode the images of one split once into a memory-mapped uint8 cache (train.py --image-cache)."""
     print("\n".join(build_cache(manifest, out, split, max_side)))
+
+
+@app.command("shards")
+def shards_cmd(manifest: Path = typer.Argument(..., help="captions.jsonl whose split to write"),
+               out: Path = typer.Option(..., help="folder for NAME-000000.tar ... and shards.json"),
+               split: str = typer.Option("train", help="the split to write"),
+               per_shard: int = typer.Option(1000, help="samples per shard"),
+               max_side: int = typer.Option(MAX_SIDE, help="longer sides above this are downscaled once "
+                                            "(re-encoded); smaller images keep their own bytes"),
+               name: Optional[str] = typer.Option(None, help="shard name prefix (default: the split)")):
+    """Write one split as WebDataset tar shards (train.py --data 'DIR/NAME-{000000..000099}.tar'); a
+    stopped run continues where it stopped."""
+    from data.shards import write_shards
+
+    print("\n".join(write_shards(manifest, out, split, per_shard, max_side, name)))
 
 
 def main():

@@ -1,0 +1,249 @@
+"""Tar shards: written from a manifest byte for byte, read back by WebDataset's own package, streamed by
+train.py with every sample once per pass across 2 processes x 2 loader workers, resumed exactly after
+SIGKILL, and other people's shards (image + txt, or a json caption) trained on."""
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train
+from data import shards as shardlib
+from data.prepare import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--prototypes", "64", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def demo_shards(demo_manifest, tmp_path_factory) -> Path:
+    """The demo's 600 train images as 7 shards (85 samples each, the last 90: uneven on purpose)."""
+    out = tmp_path_factory.mktemp("shards") / "sh"
+    shardlib.write_shards(demo_manifest, out, per_shard=85)
+    return out
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def test_manifest_to_shards_round_trips_every_caption_and_image_byte(demo_manifest, demo_shards):
+    records = [r for r in load_manifest(demo_manifest) if r["split"] == "train"]
+    index = json.loads((demo_shards / "shards.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [85] * 7 + [5]
+    assert index["complete"] and index["samples"] == 600 and len(index["langs"]) == 10
+    members = {}
+    for shard in index["shards"]:
+        data = (demo_shards / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"] and shardlib.hashlib.sha256(data).hexdigest() == shard["sha256"]
+        members |= tar_members(demo_shards / shard["name"])
+    assert len(members) == 3 * len(records)
+    for r in records:
+        key = shardlib.sample_key(r["id"])
+        assert members[f"{key}.png"] == (demo_manifest.parent / r["image"]).read_bytes()
+        doc = json.loads(members[f"{key}.json"])
+        assert doc["captions"] == r["captions"] and doc["id"] == r["id"] and doc["source"] == r["image"]
+        assert members[f"{key}.txt"].decode() == r["captions"]["en"][0]
+    # and through the reader train.py uses
+    shards = shardlib.open_shards([str(demo_shards)])
+    reader = shardlib.ShardReader(shards, shardlib.Streams(shards.counts, 1, 0, 1000))
+    shard, key, data = reader.get(0, 17)
+    captions, _, image = shardlib.parse_sample(shard, key, data)
+    record = next(r for r in records if shardlib.sample_key(r["id"]) == key)
+    assert captions == record["captions"] and image == (demo_manifest.parent / record["image"]).read_bytes()
+
+
+def test_webdataset_reads_our_shards(demo_manifest, demo_shards):
+    import webdataset as wds
+
+    records = {shardlib.sample_key(r["id"]): r for r in load_manifest(demo_manifest) if r["split"] == "train"}
+    pattern = str(demo_shards / "train-{000000..000007}.tar")
+    seen = 0
+    for sample in wds.WebDataset(pattern, shardshuffle=False):
+        r = records[sample["__key__"]]
+        assert sample["png"] == (demo_manifest.parent / r["image"]).read_bytes()
+        assert json.loads(sample["json"])["captions"] == r["captions"]
+        assert sample["txt"].decode() == r["captions"]["en"][0]
+        seen += 1
+    assert seen == 600
+
+
+def test_a_stopped_writer_continues_to_the_same_bytes(demo_manifest, tmp_path, monkeypatch):
+    shardlib.write_shards(demo_manifest, tmp_path / "whole", per_shard=150)
+    real, calls = shardlib.image_bytes, []
+
+    def dies(*args):  # killed while the third shard is being made
+        calls.append(1)
+        if len(calls) == 2 * 150 + 40:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(shardlib, "image_bytes", dies)
+    with pytest.raises(KeyboardInterrupt):
+        shardlib.write_shards(demo_manifest, tmp_path / "cut", per_shard=150)
+    index = json.loads((tmp_path / "cut/shards.json").read_text())
+    assert not index["complete"] and len(index["shards"]) == 2
+    written = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert written == ["shards.json", "train-000000.tar", "train-000001.tar"]
+    monkeypatch.setattr(shardlib, "image_bytes", real)
+    with pytest.raises(shardlib.ShardError, match="not all written"):
+        shardlib.open_shards([str(tmp_path / "cut")])
+    calls.clear()
+    shardlib.write_shards(demo_manifest, tmp_path / "cut", per_shard=150)
+    for name in [p.name for p in (tmp_path / "whole").iterdir()]:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_brace_ranges_lists_and_folders():
+    assert shardlib.expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert shardlib.expand_braces("{x,y}-{1..2}.tar") == ["x-1.tar", "x-2.tar", "y-1.tar", "y-2.tar"]
+    assert shardlib.expand_braces("{8..10}") == ["8", "9", "10"]
+    assert train.resolve_config("demo", None, {"data": ["a/{x,y}.tar,b.jsonl"]}).data == ["a/{x,y}.tar",
+                                                                                          "b.jsonl"]
+
+
+def test_every_sample_once_per_pass_with_uneven_shards():
+    """4 streams (2 processes x 2 workers) over shards of 7 different sizes: pass e of the streams together
+    holds every sample exactly once, for several passes; the positions are arithmetic, no file read."""
+    counts = [5, 9, 3, 12, 7, 8, 6]
+    streams = shardlib.Streams(counts, 4, seed=3, block=4)
+    everything = Counter((s, i) for s, n in enumerate(counts) for i in range(n))
+    for number in range(3):
+        seen = Counter()
+        for stream in range(4):
+            start = streams.find_pass(stream, 0)[1]
+            for _ in range(number):  # the start of this stream's pass `number`
+                start += sum(counts[s] for s in streams.find_pass(stream, start)[2])
+            shards = streams.find_pass(stream, start)[2]
+            length = sum(counts[s] for s in shards)
+            seen += Counter(streams.sample(stream, start + q)[:2] for q in range(length))
+        assert seen == everything, number
+    # the shuffle moves samples within blocks of 4 only, and differs between passes
+    orders = [[streams.sample(0, q)[:2] for q in range(4)] for _ in range(2)]
+    assert orders[0] == orders[1] and len(set(orders[0])) == 4
+
+
+class Keys(torch.utils.data.Dataset):
+    """The sample keys a loader worker reads for ((stream, position), seed) keys."""
+
+    def __init__(self, shards, streams):
+        self.reader = shardlib.ShardReader(shards, streams)
+
+    def __getitem__(self, key):
+        return self.reader.get(*key[0])[1]
+
+
+def test_two_processes_with_two_loader_workers_see_every_sample_once(demo_manifest, tmp_path):
+    """Through train.py's sampler and real loader processes: 2 ranks x 2 workers, 8 shards of 75 samples,
+    batch 5: 60 steps (each worker's 30 batches: its stream's pass) read all 600 train images once."""
+    shardlib.write_shards(demo_manifest, tmp_path / "sh", per_shard=75)
+    shards = shardlib.open_shards([str(tmp_path / "sh")])
+    streams = shardlib.Streams(shards.counts, 4, seed=0, block=40)
+    seen = Counter()
+    for rank in range(2):
+        sampler = train.StreamSampler(2, 5, rank, 0, 0, 60)
+        loader = torch.utils.data.DataLoader(Keys(shards, streams), batch_sampler=sampler, num_workers=2,
+                                             collate_fn=list)
+        seen += Counter(key for batch in loader for key in batch)
+    ids = [shardlib.sample_key(r["id"]) for r in load_manifest(demo_manifest) if r["split"] == "train"]
+    assert seen == Counter(ids)
+
+
+def run_train(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def test_sigkill_and_resume_from_shards_equals_an_uninterrupted_run(demo_manifest, demo_shards, tmp_path):
+    """2 loader workers, 2 streams, a shuffle block smaller than a shard: killed at a random moment after
+    the first checkpoint and resumed, the run ends bit for bit where an uninterrupted one does, and its
+    checkpoint records where each stream stands. Shards that change under the same name are refused."""
+    shutil.copytree(demo_shards, tmp_path / "sh")
+    args = ["--data", tmp_path / "sh", "--tokenizer",
+            demo_manifest.parent / "spm.model", *FAST, "--workers", "2", "--shuffle-buffer", "50", "--steps",
+            "6", "--ckpt-every", "2", "--deterministic"]
+    reference = run_train("--out", tmp_path / "ref", *args)
+    assert reference.returncode == 0, reference.stderr
+    assert "600 training images in 8 shards, 2 streams" in reference.stdout
+    assert "no --val-data" in reference.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"),
+                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=ROOT)
+    checkpoint = tmp_path / "cut/checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random(1).uniform(0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with safe_open(str(checkpoint), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    assert state["step"] < 6 and state["data"]["streams"] == 2
+    assert [p["position"] for p in state["data"]["positions"]] == [(state["step"] + 1) // 2 * 8,
+                                                                   state["step"] // 2 * 8]
+    resumed = run_train("--out", tmp_path / "cut", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {state['step']}" in resumed.stdout
+    with safe_open(str(tmp_path / "ref/checkpoint.safetensors"), "pt") as f, \
+            safe_open(str(checkpoint), "pt") as g:
+        assert f.keys() == g.keys() and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+        assert json.loads(f.metadata()["state"])["data"] == json.loads(g.metadata()["state"])["data"]
+    shutil.rmtree(tmp_path / "sh")
+    shardlib.write_shards(demo_manifest, tmp_path / "sh", per_shard=100)
+    other = run_train("--out", tmp_path / "cut", *args[:-5], "--steps", "8", "--ckpt-every", "2",
+                      "--deterministic")
+    assert other.returncode == 1, other.stderr
+    assert "the shards (their names or sample counts) changed since the checkpoint" in other.stderr
+
+
+def foreign_shards(folder: Path, demo_manifest: Path, per_shard: int, json_caption: bool) -> list[Path]:
+    """open_clip-style shards of the demo's train images, made as other tools make them: `<key>.jpg` (JPEG
+    re-encoded) and `<key>.txt`, or `<key>.json` with {"caption": ...}; no shards.json."""
+    from PIL import Image
+
+    folder.mkdir()
+    records = [r for r in load_manifest(demo_manifest) if r["split"] == "train"][:4 * per_shard]
+    paths = []
+    for n in range(0, len(records), per_shard):
+        path = folder / f"{n // per_shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i, r in enumerate(records[n:n + per_shard]):
+                jpg = io.BytesIO()
+                Image.open(demo_manifest.parent / r["image"]).save(jpg, "JPEG")
+                text = r["captions"]["en"][0]
+                caption = (f"{n + i:08d}.json", json.dumps({"caption": text}).encode()) if json_caption \
+                    else (f"{n + i:08d}.txt", text.encode())
+                for name, data in ((f"{n + i:08d}.jpg", jpg.getvalue()), caption):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("json_caption", [False, True], ids=["jpg+txt", "jpg+json caption"])
+def test_open_clip_style_shards_train(demo_manifest, tmp_path, json_caption):
+    paths = foreign_shards(tmp_path / "oc", demo_manifest, 20, json_caption)
+    shards = shardlib.open_shards([str(tmp_path / "oc/{00000..00003}.tar")])
+    assert shards.counts == [20] * 4 and shards.langs == ["en"] and not shards.ours and not shards.notes
+    result = run_train("--data", tmp_path / "oc", "--tokenizer", demo_manifest.parent / "spm.model", *FAST,
+                       "--workers", "0", "--steps", "4", "--out", tmp_path / "run", "--val-data",
+                       demo_manifest)
+    assert result.returncode == 0, result.stderr
+    assert f"80 training images in {len(paths)} shards" in result.stdout
+    assert "retrieval mR before" in result.stdout
+    assert json.loads((tmp_path / "run/summary.json").read_text())["skipped_images"] == 0
