@@ -1,8 +1,9 @@
-"""One training forward/backward on the demo, for tests/test_train.py: run once as a single process with
-the global batch, and under `torchrun --nproc_per_node 2` with half of it on each process (gloo). Rank 0
-writes the loss (averaged over processes), the DDP-averaged gradients and the updated DINO centre; every
-rank writes its teacher (OUT.teacher<rank>.safetensors). Rank 1 starts from other weights: DDP's broadcast
-must give every rank rank 0's student and teacher."""
+"""One training step on the demo, for tests/test_train.py: run once as a single process with the global
+batch, and under torchrun with half of it on each of 2 processes (gloo; one node, or two nodes on one
+host). Rank 0 writes the loss (averaged over processes), the DDP-averaged gradients and the updated DINO
+centre; every rank writes its teacher (OUT.teacher<rank>.safetensors) and its weights after the optimizer
+step (OUT.weights<rank>). Rank 1 starts from other weights: DDP's broadcast must give every rank rank
+0's student and teacher."""
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ if rank == 0:
     out = {f"grad.{n}": p.grad.contiguous() for n, p in run.unwrapped.named_parameters()
            if p.grad is not None}
     save_file(out | {"loss": loss.reshape(1), "center": run.dino.center}, sys.argv[2])
+run.optimizer.step()  # the weights after the step: the same on every rank, and as one process's
+save_file({k: v.contiguous() for k, v in run.unwrapped.state_dict().items()}, f"{sys.argv[2]}.weights{rank}")
 if world > 1:
     del run, model, loss, parts
     train.teardown_distributed()
