@@ -1119,8 +1119,10 @@ def check_config(cfg: TrainConfig):
         need(name, not given or Path(given).is_file() or demo and name == "tokenizer", "no such file")
     shards = shardlib.is_shards(cfg.data)
     if shards:
-        try:  # only names here; open_shards reads their shards.json or headers when the run starts
-            shardlib.shard_paths(cfg.data)
+        try:  # their shards.json, or their headers (others' shards): read again when the run starts
+            found = shardlib.open_shards(cfg.data)
+            shardlib.Streams(found.counts, int(os.environ.get("WORLD_SIZE", "1")) * max(cfg.workers, 1),
+                             cfg.seed, cfg.shuffle_buffer)
         except rsmclip.RsmclipError as e:
             bad.append(str(e))
         need("image_cache", not cfg.image_cache, "shards are read as they are; the cache holds a manifest's "

@@ -9,11 +9,13 @@ the whole table costs seconds, not a Python start per row."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import re
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -328,6 +330,89 @@ def read_only(folder: Path):
 
 
 MOUNTS: list[Path] = []
+
+
+# shards: 2-step runs on the tiny model, batch 2, no loader process (a row's training takes seconds)
+STREAM = ["--tokenizer", "{spm}", "--out", "{tmp}/run", "--steps", "2", "--batch-size", "2", "--workers", "0",
+          "--local-crops", "2", "--prototypes", "64", "--langs", "en", "--log-every", "1"]
+OURS = ["--data", "{tmp}/sh/train-{000000..000001}.tar"]
+
+
+def our_shards(tmp: Path, n: int = 4, per_shard: int = 2) -> Path:
+    """sh/: a manifest's n train images written as shards of per_shard samples."""
+    from data.shards import write_shards
+
+    path = manifest(tmp, {"en": ["a road"]}, n)
+    prepare.write_jsonl([r | {"split": "train"} for r in prepare.load_manifest(path)], path)
+    write_shards(path, tmp / "sh", per_shard=per_shard)
+    return tmp / "sh"
+
+
+def png(colour: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (colour, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+def other_shards(tmp: Path, *shards: list[tuple[str, bytes]]):
+    """other/00000.tar, 00001.tar ...: shards as other tools write them, each a list of (member, bytes)."""
+    (tmp / "other").mkdir()
+    for n, members in enumerate(shards):
+        with tarfile.open(tmp / "other" / f"{n:05d}.tar", "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def sample(key: str, colour: int = 90) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", png(colour)), (f"{key}.txt", f"a road {key}".encode())]
+
+
+def faulty_samples(tmp: Path):
+    """Two shards of 8 good samples and 3 faulty ones: an image without caption, a caption without image,
+    JPEG bytes that do not decode."""
+    good = [sample(f"g{i}", 20 * i) for i in range(8)]
+    first = [m for s in good[:4] for m in s] + [("x1.png", png()), ("x2.txt", b"a lone caption")]
+    second = [m for s in good[4:] for m in s] + [("x3.jpg", b"\xff\xd8 not a jpeg"), ("x3.txt", b"a road")]
+    other_shards(tmp, first, second)
+
+
+def three_skipped(tmp: Path):
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["skipped_images"] >= 3, summary
+
+
+def truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def shard_run(tmp: Path):
+    """A 2-step run on our shards (no loader process), to be resumed with other shards."""
+    our_shards(tmp)
+    args = [a.replace("{tmp}", str(tmp)).replace("{spm}", str(tmp / TINY.tokenizer)) for a in OURS + STREAM]
+    with pytest.raises(SystemExit) as done:
+        rsmclip_cli.run_cli(entry_app("train"), args)
+    assert done.value.code == 0
+    (tmp / "run" / "summary.json").unlink()  # not finished: a larger --steps resumes it
+    index = json.loads((tmp / "sh" / "shards.json").read_text())
+    shutil.rmtree(tmp / "sh")
+    from data.shards import write_shards
+    write_shards(tmp / "ds" / "captions.jsonl", tmp / "sh", per_shard=3)  # 3 + 1 samples, not 2 + 2
+    assert json.loads((tmp / "sh" / "shards.json").read_text())["shards"] != index["shards"]
+
+
+def rewrite_captions(path: Path):
+    prepare.write_jsonl([r | {"captions": {"en": ["a river"]}} for r in prepare.load_manifest(path)], path)
+
+
+def edit_index(tmp: Path, **entry):
+    """Our shards, then shards.json's first entry changed."""
+    our_shards(tmp)
+    index = json.loads((tmp / "sh" / "shards.json").read_text())
+    index["shards"][0] |= entry
+    (tmp / "sh" / "shards.json").write_text(json.dumps(index))
 
 
 def zeroshot_suite(tmp: Path):
@@ -660,6 +745,70 @@ CASES = [
     Case("train: --out an existing file", "train", TRAIN[:-1] + ["{tmp}/afile", "--langs", "en"],
          make=lambda tmp: (train_split(tmp), (tmp / "afile").write_text("mine")),
          words=("--out", "a file; a run directory is a folder"), unchanged=("afile",)),
+    # --- tar shards (data/shards.py): prepare.py shards and train.py --data SHARDS
+    Case("prepare shards: --per-shard 0", "prepare",
+         ["shards", MANIFEST, "--out", "{tmp}/sh", "--per-shard", "0"], make=train_split,
+         words=("--per-shard 0: at least 1",), absent=("sh",)),
+    Case("prepare shards: --out holds shards of another manifest", "prepare",
+         ["shards", MANIFEST, "--out", "{tmp}/sh"],
+         make=lambda tmp: (our_shards(tmp), rewrite_captions(tmp / "ds" / "captions.jsonl")),
+         words=("holds shards of another manifest or settings (manifest_sha256, per_shard differ)",),
+         unchanged=("sh/shards.json", "sh/train-000000.tar")),
+    Case("train: a truncated shard (ours: its size disagrees with shards.json)", "train", OURS + STREAM,
+         make=lambda tmp: (our_shards(tmp), truncate(tmp / "sh" / "train-000001.tar")),
+         words=("train-000001.tar: 5,120 bytes, ", "shards.json says 10,240", "truncated or replaced"),
+         absent=("run",)),
+    Case("train: a truncated shard (another's)", "train", ["--data", "{tmp}/other"] + STREAM,
+         make=lambda tmp: (other_shards(tmp, sample("a") + sample("b"), sample("c") + sample("d")),
+                           truncate(tmp / "other" / "00001.tar", 0.3)),
+         words=("00001.tar: ", "truncated"), absent=("run",)),
+    Case("train: a shard cut between two samples (another's: no end-of-archive blocks)", "train",
+         ["--data", "{tmp}/other"] + STREAM,
+         make=lambda tmp: (other_shards(tmp, sample("a") + sample("b"), sample("c") + sample("d")),
+                           truncate(tmp / "other" / "00001.tar", 2048 / 10240)),
+         words=("00001.tar: truncated (it ends after 1 samples without the end of the archive)",),
+         absent=("run",)),
+    Case("train: a shard missing from a brace range", "train",
+         ["--data", "{tmp}/sh/train-{000000..000002}.tar"] + STREAM,
+         make=lambda tmp: (our_shards(tmp, 6), (tmp / "sh" / "train-000001.tar").unlink()),
+         words=("1 of 3 shards are missing", "train-000001.tar"), absent=("run",)),
+    Case("train: a brace range that runs backwards", "train",
+         ["--data", "{tmp}/sh/train-{000001..000000}.tar"] + STREAM, make=our_shards,
+         words=("the range {000001..000000} is empty",), absent=("run",)),
+    Case("train: samples without caption, without image, with bytes that do not decode: counted skips",
+         "train", ["--data", "{tmp}/other", *STREAM[:5], "6", *STREAM[6:]], code=0, make=faulty_samples,
+         stdout=("2 of 11 samples lack an image or a caption", "warning: skipped", "x1: no caption",
+                 "x2: no image (txt only)", "x3.jpg: cannot read image"),
+         check=three_skipped),
+    Case("train: a key in two shards", "train", ["--data", "{tmp}/other"] + STREAM,
+         make=lambda tmp: other_shards(tmp, sample("a") + sample("b"), sample("c") + sample("a")),
+         words=("the key a is in", "00000.tar and in", "00001.tar"), absent=("run",)),
+    Case("train: fewer shards than processes x loader workers", "train",
+         OURS + STREAM + ["--workers", "3"], make=our_shards,
+         words=("2 shards for 3 streams (processes x loader workers)",), absent=("run",)),
+    Case("train: ours and another's shards in one --data", "train",
+         OURS + ["--data", "{tmp}/other/00000.tar"] + STREAM,
+         make=lambda tmp: (our_shards(tmp), other_shards(tmp, sample("a") + sample("b"))),
+         words=("--data mixes shards written by data/prepare.py shards",
+                "00000.tar: no shards.json lists it"),
+         absent=("run",)),
+    Case("train: shards.json's sample count disagrees with its shard", "train", OURS + STREAM,
+         make=lambda tmp: edit_index(tmp, samples=3),
+         words=("train-000000.tar: 2 samples, its shards.json says 3",)),
+    Case("train: an unfinished shards.json (a stopped prepare.py shards)", "train", OURS + STREAM,
+         make=lambda tmp: (our_shards(tmp), (tmp / "sh" / "shards.json").write_text(
+             (tmp / "sh" / "shards.json").read_text().replace('"complete": true', '"complete": false'))),
+         words=("the shards were not all written", "run the same data/prepare.py shards command again"),
+         absent=("run",)),
+    Case("train: resuming a run on shards that changed since", "train",
+         OURS + STREAM[:5] + ["4"] + STREAM[6:], make=shard_run,
+         words=("the shards (their names or sample counts) changed since the checkpoint",),
+         unchanged=("run/checkpoint.safetensors",)),
+    Case("train: --shuffle-buffer 0", "train", OURS + STREAM + ["--shuffle-buffer", "0"], make=our_shards,
+         words=("--shuffle-buffer 0: a whole number >= 1",), absent=("run",)),
+    Case("train: --image-cache with shards", "train",
+         OURS + STREAM + ["--image-cache", "{tmp}/c.safetensors"], make=our_shards,
+         words=("shards are read as they are",), absent=("run",)),
     Case("train plot: steps written by two runs are a warning, not a zigzag", "train", ["plot", "{tmp}/run"],
          code=0, make=two_writers, words=("repeated or decreasing steps (2 after 4)", "two runs")),
     Case("train plot: inf and 1e308 are marked, not plotted", "train", ["plot", "{tmp}/run"], code=0,
