@@ -334,11 +334,15 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
                                                   "XLM-R vocabulary)"),
          samples: int = typer.Option(96, help="samples per measurement"),
          workers: int = typer.Option(0, help="loader processes for the N-worker line (0: every core)"),
-         batch_size: int = typer.Option(32, help="samples per batch of the tensor path")):
+         batch_size: int = typer.Option(32, help="samples per batch of the tensor path"),
+         shards: bool = typer.Option(False, help="also the same images from tar shards (data/shards.py), "
+                                     "and what reading and decoding alone cost on each path")):
     """Samples/s of the paper-shaped multi-crop pipeline (2 x 224 + 8 x 96 px), each side in one process
     with one thread unless said: ours with PIL (files, 1 and N loader processes), ours from the decoded
-    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline. Ratio: a
-    line's samples/s (all its processes) / our PIL pipeline's in one process, all measured in this run."""
+    cache with tensor ops on the CPU (and on CUDA when present), DINO's torchvision pipeline; with --shards
+    the same from tar shards, and read + decode alone from files and from shards, whose share of the PIL
+    pipeline's time is the loader's own share per worker. Ratio: a line's samples/s (all its processes) /
+    our PIL pipeline's in one process, all measured in this run."""
     import os
     import random
     import tempfile
@@ -415,6 +419,49 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
         measure("DINO's torchvision pipeline (DataAugmentationDINO)", dino_run)
         if torch.cuda.is_available():
             measure(f"ours, cache + tensor ops on {torch.cuda.get_device_name()}", tensor_path("cuda"))
+        if shards:
+            shard_rows(manifest, Path(tmp), cfg, size, tokenizer, samples, batch_size, workers, measure, rows)
+
+
+def shard_rows(manifest: Path, tmp: Path, cfg, size: int, tokenizer, samples: int, batch: int, workers: int,
+               measure, rows: list):
+    """The data benchmark's shard lines: the same train images written as shards (100 a shard: enough
+    for every loader process), streamed by train.py's ShardDataset; and reading + decoding alone, from
+    files and from shards (no augmentation)."""
+    from data import shards as shardlib
+
+    start = time.perf_counter()
+    shardlib.write_shards(manifest, tmp / "shards", per_shard=100)
+    found = shardlib.open_shards([str(tmp / "shards")])
+    print(f"{sum(found.counts)} train images written as {len(found.paths)} shards in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+    def from_shards(n):
+        streams = shardlib.Streams(found.counts, max(n, 1), cfg.seed, cfg.shuffle_buffer)
+        dataset = train.ShardDataset(found, streams, cfg, size, tokenizer)
+
+        def run(ks):
+            sampler = train.StreamSampler(max(n, 1), batch, 0, cfg.seed, 0, math.ceil(len(ks) / batch))
+            for _ in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=train.collate,
+                                                 num_workers=n):
+                pass
+        return run
+
+    items = train.read_manifests([str(manifest)], "train")
+    reader = shardlib.ShardReader(found, shardlib.Streams(found.counts, 1, cfg.seed, cfg.shuffle_buffer))
+
+    def decode_shards(ks):
+        for i, _ in enumerate(ks):
+            captions, name, data = shardlib.parse_sample(*reader.get(0, i))
+            rsmclip.open_image(name, data)
+
+    measure("ours, PIL from shards (ShardDataset)", from_shards(0))
+    measure(f"ours, PIL from shards, {workers} loader processes", from_shards(workers), workers)
+    measure("read + decode only, files", lambda ks: [rsmclip.open_image(items[i]["path"]) for i, _ in ks])
+    measure("read + decode only, shards", decode_shards)
+    full, files, shard = rows[0][2], rows[-2][2], rows[-1][2]
+    print(f"the loader's own share of a worker's time (read + decode / whole PIL pipeline): files "
+          f"{full / files:.0%}, shards {full / shard:.0%}")
 
 
 # ----------------------------------------------------------------------------- one-shot GPU check

@@ -123,6 +123,7 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
     settings = {"format": FORMAT, "manifest_sha256": rsmclip.file_sha256(manifest), "split": split,
                 "per_shard": per_shard, "max_side": max_side, "name": name}
     done = kept_shards(out, settings) if (out / INDEX).exists() else []
+    kept = len(done)
     if not (out / INDEX).exists() and out.is_dir() and any(out.glob(f"{name}-*.tar")):
         raise DataError(f"--out {out} holds {name}-*.tar files but no {INDEX}: shards of something else? "
                         "Choose another --out or empty it")
@@ -157,11 +158,12 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
         text = json.dumps(index, indent=1) + "\n"
         rsmclip.atomic_write(out / INDEX, lambda tmp: tmp.write_text(text))
     total = sum(s["bytes"] for s in done)
+    again = f"; {kept} of them were already there, checked" if kept else ""
     return [f"wrote {out}: {len(records):,} {split} samples of {manifest} in {len(done)} shards "
             f"({name}-000000.tar ... {done[-1]['name']}, {total / 2 ** 20:,.1f} MiB; {encoded} images "
-            f"re-encoded this run), and {out / INDEX}",
+            f"re-encoded{again}), and {out / INDEX}",
             f"train on them: python train.py --data '{out}/{name}-{{000000..{len(done) - 1:06d}}}.tar' "
-            "--tokenizer SPM --val-data MANIFEST"]
+            f"--val-data {manifest} ... (and --tokenizer or --init)"]
 
 
 def kept_shards(out: Path, settings: dict) -> list[dict]:
