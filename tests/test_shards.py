@@ -12,12 +12,15 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+import rsmclip
 import train
 from data import shards as shardlib
 from data.prepare import load_manifest
@@ -63,6 +66,24 @@ def test_manifest_to_shards_round_trips_every_caption_and_image_byte(demo_manife
     captions, _, image = shardlib.parse_sample(shard, key, data)
     record = next(r for r in records if shardlib.sample_key(r["id"]) == key)
     assert captions == record["captions"] and image == (demo_manifest.parent / record["image"]).read_bytes()
+
+
+def test_shard_samples_feed_both_augmentation_paths(demo_manifest, demo_shards):
+    """What a loader worker gives from a shard: PIL views, or for --augment tensor the 8-bit image (the
+    same pixels) and its views' parameters, which collate batches."""
+    shards = shardlib.open_shards([str(demo_shards)])
+    streams = shardlib.Streams(shards.counts, 1, 0, 1000)
+    tokenizer = rsmclip.Tokenizer(demo_manifest.parent / "spm.model")
+    cfg = replace(train.RECIPES["demo"], langs="en", local_crops=2)
+    pil, tensor = (train.ShardDataset(shards, streams, cfg, 64, tokenizer, tensor=t) for t in (False, True))
+    _, image, failures = pil.read((0, 5))
+    sample = tensor[((0, 5), 123)]
+    assert not failures and sample["pixels"].dtype == torch.uint8
+    assert torch.equal(sample["pixels"], torch.from_numpy(np.array(image)))
+    views = pil[((0, 5), 123)]
+    assert views["views"].shape == (2, 3, 64, 64) and views["locals"].shape == (2, 3, 24, 24)
+    batch = train.collate([sample, tensor[((0, 6), 124)]])
+    assert batch["pixels"].shape == (2, 64, 64, 3) and batch["ids"].shape[0] == 4
 
 
 def test_webdataset_reads_our_shards(demo_manifest, demo_shards):
