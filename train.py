@@ -812,10 +812,11 @@ def mean_recall(result: Optional[dict]) -> str:
 
 
 def check_languages(items: list[dict], langs: list[str]):
-    """The manifests hold captions in each language (their codes were checked with the other settings)."""
+    """The training data hold captions in each language (their codes were checked with the other settings);
+    shards are passed as one item holding the languages their shards.json lists (others': English)."""
     present = {lang for item in items for lang, caps in item["captions"].items() if caps}
     if missing := [lang for lang in langs if lang not in present]:
-        raise TrainError(f"no {', '.join(missing)} captions in the training manifests (they have "
+        raise TrainError(f"no {', '.join(missing)} captions in the training data (it has "
                          f"{', '.join(sorted(present)) or 'none'}); translate them or pass --langs")
     if unusable := sum(1 for item in items if not any(item["captions"].get(lang) for lang in langs)):
         raise TrainError(f"{unusable} training images have no caption in {','.join(langs)}")

@@ -249,7 +249,7 @@ def scan(path: Path) -> list[tuple[str, dict]]:
     """The samples of a shard from its headers alone (no data read): [(key, {extension: (offset, size)})],
     in order. A truncated file, a key that comes back later in the shard, or a tar that is not one is
     refused."""
-    samples, size = [], path.stat().st_size
+    samples = []
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
@@ -266,7 +266,7 @@ def scan(path: Path) -> list[tuple[str, dict]]:
                                  "of the archive); write it again")
     except (tarfile.TarError, EOFError) as e:
         raise ShardError(f"{path}: not a readable tar ({e}); truncated or damaged? Write it again") from None
-    if size == 0 or not samples and size:
+    if not samples:
         raise ShardError(f"{path}: holds no samples")
     again = [k for k, n in Counter(k for k, _ in samples).items() if n > 1]
     if again:
