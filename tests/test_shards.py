@@ -256,9 +256,16 @@ def foreign_shards(folder: Path, demo_manifest: Path, per_shard: int, json_capti
     return paths
 
 
-@pytest.mark.parametrize("json_caption", [False, True], ids=["jpg+txt", "jpg+json caption"])
-def test_open_clip_style_shards_train(demo_manifest, tmp_path, json_caption):
-    paths = foreign_shards(tmp_path / "oc", demo_manifest, 20, json_caption)
+def test_open_clip_style_shards_train(demo_manifest, tmp_path):
+    """jpg + txt shards train (a json {"caption": ...} instead of the txt reads the same captions)."""
+    records = [r for r in load_manifest(demo_manifest) if r["split"] == "train"]
+    with_json = foreign_shards(tmp_path / "js", demo_manifest, 20, json_caption=True)
+    shards = shardlib.open_shards([str(p) for p in with_json])
+    reader = shardlib.ShardReader(shards, shardlib.Streams(shards.counts, 1, 0, 1000))
+    for position in range(80):
+        shard, key, data = reader.get(0, position)
+        assert shardlib.parse_sample(shard, key, data)[0] == {"en": [records[int(key)]["captions"]["en"][0]]}
+    paths = foreign_shards(tmp_path / "oc", demo_manifest, 20, json_caption=False)
     shards = shardlib.open_shards([str(tmp_path / "oc/{00000..00003}.tar")])
     assert shards.counts == [20] * 4 and shards.langs == ["en"] and not shards.ours and not shards.notes
     result = run_train("--data", tmp_path / "oc", "--tokenizer", demo_manifest.parent / "spm.model", *FAST,
