@@ -104,11 +104,11 @@ def measure(kind: str, data: str, tokenizer: Path, steps: int, workers: int, bat
 
 @app.command()
 def run(sizes: str = typer.Option("20000,200000", help="dataset sizes (samples), comma-separated"),
-         work: Path = typer.Option(Path("/tmp/rsmclip-scale"), help="folder for the generated data"),
-         steps: int = typer.Option(300, help="loader steps per measurement"),
-         workers: int = typer.Option(2, help="loader processes"),
-         batch: int = typer.Option(32, help="samples per step"),
-         out: Path = typer.Option(Path("scale.json"), help="the results, as JSON")):
+        work: Path = typer.Option(Path("/tmp/rsmclip-scale"), help="folder for the generated data"),
+        steps: int = typer.Option(300, help="loader steps per measurement"),
+        workers: int = typer.Option(2, help="loader processes"),
+        batch: int = typer.Option(32, help="samples per step"),
+        out: Path = typer.Option(Path("scale.json"), help="the results, as JSON")):
     """Generate (once), write shards (once), measure each path at each size."""
     rows = []
     for n in map(int, sizes.split(",")):

@@ -1,5 +1,10 @@
 """Shared fixtures: a multilingual test corpus and a SentencePiece model trained on it."""
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,22 @@ def user_cache(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("rsmclip_home")
     monkeypatch.setenv("RSMCLIP_HOME", str(home))
     return home
+
+
+def kill_after_first_checkpoint(out: Path, args: list, delay: float = 0.0) -> int:
+    """Start `train.py --out OUT ARGS` (one thread), SIGKILL it `delay` seconds after its first checkpoint
+    appears, and return the step that checkpoint (or a later one written meanwhile) holds."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "train.py"), "--out", str(out), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root)
+    checkpoint, deadline = out / "checkpoint.safetensors", time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        return json.loads(f.metadata()["state"])["step"]

@@ -6,11 +6,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import kill_after_first_checkpoint
 from safetensors import safe_open
 
 import rsmclip
@@ -200,17 +199,8 @@ def test_sigkill_and_resume_from_shards_equals_an_uninterrupted_run(demo_manifes
     assert reference.returncode == 0, reference.stderr
     assert "600 training images in 8 shards, 2 streams" in reference.stdout
     assert "no --val-data" in reference.stdout
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"),
-                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            cwd=ROOT)
+    kill_after_first_checkpoint(tmp_path / "cut", args, random.Random(1).uniform(0, 0.3))
     checkpoint = tmp_path / "cut/checkpoint.safetensors"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(random.Random(1).uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     with safe_open(str(checkpoint), "pt") as f:
         state = json.loads(f.metadata()["state"])
     assert state["step"] < 6 and state["data"]["streams"] == 2

@@ -21,6 +21,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kill_after_first_checkpoint
 from openclip_oracle import make_openclip_model
 from PIL import Image
 from safetensors import safe_open
@@ -523,18 +524,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, demo_manifest)
     args = [*demo_args(demo_manifest), *SMALL]
     reference = run_train("--out", tmp_path / "ref", *args)
     assert reference.returncode == 0, reference.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    checkpoint = tmp_path / "cut/checkpoint.safetensors"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(random.Random(0).uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with safe_open(str(checkpoint), "pt") as f:
-        killed_at = json.loads(f.metadata()["state"])["step"]
+    killed_at = kill_after_first_checkpoint(tmp_path / "cut", args, random.Random(0).uniform(0, 0.3))
     assert killed_at < 6 and not (tmp_path / "cut/model.safetensors").exists()
     # What a kill can leave besides: lines of steps after the checkpoint (they run again) and a temporary file
     with open(tmp_path / "cut/metrics.jsonl", "a") as f:
@@ -568,16 +558,8 @@ def test_sigkill_and_resume_from_the_cache_with_tensor_augmentation(tmp_path, de
     reference = run_train("--out", tmp_path / "ref", *args)
     assert reference.returncode == 0, reference.stderr
     assert "augment tensor from" in reference.stdout
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "cut"),
-                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            cwd=ROOT)
+    kill_after_first_checkpoint(tmp_path / "cut", args)
     checkpoint = tmp_path / "cut/checkpoint.safetensors"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     resumed = run_train("--out", tmp_path / "cut", *args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
