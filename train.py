@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import gc
 import html
 import inspect
@@ -365,6 +366,19 @@ class StreamSampler:
             position = (step // self.streams) * self.batch
             seed = (self.seed * 1_000_003 + step) * 4096 + self.rank * self.batch
             yield [((stream, position + j), seed + j) for j in range(self.batch)]
+
+
+def open_shards(data: list[str]) -> shardlib.ShardSet:
+    """The shards, opened once while their files are unchanged: the settings check and the run share them
+    (others' shards are counted from their headers, minutes at millions of samples)."""
+    paths = shardlib.shard_paths(data)
+    files = [*paths, *{p.parent / shardlib.INDEX for p in paths if (p.parent / shardlib.INDEX).is_file()}]
+    return opened_shards(tuple(data), tuple(tuple(rsmclip.file_stamp(f)) for f in files))
+
+
+@functools.lru_cache(maxsize=1)
+def opened_shards(data: tuple[str, ...], stamps: tuple) -> shardlib.ShardSet:
+    return shardlib.open_shards(list(data))
 
 
 def data_state(shards: shardlib.ShardSet, streams: shardlib.Streams, per_process: int, batch: int,
@@ -854,7 +868,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
         if is_main:
             make_demo(DEMO_DIR)  # a few seconds, once
         barrier()
-    shards = shardlib.open_shards(cfg.data) if shardlib.is_shards(cfg.data) else None
+    shards = open_shards(cfg.data) if shardlib.is_shards(cfg.data) else None
     if shards:
         items = []
         streams = shardlib.Streams(shards.counts, world * max(cfg.workers, 1), cfg.seed, cfg.shuffle_buffer)
@@ -1121,7 +1135,7 @@ def check_config(cfg: TrainConfig):
     shards = shardlib.is_shards(cfg.data)
     if shards:
         try:  # their shards.json, or their headers (others' shards): read again when the run starts
-            found = shardlib.open_shards(cfg.data)
+            found = open_shards(cfg.data)
             shardlib.Streams(found.counts, int(os.environ.get("WORLD_SIZE", "1")) * max(cfg.workers, 1),
                              cfg.seed, cfg.shuffle_buffer)
         except rsmclip.RsmclipError as e:
