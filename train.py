@@ -175,7 +175,8 @@ RECIPES = {
     # sizes), seeds 0-2: colour 95.3 +- 2.1%, kind 61.2 +- 3.3% (65.0, 59.0, 59.5), ground 100%, test mR
     # 34.02 +- 1.28, 412 s on one core beside a busy one (900 steps, 8 crops, lr 5e-4: 629 s).
     "demo": TrainConfig(steps=750, lr=1e-3, local_crops=2, jitter_prob=0.0, hue=0.0, grayscale=0.0,
-                        solarize=0.0, flip=0.0, global_scale=(0.8, 1.0), head_hidden=512, head_bottleneck=128),
+                        solarize=0.0, flip=0.0, global_scale=(0.8, 1.0), head_hidden=512,
+                        head_bottleneck=128),
     # The paper-style run: fine-tune laion's xlm-roberta-base-ViT-B-32 on one GPU. The paper publishes
     # no hyper-parameters: DINO/SILC/COSMOS values where it is silent (see docs/internals.md).
     "rs-m-clip": TrainConfig(
