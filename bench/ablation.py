@@ -298,7 +298,8 @@ def regime(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quick:
 
 @app.command()
 def languages(work: Path = WORK, seeds: str = SEEDS, quick: bool = QUICK,
-              steps: int = typer.Option(600, min=1, help="optimizer steps per run (the demo's)")):
+              steps: int = typer.Option(train.RECIPES["demo"].steps, min=1,
+                                        help="optimizer steps per run (the demo's)")):
     """Claim (2): English only against ten languages, English test mR on the demo."""
     publish(work, "languages", languages_table(work, seed_list(seeds, quick), 2 if quick else steps))
 
