@@ -368,7 +368,7 @@ class Streams:
                              "each stream needs a shard of its own; write more, smaller shards (--per-shard) "
                              "or use fewer --workers")
         self.counts, self.streams, self.seed, self.block = counts, streams, seed, block
-        self.passes: dict[int, list[tuple[int, list[int]]]] = {}  # stream -> [(start, shards) per pass]
+        self.passes: dict[int, list[tuple[int, list[int], int]]] = {}  # stream -> [(start, shards, samples)]
         self.orders: OrderedDict = OrderedDict()
 
     def shards_of(self, stream: int, number: int) -> list[int]:
@@ -378,18 +378,18 @@ class Streams:
     def find_pass(self, stream: int, position: int) -> tuple[int, int, list[int]]:
         """(pass number, its first position, its shards) of a stream position."""
         passes = self.passes.setdefault(stream, [])
-        while not passes or passes[-1][0] + sum(self.counts[s] for s in passes[-1][1]) <= position:
-            start = passes[-1][0] + sum(self.counts[s] for s in passes[-1][1]) if passes else 0
-            passes.append((start, self.shards_of(stream, len(passes))))
+        while not passes or passes[-1][0] + passes[-1][2] <= position:
+            start = passes[-1][0] + passes[-1][2] if passes else 0
+            shards = self.shards_of(stream, len(passes))
+            passes.append((start, shards, sum(self.counts[s] for s in shards)))
         number = next(i for i in range(len(passes) - 1, -1, -1) if passes[i][0] <= position)
-        return number, *passes[number]
+        return number, *passes[number][:2]
 
     def sample(self, stream: int, position: int) -> tuple[int, int, tuple]:
         """(shard, sample within it, block) of a stream position; the block names the samples read
         together."""
         number, start, shards = self.find_pass(stream, position)
-        offset = position - start
-        length = sum(self.counts[s] for s in shards)
+        offset, length = position - start, self.passes[stream][number][2]
         block = offset // self.block
         size = min(self.block, length - block * self.block)
         tag = (stream, number, block)
@@ -405,10 +405,10 @@ class Streams:
         raise AssertionError("a position past its pass")
 
     def block_samples(self, tag: tuple) -> list[tuple[int, int]]:
-        """The (shard, sample) of a block in reading order."""
+        """The (shard, sample) of a block (a tag that sample() gave) in reading order."""
         stream, number, block = tag
         first, out = block * self.block, []  # the block's positions in its pass: first .. first + block - 1
-        for s in self.shards_of(stream, number):  # first: the block's start relative to this shard
+        for s in self.passes[stream][number][1]:  # first: the block's start relative to this shard
             out += [(s, i) for i in range(max(first, 0), min(first + self.block, self.counts[s]))]
             first -= self.counts[s]
         return out
