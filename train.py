@@ -385,21 +385,6 @@ def opened_shards(data: tuple[str, ...], stamps: tuple) -> shardlib.ShardSet:
     return shardlib.open_shards(list(data))
 
 
-def data_state(shards: shardlib.ShardSet, streams: shardlib.Streams, per_process: int, batch: int,
-               step: int) -> dict:
-    """What the checkpoint records of the shards: which (fingerprint, streams) and where every stream
-    stands after `step` steps (its position, pass, and the shard its next block starts in)."""
-    where = []
-    for stream in range(streams.streams):
-        position = max(0, step - stream % per_process + per_process - 1) // per_process * batch
-        number, start, _ = streams.find_pass(stream, position)
-        shard = streams.block_samples((stream, number, (position - start) // streams.block))[0][0]
-        where.append({"stream": stream, "position": position, "pass": number,
-                      "shard": shards.paths[shard].name})
-    return {"shards": shards.fingerprint, "streams": streams.streams, "block": streams.block,
-            "positions": where}
-
-
 # ===================================================================== model parts
 
 # The self-distillation method lives here, whole: DINO's head, loss and EMA beside the student and teacher
@@ -665,7 +650,7 @@ class FiniteWatch:
 def save_checkpoint(run: Run, path: Path, step: int, skipped: int, data: Optional[dict] = None):
     """Everything a resume needs in one safetensors file (tensors + JSON metadata), written to a
     temporary file and renamed: a kill at any moment leaves the previous checkpoint intact. `data`: where
-    the shards' streams stand (data_state); a manifest's order is a function of the step alone."""
+    the shards' streams stand (shards.stream_state); a manifest's order is a function of the step alone."""
     tensors = {f"student.{k}": v for k, v in run.unwrapped.state_dict().items()}
     if run.teacher is not None:
         tensors |= {f"teacher.{k}": v for k, v in run.teacher.state_dict().items()}
@@ -896,7 +881,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     run = build_run(cfg, model, tokenizer, device)
     start, skipped = (load_checkpoint(run, checkpoint) if checkpoint.exists() else (0, 0))
     if start:
-        check_data_state(read_checkpoint(checkpoint)[0].get("data"), shards and data_state(
+        check_data_state(read_checkpoint(checkpoint)[0].get("data"), shards and shardlib.stream_state(
             shards, streams, max(cfg.workers, 1), cfg.batch_size, start))
     val_manifest = cfg.val_data or (None if shards else cfg.data[0])
     if is_main:
@@ -979,7 +964,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
                 finite.check()
                 if is_main:
                     try:
-                        save_checkpoint(run, checkpoint, step, skipped, shards and data_state(
+                        save_checkpoint(run, checkpoint, step, skipped, shards and shardlib.stream_state(
                             shards, streams, max(cfg.workers, 1), cfg.batch_size, step))
                     except rsmclip.RsmclipError as e:  # a full disk: the previous checkpoint is whole
                         raise stopped(str(e), step, saved) from None

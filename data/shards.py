@@ -414,6 +414,21 @@ class Streams:
         return out
 
 
+def stream_state(shards: ShardSet, streams: Streams, per_process: int, batch: int,
+                 step: int) -> dict:
+    """What the checkpoint records of the shards: which (fingerprint, streams) and where every stream
+    stands after `step` steps (its position, pass, and the shard its next block starts in)."""
+    where = []
+    for stream in range(streams.streams):
+        position = max(0, step - stream % per_process + per_process - 1) // per_process * batch
+        number, start, _ = streams.find_pass(stream, position)
+        shard = streams.block_samples((stream, number, (position - start) // streams.block))[0][0]
+        where.append({"stream": stream, "position": position, "pass": number,
+                      "shard": shards.paths[shard].name})
+    return {"shards": shards.fingerprint, "streams": streams.streams, "block": streams.block,
+            "positions": where}
+
+
 class ShardReader:
     """One process's reads: a block of a stream is read at once, shard by shard in file order (sequential
     reads), and kept while its samples are taken (the last two blocks)."""
