@@ -749,6 +749,11 @@ CASES = [
     Case("prepare shards: --per-shard 0", "prepare",
          ["shards", MANIFEST, "--out", "{tmp}/sh", "--per-shard", "0"], make=train_split,
          words=("--per-shard 0: at least 1",), absent=("sh",)),
+    *(Case(f"prepare shards: {' '.join(flag)}", "prepare", ["shards", MANIFEST, "--out", "{tmp}/sh", *flag],
+           make=train_split, words=(words,), absent=("sh",))
+      for flag, words in ((("--max-side", "16"), "--max-side 16: at least 32 pixels"),
+                          (("--split", "dev"), "--split 'dev': choose one of train, val, test"),
+                          (("--name", "a.b"), "--name 'a.b': letters, digits, '-' and '_' only"))),
     Case("prepare shards: --out holds shards of another manifest", "prepare",
          ["shards", MANIFEST, "--out", "{tmp}/sh"],
          make=lambda tmp: (our_shards(tmp), rewrite_captions(tmp / "ds" / "captions.jsonl")),
