@@ -30,13 +30,21 @@ from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import cli
+import files
 import rsmclip
-import rsmclip_cli
-from data.demo import make_demo
-from data.prepare import data_files, load_labels, load_manifest, read_json, scan_image_folder
+from data.demo import DEMO_DIR, make_demo
+from data.manifest import (
+    LANGS,
+    data_files,
+    load_labels,
+    load_manifest,
+    parse_langs,
+    read_json,
+    scan_image_folder,
+)
 
 ROOT = Path(__file__).resolve().parent
-DEMO_DIR = ROOT / "demo_data"
 KS = (1, 5, 10)
 TIE_RULES = ("expected", "against", "favour")
 TIE_RULE_TEXT = {
@@ -182,8 +190,9 @@ def mean_metrics(rows: list[dict]) -> dict:
 def encode_images(model, preprocess, paths: list[Path], batch_size: int = 64, device: str = "cpu",
                   workers: int = 2) -> torch.Tensor:
     """[N, D] embeddings of every image, on `device`; an unreadable or missing image stops the evaluation."""
-    return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers,
-                                skip_unreadable=False)[0]
+    with cli.image_progress(len(paths)) as progress:
+        return rsmclip.embed_images(model, preprocess, paths, batch_size, device, workers,
+                                    skip_unreadable=False, progress=progress)[0]
 
 
 def in_eval_mode(evaluate):
@@ -204,7 +213,7 @@ def in_eval_mode(evaluate):
 
 def manifest_langs(records: list[dict]) -> list[str]:
     found = {lang for r in records for lang in r["captions"]}
-    return [lang for lang in rsmclip.LANGS if lang in found] + sorted(found - set(rsmclip.LANGS))
+    return [lang for lang in LANGS if lang in found] + sorted(found - set(LANGS))
 
 
 @in_eval_mode
@@ -252,6 +261,31 @@ def evaluate_retrieval(model, tokenizer, preprocess, manifest: Path, split: str 
     return results
 
 
+def validate(model, tokenizer, manifest: Optional[str], split: str, langs: list[str],
+             device: str) -> Optional[dict]:
+    """Retrieval with this protocol on a manifest split, in those of `langs` that every image of the split
+    has captions in (None if it has no such images, or there is no manifest): training's measurement
+    before and after a run, and every --val-every steps."""
+    if manifest is None:
+        return None
+    chosen = [r for r in load_manifest(Path(manifest)) if r["split"] == split]
+    langs = [lang for lang in langs if all(r["captions"].get(lang) for r in chosen)]
+    if not chosen or not langs:
+        return None
+    preprocess = rsmclip.Preprocess(model.config.vision.image_size)  # evaluate_retrieval: dropout off and on
+    return evaluate_retrieval(model, tokenizer, preprocess, Path(manifest), split, langs, 128, device,
+                              workers=0)
+
+
+def recall(result: dict) -> float:
+    """mR over languages (or of the only one)."""
+    return result.get("mean", next(iter(result.values())))["mR"]
+
+
+def mean_recall(result: Optional[dict]) -> str:
+    return "n/a" if result is None else f"{recall(result):.2f}"
+
+
 def retrieval_table(results: dict, title: str) -> Table:
     first = next(iter(results.values()))
     table = Table("lang", *(f"i2t@{k}" for k in KS), *(f"t2i@{k}" for k in KS), "mR", "chance",
@@ -297,7 +331,7 @@ def load_classes(name_or_file: str, lang: str) -> dict:
                         f"({', '.join(doc['datasets'])})")
     mapping = doc["datasets"][known[name_or_file.lower()]]
     if lang != "en" and any(lang not in doc["names"][en] for en in mapping.values()):
-        raise EvalError(f"no {lang!r} class names; languages: {', '.join(rsmclip.LANGS)}")
+        raise EvalError(f"no {lang!r} class names; languages: {', '.join(LANGS)}")
     return {folder: en if lang == "en" else doc["names"][en][lang] for folder, en in mapping.items()}
 
 
@@ -308,7 +342,7 @@ def load_templates(lang: str, file: Optional[Path] = None) -> list[str]:
         raise EvalError(f"no {lang!r} templates in {file or 'data/templates.json'}")
     if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
         raise EvalError(f"{file or 'data/templates.json'}: expected a list of template strings for {lang!r}")
-    return [rsmclip.check_template(t) for t in templates]
+    return [cli.check_template(t) for t in templates]
 
 
 @torch.inference_mode()
@@ -504,16 +538,16 @@ def sample_shots(labels: list[int], pool: list[int], k: int, seed: int, names: l
 def cached_image_features(model, preprocess, paths: list[Path], key: Optional[str], batch_size: int,
                           device: str, workers: int) -> torch.Tensor:
     """encode_images(), stored under the cache folder by `key` (the weights' fingerprint, the input size,
-    and every image's path and stamp, rsmclip.file_stamp), so a second probe reads instead of encoding. A
+    and every image's path and stamp, files.file_stamp), so a second probe reads instead of encoding. A
     cache file is used only when it holds what encoding would give in form: float32, one finite row of
     the model's width per image; anything else is encoded again, with a warning."""
     if key is None:
         return encode_images(model, preprocess, paths, batch_size, device, workers)
-    missing = [rsmclip.display(p) for p in paths if not p.is_file()]
+    missing = [files.display(p) for p in paths if not p.is_file()]
     if missing:
         raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}")
     digest = hashlib.sha256(json.dumps([key, preprocess.size] + [
-        [rsmclip.display(p.resolve()), *rsmclip.file_stamp(p)] for p in paths]).encode()).hexdigest()
+        [files.display(p.resolve()), *files.file_stamp(p)] for p in paths]).encode()).hexdigest()
     file = rsmclip.cache_dir() / "features" / f"{digest[:32]}.safetensors"
     if file.is_file():
         expected = (len(paths), model.config.embed_dim)
@@ -527,7 +561,7 @@ def cached_image_features(model, preprocess, paths: list[Path], key: Optional[st
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             print(f"warning: {file}: unusable feature cache ({e}); encoding again", file=sys.stderr)
     feats = encode_images(model, preprocess, paths, batch_size, device, workers)
-    rsmclip.atomic_save({"features": feats}, file, {"images": str(len(paths))})
+    files.atomic_save({"features": feats}, file, {"images": str(len(paths))})
     return feats
 
 
@@ -701,7 +735,7 @@ class SuiteError(EvalError):
 def run_task(task: dict, data: Path, model, preprocess, tok, w: Path, batch_size: int, device: str,
              workers: int, ties: str) -> tuple[dict, dict]:
     """One task of a suite with one model -> (its full result, {lang or setting: score})."""
-    rsmclip.warn_if_toy(model.config, w, [data])
+    cli.warn_if_toy(model.config, w, [data])
     if task["task"] == "retrieval":
         result = evaluate_retrieval(model, tok, preprocess, data, task.get("split", "test"),
                                     task.get("langs"), batch_size, device, workers, ties)
@@ -779,7 +813,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 def write_json(obj: dict, path: Optional[Path]):
     if path:
-        rsmclip.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        cli.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 @app.callback(invoke_without_command=True)
@@ -809,7 +843,7 @@ def check_fraction(fraction: float) -> float:
 
 
 # Options shared by the commands (--model, --tokenizer and --device: those of every script)
-MODEL, TOKENIZER, DEVICE = rsmclip_cli.MODEL, rsmclip_cli.TOKENIZER, rsmclip_cli.DEVICE
+MODEL, TOKENIZER, DEVICE = cli.MODEL, cli.TOKENIZER, cli.DEVICE
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
 WORKERS = typer.Option(min(4, os.cpu_count() or 1), help="image decoding processes")
 TIES = typer.Option("expected", callback=check_ties,
@@ -825,11 +859,11 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
               tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
               device: str = DEVICE, ties: str = TIES):
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
-    rsmclip.refuse_overwrite(out, [model_path, *data_files(data), tokenizer])
+    cli.refuse_overwrite(out, [model_path, *data_files(data), tokenizer])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
-    rsmclip.warn_if_toy(model.config, model_path, [data])
+    cli.warn_if_toy(model.config, model_path, [data])
     results = evaluate_retrieval(model, tok, preprocess, data, split,
-                                 rsmclip.parse_langs(langs) if langs else None, batch_size, device, workers,
+                                 parse_langs(langs) if langs else None, batch_size, device, workers,
                                  ties)
     Console().print(retrieval_table(results, f"{model_path.name} on {data}, split {split}"))
     print(ties_line(results))
@@ -850,9 +884,9 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
              tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
              device: str = DEVICE):
     """Zero-shot top-1 accuracy with per-language class names and templates."""
-    rsmclip.refuse_overwrite(out, [model_path, *data_files(data), templates, tokenizer, Path(classes)])
+    cli.refuse_overwrite(out, [model_path, *data_files(data), templates, tokenizer, Path(classes)])
     model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
-    rsmclip.warn_if_toy(model.config, model_path, [data])
+    cli.warn_if_toy(model.config, model_path, [data])
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
                                workers)
@@ -869,7 +903,7 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
 def image_model(model_path: Path, data: Path, device: str) -> tuple[rsmclip.CLIP, rsmclip.Preprocess]:
     """A weights file's model for image features only (no tokenizer needed), and its preprocessing."""
     cfg, state = rsmclip.read_weights(model_path)
-    rsmclip.warn_if_toy(cfg, model_path, [data])
+    cli.warn_if_toy(cfg, model_path, [data])
     return rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
 
 
@@ -899,7 +933,7 @@ def linear_probe(model_path: Path = MODEL,
                         "1,2,4,8,16") from None
     if any(k < 1 for k in ks):
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
-    rsmclip.refuse_overwrite(out, [model_path, *data_files(data)])
+    cli.refuse_overwrite(out, [model_path, *data_files(data)])
     rsmclip.cache_dir(check=True)
     model, preprocess = image_model(model_path, data, device)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
@@ -919,7 +953,7 @@ def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class fol
     """Weighted k-NN top-1 accuracy on frozen image features (DINO's check of self-supervised features)."""
     if not temperature > 0 or math.isinf(temperature):
         raise EvalError(f"--temperature {temperature}: must be a positive number")
-    rsmclip.refuse_overwrite(out, [model_path, *data_files(data)])
+    cli.refuse_overwrite(out, [model_path, *data_files(data)])
     rsmclip.cache_dir(check=True)
     model, preprocess = image_model(model_path, data, device)
     result = evaluate_knn(model, preprocess, data, k, temperature, test_fraction,
@@ -938,8 +972,8 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     tasks = check_suite(read_json(suite), suite)["tasks"]
     reads = [suite, tokenizer, *model_paths,
              *(f for t in tasks for f in data_files(suite.parent / t["data"]))]
-    rsmclip.refuse_overwrite(out_json, reads, "--out-json")
-    rsmclip.refuse_overwrite(out_md, [*reads, out_json], "--out-md")
+    cli.refuse_overwrite(out_json, reads, "--out-json")
+    cli.refuse_overwrite(out_md, [*reads, out_json], "--out-md")
     if any(t["task"] in ("linear-probe", "knn") for t in tasks):
         rsmclip.cache_dir(check=True)
     try:
@@ -952,11 +986,11 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     markdown = report_markdown(result)
     print(markdown)
     write_json(result, out_json)
-    rsmclip.write_text(out_md, markdown)
+    cli.write_text(out_md, markdown)
 
 
 def main():
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)
 
 
 if __name__ == "__main__":

@@ -13,27 +13,21 @@ The public API (`__all__`): `load` returns (a `CLIP` in eval mode, a `Preprocess
 (batched, L2-normalised); `save` writes a model as safetensors (ours or open_clip's names); `convert`
 turns an open_clip checkpoint into ours or back; `PRESETS` and `CLIPConfig` describe architectures.
 
-Importing it only defines: no Typer app, no CUDA query, no global setting changed. The `rsmclip`
-command (info, download, convert, embed, classify, search) lives in rsmclip_cli.py; `python rsmclip.py
---help` runs it too.
+Importing it only defines: no Typer app, no CUDA query, no global setting changed, nothing drawn or
+printed but warnings. The `rsmclip` command (info, download, convert, embed, classify, search) is
+rsmclip_cli.py: `python rsmclip_cli.py --help`, or `rsmclip --help` once installed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import glob
-import hashlib
 import html
 import io
 import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,24 +40,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+from files import RsmclipError, atomic_save, display, file_sha256
 
 __all__ = ["load", "CLIP", "Preprocess", "Tokenizer", "embed_images", "embed_texts", "save", "convert",
            "PRESETS", "CLIPConfig", "RsmclipError"]
 
-# The ten languages of RS-M-CLIP (English and Tower's nine): the one list; prompts, templates, class
-# names, the demo's text tables and translate.py's targets are derived from it or tested against it.
-LANGUAGES = {"en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German",
-             "nl": "Dutch", "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian"}
-LANGS = tuple(LANGUAGES)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-
-
-class RsmclipError(Exception):
-    """An error the user can fix (bad file, wrong checkpoint, ...): the CLIs print it and exit 1."""
 
 
 class ImageError(RsmclipError):
@@ -72,16 +58,6 @@ class ImageError(RsmclipError):
 
 class WeightsError(RsmclipError):
     pass
-
-
-def parse_langs(text: str, option: str = "--langs", allowed=LANGS) -> list[str]:
-    """The one parser of comma-separated language codes: `en,pt` -> ["en", "pt"], in the given order, each
-    once; an unknown code or none at all is one message naming the option and the choices."""
-    langs = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
-    if (unknown := [x for x in langs if x not in allowed]) or not langs:
-        raise RsmclipError(f"{option} {text!r}: unknown language {', '.join(unknown) or '(none given)'}; "
-                           f"choose comma-separated from {','.join(allowed)}")
-    return langs
 
 
 # ----------------------------------------------------------------------------- configs and presets
@@ -436,7 +412,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise RsmclipError(f"tokenizer {path}: no such file (the XLM-R vocabulary is fetched by "
-                               "`python rsmclip.py download tokenizer`)")
+                               "`python rsmclip_cli.py download tokenizer`)")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
@@ -571,19 +547,6 @@ class Preprocess:
         return (x - self.mean) / self.std
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    """Image files among the given files and (recursively) folders, sorted within each folder."""
-    found = []
-    for p in paths:
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.exists():
-            found.append(p)
-        else:
-            raise RsmclipError(f"{p}: no such file or folder")
-    return found
-
-
 # ----------------------------------------------------------------------------- weights: open_clip <-> ours
 
 OPENCLIP_DROPPED = ("text.transformer.embeddings.position_ids", "text.transformer.embeddings.token_type_ids")
@@ -708,7 +671,7 @@ def read_weights(path: str | Path) -> tuple[CLIPConfig, dict]:
         raise WeightsError(f"{path}: no such weights file")
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise WeightsError(f"{path}: a pickled checkpoint; convert it once with "
-                           f"`python rsmclip.py convert {path} {path.with_suffix('.safetensors')}`")
+                           f"`python rsmclip_cli.py convert {path} {path.with_suffix('.safetensors')}`")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -900,19 +863,6 @@ def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
     return feats
 
 
-def check_template(template: str) -> str:
-    """A prompt with exactly one {} for the class name and nothing else for str.format to fill."""
-    try:
-        filled = template.format("\0")
-    except (KeyError, IndexError, ValueError) as e:
-        raise RsmclipError(f"template {template!r}: {type(e).__name__} {e}; use exactly one {{}} "
-                           "for the class name ({{ and }} for literal braces)") from None
-    if filled.count("\0") != 1:
-        raise RsmclipError(f"template {template!r} needs exactly one {{}} for the class name "
-                           "(without it every class gets the same text and the same score)")
-    return template
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """Decoded, preprocessed images. A file that cannot be read gives a blank and its error message,
     reported by the main process (a worker's exception would arrive as a traceback)."""
@@ -938,33 +888,29 @@ def image_batches(paths: list[Path], preprocess: Preprocess, batch_size: int, wo
 
 @torch.inference_mode()
 def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_size: int = 64,
-                 device: str = "cpu", workers: int = 0,
-                 skip_unreadable: bool = True) -> tuple[torch.Tensor, list[Path], list[str]]:
+                 device: str = "cpu", workers: int = 0, skip_unreadable: bool = True,
+                 progress: Optional[Callable[[int], None]] = None
+                 ) -> tuple[torch.Tensor, list[Path], list[str]]:
     """(embeddings [N, D] L2-normalised float32 on `device`, the N readable paths, the error messages),
     decoded by `workers` processes, bf16 autocast on CUDA. An unreadable image is skipped and reported
     on stderr (a folder being searched), or, with skip_unreadable=False, stops the whole call with one
-    message (an evaluation, whose numbers a silently smaller set would change)."""
-    from rich.console import Console  # the progress bar's library, loaded where it is drawn
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    message (an evaluation, whose numbers a silently smaller set would change). progress(n) is called
+    after each batch of n images (the commands draw a bar with it)."""
     if not skip_unreadable and (missing := [display(p) for p in paths if not Path(p).is_file()]):
         raise ImageError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
-    feats, ok, failed, start = [], [], [], time.perf_counter()
-    with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("", total=len(paths), rate="")
-        for first, (pixels, messages) in zip(range(0, len(paths), batch_size),
-                                             image_batches(paths, preprocess, batch_size, workers)):
-            good = [i for i, m in enumerate(messages) if not m]
-            failed += [m for m in messages if m]
-            ok += [paths[first + i] for i in good]
-            if good:
-                with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-                    x = model.encode_image(pixels[good].to(device, non_blocking=True))
-                feats.append(F.normalize(x.float(), dim=-1))
-            done = first + len(messages)
-            bar.update(task, advance=len(messages), rate=f"{done / (time.perf_counter() - start):.0f} img/s")
+    feats, ok, failed = [], [], []
+    for first, (pixels, messages) in zip(range(0, len(paths), batch_size),
+                                         image_batches(paths, preprocess, batch_size, workers)):
+        good = [i for i, m in enumerate(messages) if not m]
+        failed += [m for m in messages if m]
+        ok += [paths[first + i] for i in good]
+        if good:
+            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+                x = model.encode_image(pixels[good].to(device, non_blocking=True))
+            feats.append(F.normalize(x.float(), dim=-1))
+        if progress:
+            progress(len(messages))
     if failed and not skip_unreadable:
         raise ImageError(f"{len(failed)} images cannot be read: {'; '.join(map(display, failed[:3]))}")
     for message in failed:
@@ -995,178 +941,6 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
     return check_finite(out, "text")[inverse]
 
 
-def is_demo_image(path: Path) -> bool:
-    """An image (or a manifest, a folder) inside a folder that data/demo.py made (its VERSION stamp names
-    the demo)."""
-    for folder in Path(path).resolve().parents:
-        stamp = folder / "VERSION"
-        if stamp.is_file():
-            return stamp.read_text(errors="replace").startswith("rsmclip-demo")
-    return False
-
-
-def warn_if_toy(cfg: CLIPConfig, weights: Path, paths: list[Path]):
-    """The tiny architecture is the demo's toy (64-pixel input, 1.4M parameters, synthetic scenes): on
-    real imagery its scores are flat and mean little. Say so whenever it sees images not from the demo
-    (`paths`: the images, or the manifest or folder that holds them)."""
-    tiny = PRESETS["tiny"]
-    if (cfg.vision, cfg.embed_dim) == (tiny.vision, tiny.embed_dim) and not all(map(is_demo_image, paths)):
-        print(f"warning: {display(weights)} is the tiny demo model, a toy trained on synthetic scenes: its "
-              "scores on other images mean little; for real imagery use --model rs-m-clip "
-              "(`rsmclip download`)", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- files
-
-def display(path) -> str:
-    """A path as text that can always be printed and written as UTF-8: bytes of a file name that are not
-    UTF-8 (kept by Python as surrogates) are shown as \\xNN escapes."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def listing(items: list, n: int = 5) -> str:
-    """The first n items of a list in a message (printable, see display), and how many there are in all."""
-    return ", ".join(map(display, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def refuse_overwrite(out: Optional[Path], inputs: list, option: str = "--out", role: str = "the input"):
-    """The one rule for outputs, applied before any work: an output that is a folder, that lies below a
-    file, or that is any file the command reads is refused. `inputs` are what it reads: files, which an
-    output may not be by any name (a symlink or a hard link too), and folders, whose images (list_images,
-    what the commands read of a folder) it may not be either. A manifest's images are passed by the caller
-    (data.prepare.data_files)."""
-    if out is None:
-        return
-    out = Path(out)
-    if out.is_dir():
-        raise RsmclipError(f"{option} {out}: is a folder; give a file name")
-    if parent := next((d for d in out.absolute().parents if d.exists()), None):
-        if not parent.is_dir():
-            raise RsmclipError(f"{option} {out}: {parent} is a file, not a folder")
-    if parent and not os.access(parent, os.W_OK | os.X_OK):  # also a read-only file system, even for root
-        raise RsmclipError(f"{option} {display(out)}: cannot write in {display(parent)} (not writable)")
-    target = out.stat() if out.exists() else None  # a file not there yet cannot be destroyed by the write
-    for given in map(Path, filter(None, inputs)):
-        if given.is_dir():
-            hit = target and next((f for f in list_images([given]) if _same_file(f, target)), None)
-            if hit:
-                which = "" if hit == out else f" (as {display(hit)})"
-                raise RsmclipError(f"{option} {display(out)} is an image of {role} {display(given)}{which}: "
-                                   f"writing it would destroy that image; choose another {option}")
-        elif given.resolve() == out.resolve() or (target and given.exists() and _same_file(given, target)):
-            raise RsmclipError(f"{option} {display(out)} is {role} {display(given)}: writing it would "
-                               f"destroy that file; choose another {option}")
-
-
-def _same_file(path: Path, target: os.stat_result) -> bool:
-    try:
-        found = path.stat()
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino)
-
-
-def file_stamp(path: Path) -> list[int]:
-    """What tells a changed file without reading it: size, modification time, inode change time and inode.
-    A file replaced by another of the same size, its mtime set back, still has a new ctime and inode."""
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-@functools.cache
-def umask() -> int:
-    """The process umask, read on first use: the only way to read it is to set it, so it is put back
-    at once (an import must not touch it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], size: Optional[int] = None) -> Path:
-    """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
-    flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
-    On any failure (disk full, an exception) the temporary file is removed and an existing `path` keeps
-    its old bytes, and the message names the file, the space it needed (`size`, when the caller knows it)
-    and the space left. Temporary names carry the writer's pid, so two writers never collide and one killed
-    before it could clean up (SIGKILL) is swept away by the next write of the same file."""
-    path = Path(path)
-    refuse_overwrite(path, [], "the output")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = stale.name[len(path.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # disk full, no permission: the old file stays
-        tmp.unlink(missing_ok=True)
-        why = os_reason(e)
-        space = f"needs {byte_size(size)}, " if size else ""
-        with contextlib.suppress(OSError):
-            space += f"{byte_size(shutil.disk_usage(path.parent).free)} free there; "
-        raise RsmclipError(f"{display(path)}: cannot write it ({why}; {space}an existing file is "
-                           "unchanged)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def os_reason(e: Exception) -> str:
-    """The system's words for a failed write: an OSError's strerror, or the part of a SafetensorError that
-    quotes it ("Error while serializing: I/O error: No space left on device (os error 28)")."""
-    if getattr(e, "strerror", None):
-        return e.strerror
-    found = re.search(r'I/O error: (.+?) \(os error \d+\)|message: "([^"]+)"', str(e))
-    return next(filter(None, found.groups())) if found else str(e)
-
-
-def byte_size(n: int) -> str:
-    """1,234 bytes, 12.1 KiB, 3.4 MiB, 1.2 GiB: a size as a person reads it."""
-    if n < 1024:
-        return f"{n:,} bytes"
-    unit = next(u for u in range(1, 4) if n < 1024 ** (u + 1) or u == 3)
-    return f"{n / 1024 ** unit:,.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
-
-
-def atomic_save(tensors: dict, path: Path, metadata: dict):
-    """A safetensors file written with atomic_write: a crash never leaves a half-written weights file."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    size = sum(t.nbytes for t in tensors.values())
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), size)
-
-
-def write_text(path: Path, text: str):
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    print(f"wrote {display(path)}")
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 16 MiB blocks (weights are GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-if __name__ == "__main__":  # the command line lives in rsmclip_cli.py; `python rsmclip.py` runs it too
-    import rsmclip_cli
-    rsmclip_cli.main()
+if __name__ == "__main__":  # the library runs nothing: point to the command instead of doing nothing
+    sys.exit("rsmclip.py is the library; its command line is `python rsmclip_cli.py --help` (or `rsmclip` "
+             "once installed)")

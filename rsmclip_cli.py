@@ -1,20 +1,15 @@
-"""The `rsmclip` command (info, download, convert, embed, classify, search) and the command-line
-conventions every script of the toolkit shares: `run_cli` (one exit-code rule, readable help) and one
-definition of the options several scripts take (--model, --tokenizer, --device, --ties).
+"""The `rsmclip` command: info, download, convert, embed, classify, search.
 
-    rsmclip search FOLDER "a red storage tank" --model rs-m-clip     # after `pip install .`
-    python rsmclip_cli.py --help                                      # from a checkout
+    python rsmclip_cli.py search FOLDER "a red storage tank" --model rs-m-clip     # from a checkout
+    rsmclip search FOLDER "a red storage tank" --model rs-m-clip                   # after `pip install .`
 
-The library it drives is rsmclip.py; this module imports it, never the reverse.
+It drives the library (rsmclip.py), which never imports it; its search index and HTML pages are in
+search/, the conventions it shares with every script (run_cli, --model/--tokenizer/--device) in cli.py.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
 import http.client
-import io
 import json
 import os
 import re
@@ -29,101 +24,45 @@ from typing import Optional
 import numpy as np
 import torch
 import typer
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 from safetensors import SafetensorError, safe_open
 
+import cli
+from cli import (
+    DEVICE,
+    MODEL,
+    TOKENIZER,
+    check_template,
+    list_images,
+    refuse_overwrite,
+    warn_if_toy,
+    write_text,
+)
+from files import atomic_save, atomic_write, display, file_sha256
 from rsmclip import (
     CLIP,
     HUB_FILES,
-    LANGS,
     PRESETS,
     RsmclipError,
     Tokenizer,
-    atomic_save,
-    atomic_write,
     cache_dir,
-    check_template,
     config_from_json,
     convert,
     count_parameters,
-    default_device,
-    display,
     embed_images,
     embed_texts,
-    file_sha256,
-    file_stamp,
-    list_images,
     load,
-    open_image,
     read_weights,
-    refuse_overwrite,
-    warn_if_toy,
     weights_dir,
-    weights_fingerprint,
     weights_path,
-    write_text,
 )
-
-# ----------------------------------------------------------------------------- command-line conventions
-
-
-def readable_help(command) -> typer.core.TyperCommand:
-    """Every parameter with the usual upper-case metavar (FOLDER, QUERIES..., PATH, INTEGER), not typer's
-    own `{folder}`, `<list[str]>` or `--top-k <int range>`: help that reads as other command lines do
-    (tests/test_project.py checks every script's help)."""
-    for sub in getattr(command, "commands", {}).values():
-        readable_help(sub)
-    for param in command.params:
-        kind = param.type_descriptor
-        if param.param_type_name == "argument":
-            name = param.name.upper() + ("..." if param.nargs != 1 else "")
-            param.metavar = name
-            param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
-            param.display_type_rich = lambda ctx: None
-        elif not param.is_flag:
-            param.metavar = ("[" + "|".join(map(str, kind.choices)) + "]" if kind.is_choice
-                             else "PATH" if kind.is_path
-                             else METAVARS.get(param._bare_type(kind.annotation), "VALUE"))
-    return command
-
-
-METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER",
-            "list[Path]": "PATH"}
-
-
-def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
-    """Every script's command line runs through here, with one exit-code rule: a user error (RsmclipError,
-    a bad file or value) or a failed file operation (disk full, no permission) is one line `error: ...`
-    and exit 1; a usage error (unknown option, missing argument, a value of the wrong type or range) is
-    click's message and exit 2. Never a traceback for either."""
-    app.rich_markup_mode = None  # plain click help: see readable_help
-    try:
-        readable_help(typer.main.get_command(app)).main(args=args, prog_name=Path(sys.argv[0]).name)
-    except RsmclipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        sys.exit(1)
-
-
-DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when there is one)"
-TOKENIZER_HELP = "SentencePiece model (default: the one the weights name, next to them)"
-MODEL_HELP = "weights file, or rs-m-clip / laion once downloaded"
-
-# The options several scripts take, defined once (their help cannot drift apart): use them as defaults,
-# `device: str = DEVICE`. The device default is resolved when a command runs, not when a script imports.
-MODEL = typer.Option(..., "--model", help=MODEL_HELP)
-TOKENIZER = typer.Option(None, help=TOKENIZER_HELP)
-DEVICE = typer.Option(None, help=DEVICE_HELP, show_default=False,
-                      callback=lambda device: device or default_device())
-
+from search.index import update_index
+from search.pages import results_page
 
 # ----------------------------------------------------------------------------- download
+
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
@@ -257,109 +196,6 @@ def download(name: str, out_dir: Path, endpoint: str, timeout: float = 60) -> Pa
     raise RsmclipError(f"{repo}: none of {', '.join(candidates)} found at {endpoint}")
 
 
-# ----------------------------------------------------------------------------- search index
-
-def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], torch.Tensor]:
-    """(entries, embeddings) of a search index made with these weights; an index that is absent, made
-    with other weights, or damaged in any way is rebuilt (with a warning saying why), never trusted."""
-    empty = [], torch.zeros(0, dim)
-    if not index.exists():
-        return empty
-    try:
-        with safe_open(str(index), "pt") as f:
-            meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
-        if meta.get("model") != fingerprint:
-            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
-            return empty
-        entries = json.loads(meta["entries"])
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
-                and type(e.get("mtime")) is int for e in entries):
-            raise ValueError("entries are not a list of {path, size, mtime}")
-        if feats is None or feats.dtype != torch.float32 or tuple(feats.shape) != (len(entries), dim):
-            raise ValueError(f"embeddings {None if feats is None else tuple(feats.shape)}, expected "
-                             f"{(len(entries), dim)} float32")
-        if not torch.isfinite(feats).all():
-            raise ValueError("non-finite embeddings")
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # json's errors are ValueErrors
-        print(f"warning: {index}: damaged search index ({str(e)[:200]}); rebuilding it", file=sys.stderr)
-        return empty
-    return entries, feats
-
-
-def index_path(folder: Path, fingerprint: str) -> Path:
-    """The default search index of a folder for given weights: in the user cache, never in the folder
-    (which may be read-only or shared), one file per (folder, weights) so that switching models does not
-    rebuild."""
-    key = hashlib.sha256(f"{folder.resolve()}\0{fingerprint}".encode("utf-8", "surrogateescape"))
-    return cache_dir() / "index" / f"{key.hexdigest()[:32]}.safetensors"
-
-
-STAMP = ("size", "mtime", "ctime", "inode")  # an index entry's names for rsmclip.file_stamp's numbers
-
-
-def update_index(model, preprocess, weights: Path, folder: Path, index: Optional[Path], batch_size: int,
-                 device: str):
-    """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
-    The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
-    fingerprint = weights_fingerprint(weights)
-    index = index or index_path(folder, fingerprint)
-    entries, feats = read_index(index, fingerprint, model.config.embed_dim)
-    known = {e["path"]: (e, row) for row, e in enumerate(entries)}
-    keep_rows, kept, todo = [], [], []
-    for p in list_images([folder]):
-        rel = p.relative_to(folder).as_posix()
-        old = known.get(rel)
-        if old and [old[0].get(k) for k in STAMP] == file_stamp(p):  # an older index lacks ctime and inode
-            keep_rows.append(old[1])
-            kept.append(old[0])
-        else:
-            todo.append(p)
-    new_feats, done, failed = embed_images(model, preprocess, todo, batch_size, device)
-    new_feats = new_feats.cpu()
-    added = [{"path": p.relative_to(folder).as_posix(), **dict(zip(STAMP, file_stamp(p)))} for p in done]
-    entries, feats = kept + added, torch.cat([feats[keep_rows], new_feats])
-    removed = len(known) - len(kept)
-    if added or removed or not index.exists():
-        atomic_save({"embeddings": feats}, index, {"model": fingerprint, "folder": display(folder.resolve()),
-                                                   "entries": json.dumps(entries)})
-    print(f"index {index}: {len(entries)} images ({len(added)} added, {removed} removed or changed, "
-          f"{len(failed)} unreadable skipped)")
-    return entries, feats
-
-
-# ----------------------------------------------------------------------------- HTML pages
-
-def thumbnail(path: Path, size: int = 224) -> str:
-    """An image as a data: URI (JPEG, longer side at most `size`), so that a page needs no other file."""
-    image = open_image(path)
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def results_page(title: str, sections: list[tuple[str, list[tuple[Path, list[str]]]]]) -> str:
-    """One self-contained HTML page (no script, no other file): per section (a query, or the images of a
-    classification) a heading and a grid of cards, each an embedded thumbnail and its lines of text."""
-    def card(image: Path, lines: list[str]) -> str:
-        text = "".join(f"<div>{html.escape(display(line))}</div>" for line in lines)  # file names too
-        return (f'<figure><img src="{thumbnail(image)}" alt="{html.escape(display(image))}">'
-                f"<figcaption>{text}</figcaption></figure>")
-    body = "".join(f"<section><h2>{html.escape(heading)}</h2><div class=grid>"
-                   + "".join(card(image, lines) for image, lines in cards) + "</div></section>"
-                   for heading, cards in sections)
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{html.escape(title)}</title><style>"
-            "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}"
-            "h1{font-size:20px}h2{font-size:16px;margin:24px 0 8px}"
-            ".grid{display:flex;flex-wrap:wrap;gap:12px}"
-            "figure{margin:0;width:180px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}"
-            "img{width:180px;height:180px;object-fit:contain;background:#eee}"
-            "figcaption div{overflow-wrap:anywhere}figcaption div:first-child{font-weight:600}"
-            f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
-
-
 # ----------------------------------------------------------------------------- the commands
 
 # One short prompt per language for `classify`; eval.py's zero-shot protocol uses the full template
@@ -485,7 +321,8 @@ def embed(model_path: Path = MODEL,
     if images:
         paths = list_images(images)
         warn_if_toy(model.config, model_path, paths)
-        feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device)
+        with cli.image_progress(len(paths)) as progress:
+            feats, ok, _ = embed_images(model, preprocess, paths, batch_size, device, progress=progress)
         tensors["image_embeddings"], names["images"] = feats.cpu(), [display(p) for p in ok]
     if lines:
         warn_unknown(tok, lines, "text")
@@ -505,7 +342,7 @@ def embed(model_path: Path = MODEL,
 def classify(images: list[Path] = typer.Argument(..., help="image files or folders"),
              labels: str = typer.Option(..., help="comma-separated class names, in the --lang language"),
              model_path: Path = MODEL,
-             lang: str = typer.Option("en", help=f"language of the labels: {', '.join(LANGS)}"),
+             lang: str = typer.Option("en", help=f"language of the labels: {', '.join(PROMPTS)}"),
              template: Optional[str] = typer.Option(None, help="prompt with {} for the label "
                                                     "(default: one per --lang)"),
              tokenizer: Optional[Path] = TOKENIZER,
@@ -515,7 +352,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              device: str = DEVICE):
     """Zero-shot classification: a table of class probabilities per image."""
     if lang not in PROMPTS and template is None:
-        raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(LANGS)} or give --template")
+        raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(PROMPTS)} or give --template")
     names = [n.strip() for n in labels.split(",") if n.strip()]
     if len(names) < 2:
         raise RsmclipError("give at least two comma-separated --labels")
@@ -526,7 +363,8 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     paths = list_images(images)
     warn_if_toy(model.config, model_path, paths)
     warn_unknown(tok, names, "label")
-    feats, ok, failed = embed_images(model, preprocess, paths, device=device)
+    with cli.image_progress(len(paths)) as progress:
+        feats, ok, failed = embed_images(model, preprocess, paths, device=device, progress=progress)
     if not ok:
         raise RsmclipError(f"no readable images in {', '.join(display(p) for p in images)}")
     classes = embed_texts(model, tok, [prompt.format(n) for n in names], device=device)
@@ -598,7 +436,7 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
 
 
 def main():
-    run_cli(app)
+    cli.run_cli(app)
 
 
 if __name__ == "__main__":

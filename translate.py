@@ -43,12 +43,14 @@ from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import rsmclip  # its language list, output checks and atomic writer
-import rsmclip_cli  # the CLI error wrapper
-from data.prepare import load_manifest
-from rsmclip import listing
+import cli  # the CLI error wrapper
+import files  # the atomic writer
+import rsmclip  # its output checks
+from data import manifest  # the language list and its parser
+from data.manifest import load_manifest, read_json
+from files import listing
 
-LANGS = {code: name for code, name in rsmclip.LANGUAGES.items() if code != "en"}  # English is the source
+LANGS = {code: name for code, name in manifest.LANGUAGES.items() if code != "en"}  # English is the source
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
@@ -63,15 +65,6 @@ def user_prompt(text: str, lang: str) -> str:
 
 def chatml(user: str) -> str:
     return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TranslateError(f"{path.parent}: no {path.name} ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TranslateError(f"{path}: not valid JSON ({e})") from None
 
 
 # ----- model config -----
@@ -754,7 +747,7 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def parse_langs(s: str) -> list[str]:
-    return rsmclip.parse_langs(s, "--langs (target languages; English is the source)", tuple(LANGS))
+    return manifest.parse_langs(s, "--langs (target languages; English is the source)", tuple(LANGS))
 
 
 # ----- driver -----
@@ -836,8 +829,8 @@ def output_paths(cfg: TranslateConfig) -> tuple[Path, Path]:
     report = cfg.report or cfg.out.with_name(cfg.out.name + ".report.json")
     earlier = []
     for what, path in (("--out", cfg.out), ("--cache", cache), ("--report", report)):
-        rsmclip.refuse_overwrite(path, [cfg.manifest], what, "the input manifest")
-        rsmclip.refuse_overwrite(path, earlier, what, "also the output")
+        cli.refuse_overwrite(path, [cfg.manifest], what, "the input manifest")
+        cli.refuse_overwrite(path, earlier, what, "also the output")
         earlier.append(path)
     return cache, report
 
@@ -897,7 +890,7 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
     for rec, lang in todo:
         rec["captions"][lang] = [cache.best((s, lang))["out"] for s in rec["captions"]["en"]]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    rsmclip.atomic_write(cfg.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files.atomic_write(cfg.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     # report: counts per language and flag, and every flagged string
     counts = {lang: dict.fromkeys(("strings", *FLAGS), 0) for lang in langs}
     flagged_list = []
@@ -914,14 +907,14 @@ def run(cfg: TranslateConfig, console: Console) -> dict:
               "records": len(records), "unique_sources": len(sources), "kept": kept, "counts": counts,
               "flagged": flagged_list}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
-    rsmclip.atomic_write(report_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files.atomic_write(report_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     table = Table(title=f"{cfg.out}: {len(records)} records, {len(sources)} unique English captions")
     for name in ("lang", "strings", *FLAGS):
         table.add_column(name.replace("_", " "), justify="left" if name == "lang" else "right")
     for lang in langs:
         table.add_row(lang, *(str(n) for n in counts[lang].values()))
     console.print(table)
-    console.print(f"wrote {rsmclip.display(cfg.out)} and the report {rsmclip.display(report_path)}")
+    console.print(f"wrote {files.display(cfg.out)} and the report {files.display(report_path)}")
     return report
 
 
@@ -943,4 +936,4 @@ main.__signature__ = inspect.signature(TranslateConfig, eval_str=True)  # the op
 app.command(help="Translate the English captions of a captions.jsonl manifest into --langs.")(main)
 
 if __name__ == "__main__":
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

@@ -26,21 +26,17 @@ from pathlib import Path
 import torch
 import typer
 
+import cli
 import eval as ev
 import rsmclip
-import rsmclip_cli
 import train
 from data import demo
 from data.demo import make_demo, train_tokenizer
-from data.prepare import build_captions, load_manifest, write_jsonl
+from data.manifest import LANGS, load_manifest, write_jsonl
+from data.prepare import build_captions, ucm_class
 
 ROOT = Path(__file__).resolve().parents[1]
 UCM = ROOT / "datasets/ucm_captions_trainval"  # UCM-Captions' Karpathy file and images/
-# UC Merced's 21 classes in alphabetical order; image N.jpg is of class (N - 1) // 100
-UCM_CLASSES = ("agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
-               "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
-               "mediumresidential", "mobilehomepark", "overpass", "parkinglot", "river", "runway",
-               "sparseresidential", "storagetanks", "tenniscourt")
 
 # The rs-m-clip recipe (DINO's augmentation, 2 global + 8 local crops) at the tiny model's scale: a head the
 # size of the demo's.
@@ -78,7 +74,7 @@ def prepare(work: Path, ucm: Path) -> tuple[Path, Path, Path]:
         train_captions = [c for r in records if r["split"] == "train" for c in r["captions"]["en"]]
         tokenizer.write_bytes(train_tokenizer(train_captions))
     if not labels.exists():
-        write_jsonl([{"image": r["image"], "label": UCM_CLASSES[(int(Path(r["image"]).stem) - 1) // 100],
+        write_jsonl([{"image": r["image"], "label": ucm_class(r["image"]),
                       "split": "train" if r["split"] == "train" else "test"}
                      for r in records if r["split"] in ("train", "val")], labels)
     return manifest, tokenizer, labels
@@ -130,7 +126,7 @@ def markdown(title: str, header: list[str], rows: list[tuple[str, list[list[floa
 
 def publish(work: Path, name: str, text: str):
     print("\n" + text, flush=True)
-    rsmclip.write_text(work / f"{name}.md", text)
+    cli.write_text(work / f"{name}.md", text)
 
 
 def recipe_table(work: Path, ucm: Path, seeds: list[int], steps: int) -> str:
@@ -249,7 +245,7 @@ def languages_table(work: Path, seeds: list[int], steps: int) -> str:
               str(steps), "--log-every", str(min(20, steps)), "--workers", "0"]
     rows = []
     for key, title, langs in (("en", "English captions only (`--langs en`)", "en"),
-                              ("all", "all ten languages", ",".join(rsmclip.LANGS))):
+                              ("all", "all ten languages", ",".join(LANGS))):
         scores = []
         for seed in seeds:
             out = work / f"languages-{key}-seed{seed}"
@@ -323,4 +319,4 @@ def all_tables(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, qu
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

@@ -24,11 +24,12 @@ import torch
 import typer
 from PIL import Image
 
+import cli
 import eval as ev
 import rsmclip
-import rsmclip_cli
-from data import demo, prepare
-from tests.openclip_oracle import fill_with_noise  # the tests' seeded-noise weights
+from bench.openclip_oracle import fill_with_noise  # the tests' seeded-noise weights
+from data import demo
+from data.manifest import load_manifest, write_jsonl
 
 
 def make_bench_set(folder: Path, n: int) -> Path:
@@ -50,7 +51,7 @@ def make_bench_set(folder: Path, n: int) -> Path:
         (folder / "images" / f"{i:05d}.jpg").write_bytes(blobs[i % 200])
         records.append({"id": f"bench/{i}", "image": f"images/{i:05d}.jpg", "split": "test",
                         "captions": {"en": demo.captions(scenes[i % 200], "en")}})
-    prepare.write_jsonl(records, manifest)
+    write_jsonl(records, manifest)
     return manifest
 
 
@@ -71,7 +72,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def speed(images: int = typer.Option(10000, help="number of images (5 captions each)"),
           batch_size: int = typer.Option(64, help="images per forward pass"),
           workers: int = typer.Option(2, help="decoding processes, end to end"),
-          device: str = rsmclip_cli.DEVICE,
+          device: str = cli.DEVICE,
           workdir: Path = typer.Option(Path(tempfile.gettempdir()) / "rsmclip-bench-eval",
                                        help="folder for the generated images (kept for the next run)"),
           out: Path = typer.Option(None, help="also write the numbers as JSON")):
@@ -81,7 +82,7 @@ def speed(images: int = typer.Option(10000, help="number of images (5 captions e
     torch.manual_seed(0)
     model = rsmclip.CLIP(cfg).to(device).eval()
     tok, pp = rsmclip.Tokenizer(spm, cfg.context_length), rsmclip.Preprocess(cfg.vision.image_size)
-    records = prepare.load_manifest(manifest)
+    records = load_manifest(manifest)
     paths = [manifest.parent / r["image"] for r in records]
     texts = [c for r in records for c in r["captions"]["en"]]
     owner = torch.tensor([i for i, r in enumerate(records) for _ in r["captions"]["en"]])
@@ -110,8 +111,8 @@ def speed(images: int = typer.Option(10000, help="number of images (5 captions e
     for name, seconds in rows.items():
         print(f"{name:<36} {seconds:8.2f} s")
     if out:
-        rsmclip.write_text(out, json.dumps({"images": len(paths), "captions": len(texts), "device": device,
-                                            "seconds": rows}, indent=2) + "\n")
+        cli.write_text(out, json.dumps({"images": len(paths), "captions": len(texts), "device": device,
+                                        "seconds": rows}, indent=2) + "\n")
 
 
 @app.command()
@@ -119,10 +120,10 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"),
          split: str = typer.Option("val", help="the split to measure (never tune on test)"),
          tokenizer: Path = typer.Option(..., help="the XLM-R SentencePiece model"),
          seed: int = typer.Option(0, help="seed of the noise written into every parameter"),
-         device: str = rsmclip_cli.DEVICE):
+         device: str = cli.DEVICE):
     """Repeated captions and the three tie rules, on one split, with seeded-noise xlmr-b32 weights (what a
     checkpoint sees before it learns anything; trained checkpoints tie on the same repeated captions)."""
-    records = [r for r in prepare.load_manifest(data) if r["split"] == split]
+    records = [r for r in load_manifest(data) if r["split"] == split]
     texts = [c for r in records for c in r["captions"]["en"]]
     owners = {}
     for i, r in enumerate(records):
@@ -149,4 +150,4 @@ def ties(data: Path = typer.Option(..., help="captions.jsonl"),
 
 
 if __name__ == "__main__":
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import rsmclip_cli
+import cli
 import translate as T
 
 SHAPES = {  # Llama-2 style (MHA, untied embeddings), as TowerInstruct-7B
@@ -141,4 +141,4 @@ def main(
 if __name__ == "__main__":
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

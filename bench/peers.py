@@ -12,8 +12,11 @@ import contextlib
 import ctypes
 import json
 import math
+import os
+import random
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -24,10 +27,17 @@ import torch
 import torch.nn.functional as F
 import typer
 
+import cli
+import files
 import rsmclip
-import rsmclip_cli
+import rundir
 import train
-from data import augment
+from bench.openclip_oracle import paired_models
+from data import augment, loading, prepare
+from data import shards as shardlib
+from data.demo import make_demo
+from data.loading import ImageCache
+from data.prepare import build_cache
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -40,7 +50,7 @@ def benchmarks():
 # ----------------------------------------------------------------------------- measuring
 
 class PeakMemory:
-    """Peak memory of a block in MiB (train.memory_mb): CUDA's allocator statistics, or on CPU the
+    """Peak memory of a block in MiB (rundir.memory_mb): CUDA's allocator statistics, or on CPU the
     process' peak resident set (reset through /proc/self/clear_refs) above what was resident before."""
 
     def __init__(self, device: str):
@@ -53,13 +63,13 @@ class PeakMemory:
         else:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is live
             Path("/proc/self/clear_refs").write_text("5")
-        self.base = train.memory_mb(self.device, peak=False)
+        self.base = rundir.memory_mb(self.device, peak=False)
         return self
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.peak = train.memory_mb(self.device) - self.base
+        self.peak = rundir.memory_mb(self.device) - self.base
 
 
 def timed(fn, device: str, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -112,15 +122,13 @@ def make_ids(lengths: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
 @app.command()
 def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated presets"),
           batch_sizes: str = typer.Option("8,32", help="comma-separated batch sizes"),
-          device: str = rsmclip_cli.DEVICE,
+          device: str = cli.DEVICE,
           precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast (CUDA)"),
           repeats: int = typer.Option(5, help="timed calls per measurement (median reported)"),
           threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
           captions: Optional[Path] = CAPTIONS, tokenizer: Optional[Path] = VOCAB):
     """Image encoding, text encoding of real-length captions, and one forward+backward CLIP step."""
     import open_clip  # the peer, imported only by the commands that measure against it
-
-    from tests.openclip_oracle import paired_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -176,7 +184,7 @@ def model(presets: str = typer.Option("tiny,xlmr-b32", help="comma-separated pre
 def train_bench(preset: str = typer.Option("tiny", help="model preset"),
                 batch_size: int = typer.Option(32, help="images per step"),
                 steps: int = typer.Option(6, help="timed steps per side (median reported)"),
-                device: str = rsmclip_cli.DEVICE,
+                device: str = cli.DEVICE,
                 precision: str = typer.Option("auto",
                                               help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
                 local_crops: int = typer.Option(8, help="local crops for the multi-crop measurement"),
@@ -186,8 +194,6 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
     logit_scale clamp) on the same data, CLIP loss only so both do the same work; then the cost of
     our multi-crop self-distillation on top, reported separately."""
     import open_clip  # the peer, imported only by the commands that measure against it
-
-    from tests.openclip_oracle import paired_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -317,7 +323,6 @@ def dino_transform(cfg: train.TrainConfig, size: int):
 
 def ucm_manifest(folder: Path) -> Path:
     """UCM-Captions train/val from ../shared as a manifest in `folder` (its images linked there)."""
-    from data import prepare
 
     if not SHARED_UCM.is_dir():
         raise rsmclip.RsmclipError(f"{SHARED_UCM}: not found; pass --manifest")
@@ -343,11 +348,6 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
     the same from tar shards, and read + decode alone from files and from shards, whose share of the PIL
     pipeline's time is the loader's own share per worker. Ratio: a line's samples/s (all its processes) /
     our PIL pipeline's in one process, all measured in this run."""
-    import os
-    import random
-    import tempfile
-
-    from data.prepare import ImageCache, build_cache
 
     cfg = replace(train.RECIPES["rs-m-clip"], langs="en")
     size = 224
@@ -356,7 +356,7 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
         manifest = manifest or ucm_manifest(Path(tmp))
         tokenizer = rsmclip.Tokenizer(
             tokenizer or SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model")
-        items = train.read_manifests([str(manifest)], "train")
+        items = loading.read_manifests([str(manifest)], "train")
         start = time.perf_counter()
         cache_file = Path(tmp) / "cache.safetensors"
         build_cache(manifest, cache_file)
@@ -375,22 +375,22 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
             print(f"{name:52} {processes:>9} {rate:9.1f} {rate / processes:9.1f} "
                   f"{rate / rows[0][2]:7.2f}", flush=True)
 
-        pil = train.MultiCropDataset(items, cfg, size, tokenizer)
+        pil = loading.MultiCropDataset(items, cfg, size, tokenizer)
 
         def loader(ks, n):
-            batches = [ks[i:i + batch_size] for i in range(0, len(ks), batch_size)]
-            for _ in torch.utils.data.DataLoader(pil, batch_sampler=batches, collate_fn=train.collate,
-                                                 num_workers=n):
+            run = replace(cfg, data=[str(manifest)], workers=n, batch_size=batch_size, augment="pil")
+            for _ in loading.build_loader(loading.open_data(run, loading.World()), run, loading.World(), size,
+                                          tokenizer, 0, math.ceil(len(ks) / batch_size)):
                 pass
 
         radius = augment.blur_taps(size)
 
         def tensor_path(device):
-            ds = train.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
+            ds = loading.MultiCropDataset(items, cfg, size, tokenizer, cache, tensor=True)
 
             def run(ks):
                 for i in range(0, len(ks), batch_size):
-                    batch = train.collate([ds[k] for k in ks[i:i + batch_size]])
+                    batch = loading.collate([ds[k] for k in ks[i:i + batch_size]])
                     if device is None:  # what a GPU host's loader processes do: read, draw, collate
                         continue
                     pixels = batch["pixels"].to(device)
@@ -428,7 +428,6 @@ def shard_rows(manifest: Path, tmp: Path, cfg, size: int, tokenizer, samples: in
     """The data benchmark's shard lines: the same train images written as shards (100 a shard: enough
     for every loader process), streamed by train.py's ShardDataset; and reading + decoding alone, from
     files and from shards (no augmentation)."""
-    from data import shards as shardlib
 
     start = time.perf_counter()
     shardlib.write_shards(manifest, tmp / "shards", per_shard=100)
@@ -437,18 +436,18 @@ def shard_rows(manifest: Path, tmp: Path, cfg, size: int, tokenizer, samples: in
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
     def from_shards(n):
-        streams = shardlib.Streams(found.counts, max(n, 1), cfg.seed, cfg.shuffle_buffer)
-        dataset = train.ShardDataset(found, streams, cfg, size, tokenizer)
+        run_cfg = replace(cfg, data=[str(tmp / "shards")], workers=n, batch_size=batch, augment="pil")
+        data = loading.open_data(run_cfg, loading.World())
 
         def run(ks):
-            sampler = train.StreamSampler(max(n, 1), batch, 0, cfg.seed, 0, math.ceil(len(ks) / batch))
-            for _ in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=train.collate,
-                                                 num_workers=n):
+            for _ in loading.build_loader(data, run_cfg, loading.World(), size, tokenizer, 0,
+                                          math.ceil(len(ks) / batch)):
                 pass
         return run
 
-    items = train.read_manifests([str(manifest)], "train")
-    reader = shardlib.ShardReader(found, shardlib.Streams(found.counts, 1, cfg.seed, cfg.shuffle_buffer))
+    items = loading.read_manifests([str(manifest)], "train")
+    streams = loading.open_data(replace(cfg, data=[str(tmp / "shards")], workers=0), loading.World()).streams
+    reader = shardlib.ShardReader(found, streams)
 
     def decode_shards(ks):
         for i, _ in enumerate(ks):
@@ -507,11 +506,6 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     px) with AMP and fused AdamW, with and without torch.compile: images/s, MFU, peak memory; whether
     training from the image cache with tensor augmentation is data-bound; bench.peers train's ratio against
     open_clip. Not yet run on a GPU: README says which figures are calculated."""
-    import os
-    import tempfile
-
-    from data.demo import make_demo
-    from data.prepare import ImageCache, build_cache
 
     if device == "cuda" and not torch.cuda.is_available():
         raise rsmclip.RsmclipError("bench.peers gpu: CUDA is not available on this machine (torch "
@@ -567,13 +561,13 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
             start = time.perf_counter()
             for i in range(3):  # warm-up: compilation, optimizer state
                 train.train_step(run, batch, i)
-            train.read_logs(train.train_step(run, batch, 3))
+            rundir.read_logs(train.train_step(run, batch, 3))
             warmup = time.perf_counter() - start
             with PeakMemory(dev.type) as mem:
                 start = time.perf_counter()
                 for i in range(steps):
                     logs = train.train_step(run, batch, 4 + i)
-                loss = train.read_logs(logs)["loss"]  # waits for the device
+                loss = rundir.read_logs(logs)["loss"]  # waits for the device
                 elapsed = time.perf_counter() - start
             rate = steps * cfg.batch_size / elapsed
             report[f"{label}{'_compiled' if compiled else ''}"] = {
@@ -592,13 +586,12 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
             manifest, cfg, mc = ucm_manifest(Path(tmp)), replace(paper, langs="en"), model_cfg
             tokenizer = SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model"
         build_cache(manifest, Path(tmp) / "cache.safetensors")
-        items = train.read_manifests([str(manifest)], "train")
-        dataset = train.MultiCropDataset(items, cfg, mc.vision.image_size, rsmclip.Tokenizer(tokenizer),
-                                         ImageCache(Path(tmp) / "cache.safetensors", manifest), tensor=True)
-        sampler = train.StepSampler(len(items), cfg.batch_size, 0, 1, 0, 0, steps + 3)
         workers = 0 if quick else min(8, os.cpu_count())
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=train.collate,
-                                                  num_workers=workers, pin_memory=dev.type == "cuda"))
+        cfg = replace(cfg, data=[str(manifest)], image_cache=str(Path(tmp) / "cache.safetensors"),
+                      augment="tensor", workers=workers)
+        world = loading.World(device=dev)
+        loader = iter(loading.build_loader(loading.open_data(cfg, world), cfg, world, mc.vision.image_size,
+                                           rsmclip.Tokenizer(tokenizer), 0, steps + 3))
         torch.manual_seed(0)
         run = train.build_run(replace(cfg, precision="bf16", steps=10_000), rsmclip.CLIP(mc), None, dev)
         waiting = computing = 0.0
@@ -606,7 +599,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
             start = time.perf_counter()
             batch = next(loader)
             middle = time.perf_counter()
-            train.read_logs(train.train_step(run, batch, i))  # waits for the device: times the step
+            rundir.read_logs(train.train_step(run, batch, i))  # waits for the device: times the step
             if i >= 3:
                 waiting, computing = waiting + middle - start, computing + time.perf_counter() - middle
         source = "demo" if mc.vision.image_size == 64 else "UCM-Captions train"
@@ -623,9 +616,9 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
     text = json.dumps(report, indent=2)
     print(text)
     if out:
-        rsmclip.atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))
+        files.atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))
         print(f"wrote {out}", file=sys.stderr)  # stdout stays the one JSON
 
 
 if __name__ == "__main__":
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

@@ -26,11 +26,13 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
+import files  # noqa: E402
 import rsmclip  # noqa: E402
-import rsmclip_cli  # noqa: E402
 import train  # noqa: E402
-from data import demo  # noqa: E402
+from data import demo, loading  # noqa: E402
 from data import shards as shardlib  # noqa: E402
+from data.manifest import LANGS  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -53,7 +55,7 @@ def make_data(folder: Path, n: int) -> Path:
                         "dataset": "scale",
                         "captions": {lang: demo.captions(scene, lang) for lang in demo.TEXT}})
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    rsmclip.atomic_write(manifest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files.atomic_write(manifest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return manifest
 
 
@@ -71,22 +73,11 @@ def memory(pid: int) -> dict:
 def measure(kind: str, data: str, tokenizer: Path, steps: int, workers: int, batch: int):
     """One measurement in this process: train.py's loader for `steps` steps; prints one JSON line."""
     torch.set_num_threads(1)
-    cfg = replace(train.RECIPES["demo"], data=[data], langs=",".join(rsmclip.LANGS), workers=workers,
+    cfg = replace(train.RECIPES["demo"], data=[data], langs=",".join(LANGS), workers=workers,
                   batch_size=batch)
-    tok = rsmclip.Tokenizer(tokenizer)
-    if kind == "shards":
-        found = shardlib.open_shards(cfg.data)
-        streams = shardlib.Streams(found.counts, max(workers, 1), cfg.seed, cfg.shuffle_buffer)
-        dataset = train.ShardDataset(found, streams, cfg, 64, tok)
-        sampler = train.StreamSampler(max(workers, 1), batch, 0, cfg.seed, 0, steps)
-        samples = sum(found.counts)
-    else:
-        items = train.read_manifests(cfg.data, "train")
-        dataset = train.MultiCropDataset(items, cfg, 64, tok)
-        sampler = train.StepSampler(len(items), batch, 0, 1, cfg.seed, 0, steps)
-        samples = len(items)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=train.collate,
-                                         num_workers=workers)
+    data = loading.open_data(cfg, loading.World())
+    loader = loading.build_loader(data, cfg, loading.World(), 64, rsmclip.Tokenizer(tokenizer), 0, steps)
+    samples = data.size
     start = time.perf_counter()
     it = iter(loader)
     for step in range(steps):
@@ -142,4 +133,4 @@ def run(sizes: str = typer.Option("20000,200000", help="dataset sizes (samples),
 
 
 if __name__ == "__main__":
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

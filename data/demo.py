@@ -24,6 +24,10 @@ import sentencepiece
 import typer
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: cli.py sits one level up
+import cli  # noqa: E402  (its one exit-code rule: `python data/demo.py`)
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_data"  # where train.py and eval.py put the demo
 VERSION = "rsmclip-demo 3"  # bump when the output changes: an older demo folder is then rebuilt
 SPLITS = {"train": 600, "val": 100, "test": 200}
 SEED = 0
@@ -397,7 +401,7 @@ def make_demo(out_dir: Path) -> Path:
     return manifest
 
 
-def main(out: Path = typer.Option(Path(__file__).resolve().parents[1] / "demo_data", help="folder to write")):
+def main(out: Path = typer.Option(DEMO_DIR, help="folder to write")):
     """Generate the demo dataset (a few seconds; nothing happens if it is already there)."""
     manifest = make_demo(out)
     splits = ", ".join(f"{k} {v}" for k, v in SPLITS.items())
@@ -406,9 +410,6 @@ def main(out: Path = typer.Option(Path(__file__).resolve().parents[1] / "demo_da
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
-    import rsmclip_cli  # only for its one CLI error path: the generator itself needs nothing of it
-
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
@@ -26,154 +25,43 @@ import typer
 from PIL import Image
 from rich.progress import track
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rsmclip.py sits one level up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project is one level up
+import cli  # noqa: E402  (the one exit-code rule of every script, the rule for outputs)
+import files  # noqa: E402
 import rsmclip  # noqa: E402  (its image reader defines "readable": what training can open, prepare accepts)
-import rsmclip_cli  # noqa: E402  (the one exit-code rule of every script)
-from rsmclip import listing  # noqa: E402  (the one way messages list offenders)
+from data.loading import CACHE_FORMAT, CACHE_VERSION  # noqa: E402  (the cache this writes, training reads)
+from data.manifest import (  # noqa: E402  (the format this writes)
+    SPLITS,
+    DataError,
+    bad_relative,
+    data_files,
+    inside,
+    load_manifest,
+    not_utf8,
+    read_json,
+    scan_image_folder,
+    write_jsonl,
+)
+from data.shards import write_shards  # noqa: E402
+from files import listing  # noqa: E402  (the one way messages list offenders)
 
-SPLITS = ("train", "val", "test")
 # Published sizes: (images, test images); None where the dataset publishes no standard split.
 EXPECTED = {"rsicd": (10921, 1093), "rsitmd": (4743, 452), "ucm": (2100, 210), "sydney": (613, 58),
             "nwpu": (31500, None)}
+# UC Merced's 21 classes in alphabetical order: UCM-Captions' image N (N.tif, N.jpg) is of class
+# (N - 1) // 100
+UCM_CLASSES = ("agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
+               "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
+               "mediumresidential", "mobilehomepark", "overpass", "parkinglot", "river", "runway",
+               "sparseresidential", "storagetanks", "tenniscourt")
 
 
-class DataError(rsmclip.RsmclipError):
-    """A problem in the user's data: printed as one message, exit status 1."""
+def ucm_class(image: str) -> str:
+    """The scene class of a UCM-Captions image, by its number (the dataset's own numbering)."""
+    return UCM_CLASSES[(int(Path(image).stem) - 1) // 100]
 
 
 # ----------------------------------------------------------------------------- reading and writing
-
-
-def read_json(path: Path):
-    """Strict UTF-8 JSON: a bad byte or syntax error names the file and the place."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-
-
-def bad_relative(path: str) -> Optional[str]:
-    """Why a stored relative path is unsafe (absolute, leaves its folder, not POSIX), or None."""
-    if not isinstance(path, str) or not path.strip():
-        return "empty"
-    if "\\" in path or path.startswith("/") or (len(path) > 1 and path[1] == ":"):
-        return "absolute or not POSIX"
-    if ".." in PurePosixPath(path).parts:
-        return "leaves the dataset folder"
-    if path.rsplit("/", 1)[-1] in ("", "."):
-        return "names a folder, not a file"
-    return None
-
-
-def inside(path: Path, folder: Path) -> Optional[str]:
-    """`path` relative to `folder` (POSIX), or None if it is not inside. Lexical, so a symlinked
-    image folder placed inside the dataset folder is accepted."""
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
-    if rel == ".." or rel.startswith(".." + os.sep):
-        return None
-    return PurePosixPath(*Path(rel).parts).as_posix()
-
-
-def read_jsonl(path: Path, required: dict) -> list[dict]:
-    """One JSON object per line with the `required` keys and types; image paths checked."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    records, problems = [], []
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (offset {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        r = r if isinstance(r, dict) else {}
-        missing = [k for k, t in required.items() if not isinstance(r.get(k), t)]
-        if missing:
-            raise DataError(f"{path}, line {n}: missing or mistyped {', '.join(missing)}")
-        if bad_relative(r["image"]):
-            problems.append(f"line {n} {r['image']!r} ({bad_relative(r['image'])})")
-        records.append(r)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} unsafe image paths: {listing(problems)}")
-    return records
-
-
-def not_utf8(name: str) -> bool:
-    """Whether a file name came from bytes that are not UTF-8 (Python keeps those as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def load_manifest(path: Path, check_captions: bool = True) -> list[dict]:
-    """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md); the one
-    reader of that format. check_captions=False leaves the caption lists' contents to the caller
-    (translate.py, which repairs damaged translations with --overwrite).
-
-    One JSON object per line, UTF-8, one line per image: {"id": "<dataset>/<name>", "image": path of the
-    image relative to this file's folder (POSIX, never absolute, never leaving the folder), "split":
-    "train" | "val" | "test", "dataset": name, "captions": {lang: [caption, ...]}}, the caption lists
-    aligned by index across languages (caption i in "pt" translates caption i in "en"). Other fields
-    (e.g. the demo's "scene") are kept and ignored. Ids are unique; every caption list is non-empty text."""
-    records = read_jsonl(Path(path), {"id": str, "image": str, "split": str, "captions": dict})
-    errors = []
-    for r in records:
-        if r["split"] not in SPLITS:
-            errors.append(f"{r['id']}: split {r['split']!r}")
-        caps = r["captions"] if check_captions else {}
-        if not all(isinstance(c, list) and c and all(isinstance(s, str) and s.strip() for s in c)
-                   for c in caps.values()):
-            errors.append(f"{r['id']}: empty or non-text captions")
-    dup = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
-    if dup:
-        errors.append(f"duplicated ids {listing(dup)}")
-    if errors:
-        raise DataError(f"{path}: {len(errors)} problems: {listing(errors)}")
-    return records
-
-
-def load_labels(path: Path) -> list[dict]:
-    """Read a labels.jsonl: {"image": path relative to its folder, "label": class (folder) name, "split":
-    "train" | "val" | "test"} per line, UTF-8; zero-shot and the linear probe read it (data/README.md)."""
-    records = read_jsonl(Path(path), {"image": str, "label": str, "split": str})
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
-def data_files(data: Path) -> list[Path]:
-    """What a command reads of its data argument, for rsmclip.refuse_overwrite: a folder (whose images it
-    checks), or a manifest (captions.jsonl, labels.jsonl) and every image the manifest lists. Lines that
-    do not parse are left to the reader proper, which names them."""
-    data = Path(data)
-    if not data.is_file():
-        return [data]
-    images = []
-    with open(data, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # bad JSON and bad UTF-8 alike
-                continue
-            if isinstance(record, dict) and isinstance(record.get("image"), str):
-                images.append(data.parent / record["image"])
-    return [data, *images]
-
-
-def write_jsonl(records: list[dict], path: Path):
-    """Whole or not at all (rsmclip.atomic_write): a crash or a full disk never leaves half a manifest."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    rsmclip.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def unreadable_images(paths: list[Path], what: str) -> dict[Path, str]:
@@ -241,7 +129,7 @@ def count_report(name: str, splits: list[str]) -> list[str]:
 def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional[str] = None,
                    drop_missing: bool = False, drop_empty: bool = False) -> list[str]:
     """Convert one annotation file; -> the report lines. DataError on anything not explicitly allowed."""
-    rsmclip.refuse_overwrite(out, [annotations])
+    cli.refuse_overwrite(out, [annotations])
     doc = read_json(annotations)
     fmt, items = parse_annotations(doc, annotations)
     if not items:  # an empty manifest would only fail later, in training
@@ -263,7 +151,7 @@ def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional
     unsafe = [f"{rel!r} ({bad_relative(rel)})" for rel, _, _ in items if bad_relative(rel)]
     if unsafe:
         raise DataError(f"{annotations}: {len(unsafe)} image paths are unsafe: {listing(unsafe)}")
-    rsmclip.refuse_overwrite(out, [images / rel for rel, _, _ in items])
+    cli.refuse_overwrite(out, [images / rel for rel, _, _ in items])
     # ids are the image paths without their extension (NWPU's carry the category folder)
     items = [(str(PurePosixPath(rel).with_suffix("")), rel, split, caps) for rel, split, caps in items]
     dup = [i for i, n in Counter(i for i, _, _, _ in items).items() if n > 1]
@@ -313,39 +201,6 @@ def build_captions(annotations: Path, images: Path, out: Path, dataset: Optional
 # ----------------------------------------------------------------------------- classification trees
 
 
-def scan_image_folder(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """An ImageFolder tree -> ([(image path relative to root, label)], ignored files), sorted by label.
-
-    The label is the folder that holds the image, so a two-level tree such as RSI-CB256's
-    <category>/<class>/<image> works as well as <class>/<image>; all images must sit at one depth."""
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
-    found, ignored = [], []
-    for p in sorted(root.rglob("*")):
-        if p.is_dir():
-            continue
-        rel = p.relative_to(root)
-        if p.suffix.lower() not in rsmclip.IMAGE_SUFFIXES or any(part.startswith(".") for part in rel.parts):
-            ignored.append(rel.as_posix())
-        else:
-            found.append(rel)
-    if not found:
-        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(rsmclip.IMAGE_SUFFIXES))})")
-    depths = Counter(len(r.parts) for r in found)
-    if len(depths) > 1 or 1 in depths:
-        usual = max(depths, key=depths.get)
-        odd = [r.as_posix() for r in found if len(r.parts) != usual or len(r.parts) == 1]
-        raise DataError(f"{root}: images must all sit in class folders at one depth (<class>/<image>): "
-                        f"{len(odd)} do not: {listing(odd)}")
-    parents = defaultdict(set)
-    for r in found:
-        parents[r.parent.name].add(r.parent.as_posix())
-    clashes = [f"{label} ({' and '.join(sorted(ps))})" for label, ps in parents.items() if len(ps) > 1]
-    if clashes:
-        raise DataError(f"{root}: class folder names must be unique: {listing(clashes)}")
-    return sorted(((r.as_posix(), r.parent.name) for r in found), key=lambda x: (x[1], x[0])), ignored
-
-
 def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bool = False) -> list[str]:
     """ImageFolder tree -> labels.jsonl ({"image", "label", "split"}); -> the report lines."""
     prefix = inside(root, out.parent)
@@ -354,7 +209,7 @@ def build_labels(root: Path, out: Path, split: str = "test", drop_unreadable: bo
                         f"relative to it. Write them into the dataset folder (--out {root}/labels.jsonl).")
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    rsmclip.refuse_overwrite(out, [])  # the images lie below the folder of --out: it cannot be one of them
+    cli.refuse_overwrite(out, [])  # the images lie below the folder of --out: it cannot be one of them
     items, ignored = scan_image_folder(root)
     report = [f"{root}: {len(items):,} images in {len({lab for _, lab in items})} classes"]
     if ignored:
@@ -412,7 +267,7 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
     """Train and val records of `inputs` -> one manifest at `out`, without any image that duplicates an
     image of the `exclude_splits` of `excludes`. Test records are never carried over: each dataset's test
     split is evaluated from its own manifest. -> the report lines."""
-    rsmclip.refuse_overwrite(out, [*inputs, *excludes])
+    cli.refuse_overwrite(out, [*inputs, *excludes])
     report = []
     test_ids, test_sha, hashes, thumbs = [], {}, [], []
     for m in excludes:
@@ -476,18 +331,6 @@ def merge(inputs: list[Path], excludes: list[Path], out: Path,
 
 # ----------------------------------------------------------------------------- decoded image cache
 
-# One safetensors file: every image of one split of one manifest, decoded once to 8-bit RGB at its native
-# size (downscaled, bicubic, aspect kept, when its longer side exceeds max_side), so training reads pixels
-# instead of decoding JPEG/TIFF each step. Tensors: `pixels` (uint8, all images' HWC bytes end to end),
-# `offsets` (int64 [N + 1]: image i is pixels[offsets[i]:offsets[i + 1]]), `shapes` (int32 [N, 2]: height,
-# width). Metadata: format, version, the SHA-256 of the manifest's bytes, the split, max_side, the image
-# paths, and per image its stamp (rsmclip.file_stamp: size, mtime, ctime, inode) and the SHA-256 of its
-# bytes: an image changed since is found by its stamp and confirmed by its bytes (a copied dataset has new
-# stamps but the same bytes), so a cache never feeds the pixels of a replaced image. Read memory-mapped
-# (ImageCache): the pages of the images in use stay in the OS page cache,
-# shared by every loader process. UCM-Captions' 1,680 train images take 330 MB; the paper's ~45k images
-# of 256-500 px take 9-34 GB.
-CACHE_FORMAT, CACHE_VERSION = "rsmclip-image-cache", "2"  # 2: the images' stamps and SHA-256
 MAX_SIDE = 512
 
 
@@ -503,9 +346,9 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
     if max_side < 32:
         raise DataError(f"--max-side {max_side}: at least 32 pixels (the cache feeds 224-px crops)")
     out = out or default_cache(manifest, split)
-    rsmclip.refuse_overwrite(out, data_files(manifest))
+    cli.refuse_overwrite(out, data_files(manifest))
     records = [r for r in load_manifest(manifest) if r["split"] == split]
-    digest = rsmclip.file_sha256(manifest)
+    digest = files.file_sha256(manifest)
     if not records:
         raise DataError(f"{manifest}: no {split} images to cache")
     arrays, bad, resized, stamps, hashes = [], [], 0, [], []
@@ -513,8 +356,8 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
                    disable=len(records) < 200):
         path = manifest.parent / r["image"]
         try:
-            stamps.append(rsmclip.file_stamp(path))  # before reading: a change while it is read shows later
-            hashes.append(rsmclip.file_sha256(path))
+            stamps.append(files.file_stamp(path))  # before reading: a change while it is read shows later
+            hashes.append(files.file_sha256(path))
             image = rsmclip.open_image(path)
         except (rsmclip.ImageError, OSError) as e:
             bad.append(str(e) if isinstance(e, rsmclip.ImageError) else f"{path}: {e.strerror}")
@@ -535,97 +378,9 @@ def build_cache(manifest: Path, out: Optional[Path] = None, split: str = "train"
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "manifest_sha256": digest, "split": split,
             "max_side": str(max_side), "images": json.dumps([r["image"] for r in records]),
             "stamps": json.dumps(stamps), "sha256": json.dumps(hashes)}
-    rsmclip.atomic_save(tensors, out, meta)
+    files.atomic_save(tensors, out, meta)
     return [f"wrote {out}: {len(arrays):,} {split} images of {manifest}, {sizes.sum() / 2 ** 20:,.0f} MiB "
             f"of pixels ({resized} downscaled to a longer side of {max_side})"]
-
-
-def check_cached_images(folder: Path, images: list[str], stamps: list, hashes: list[str], rebuild: str):
-    """Refuse a cache whose images changed since it was made: a stamp that differs sends the file to be
-    hashed, and only different bytes (or a missing file) count as a change."""
-    changed, hashed = [], 0
-    for rel, stamp, digest in zip(images, stamps, hashes):
-        path = folder / rel
-        try:
-            if rsmclip.file_stamp(path) != stamp:
-                hashed += 1
-                if rsmclip.file_sha256(path) != digest:
-                    changed.append(rel)
-        except OSError:
-            changed.append(f"{rel} (missing)")
-    if changed:
-        raise DataError(f"{len(changed)} of {len(images)} cached images changed since the cache was made: "
-                        f"{listing(changed)}; {rebuild}")
-    if hashed:  # a copied dataset: right, but hashed again at every start
-        print(f"note: {hashed} of {len(images)} cached images have new file stamps but the same bytes "
-              f"(copied or touched), checked by hashing them; to skip that at every start, {rebuild}",
-              file=sys.stderr)
-
-
-class ImageCache:
-    """A cache file made by build_cache for this manifest and split, memory-mapped: cache[i] is image i
-    of the split as [H, W, 3] uint8, read from the mapped file (no decoding, no full read). Anything else
-    (another file, another manifest or split, a cut file) is refused with one message."""
-
-    def __init__(self, path: Path, manifest: Path, split: str = "train"):
-        rebuild = f"rebuild it: python data/prepare.py cache {manifest} --out {path}"
-        if not path.is_file():
-            raise DataError(f"{path}: no such image cache; make it: python data/prepare.py cache {manifest} "
-                            f"--out {path}")
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-            meta = header.pop("__metadata__")
-            ok = meta["format"] == CACHE_FORMAT and {"pixels", "offsets", "shapes"} <= header.keys()
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            ok = False
-        if not ok:
-            raise DataError(f"{path}: not an rsmclip image cache; make one: python data/prepare.py cache "
-                            f"{manifest} --out {path}")
-        if meta["version"] != CACHE_VERSION:
-            raise DataError(f"{path}: image cache format {meta['version']}, this rsmclip reads "
-                            f"{CACHE_VERSION}; {rebuild}")
-        digest = rsmclip.file_sha256(manifest)
-        if meta["manifest_sha256"] != digest:
-            raise DataError(f"{path} was made from another manifest (SHA-256 {meta['manifest_sha256'][:16]}, "
-                            f"{manifest} now has {digest[:16]}): its images may not be the manifest's; "
-                            f"{rebuild}")
-        if meta["split"] != split:
-            raise DataError(f"{path} holds the {meta['split']} split, training reads {split}; "
-                            f"{rebuild} --split {split}")
-        end = 8 + n + max(t["data_offsets"][1] for t in header.values())
-        if size < end:
-            raise DataError(f"{path}: cut short ({size:,} of {end:,} bytes); {rebuild}")
-
-        def mapped(name: str, dtype) -> np.ndarray:
-            begin, stop = header[name]["data_offsets"]
-            return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin,
-                             shape=((stop - begin) // np.dtype(dtype).itemsize,))
-
-        self.pixels = mapped("pixels", np.uint8)
-        self.offsets = np.array(mapped("offsets", np.int64))
-        self.shapes = np.array(mapped("shapes", np.int32)).reshape(-1, 2)
-        self.images, self.max_side = json.loads(meta["images"]), int(meta["max_side"])
-        check_cached_images(manifest.parent, self.images, json.loads(meta["stamps"]),
-                            json.loads(meta["sha256"]), rebuild)
-        self.mapping = (path, 8 + n + header["pixels"]["data_offsets"][0], len(self.pixels))
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getstate__(self):
-        """Sent to a loader process that is spawned, not forked: the mapping, never the pixels."""
-        return {k: v for k, v in self.__dict__.items() if k != "pixels"}
-
-    def __setstate__(self, state):
-        self.__dict__ = state
-        path, offset, size = self.mapping
-        self.pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.pixels[self.offsets[i]:self.offsets[i + 1]].reshape(*self.shapes[i], 3)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -686,13 +441,11 @@ def shards_cmd(manifest: Path = typer.Argument(..., help="captions.jsonl whose s
                name: Optional[str] = typer.Option(None, help="shard name prefix (default: the split)")):
     """Write one split as WebDataset tar shards (train.py --data 'DIR/NAME-{000000..000099}.tar'); a
     stopped run continues where it stopped."""
-    from data.shards import write_shards
-
     print("\n".join(write_shards(manifest, out, split, per_shard, max_side, name)))
 
 
 def main():
-    rsmclip_cli.run_cli(app)
+    cli.run_cli(app)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ from typing import Optional
 import torch
 from PIL import Image
 
+import cli
+import files
 import rsmclip
-from rsmclip import listing
+from data.manifest import SPLITS, DataError, data_files, load_manifest, read_json
+from files import listing
 
 FORMAT = "rsmclip-shards 1"
 INDEX = "shards.json"
@@ -41,7 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
 
 
-class ShardError(rsmclip.RsmclipError):
+class ShardError(files.RsmclipError):
     """Shards that cannot be read or trained on as given: one message, exit status 1."""
 
 
@@ -98,8 +101,6 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
     """Write one split of a manifest as shards; -> the report lines. Each shard is written whole or not at
     all; a second call with the same manifest and settings checks the shards already written (bytes and
     SHA-256) and continues after the last good one, so a killed run ends with the same bytes."""
-    from data.prepare import SPLITS, DataError, data_files, load_manifest
-
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     if per_shard < 1:
@@ -109,7 +110,7 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
     name = name or split
     if not re.fullmatch(r"[0-9A-Za-z_-]+", name):
         raise DataError(f"--name {name!r}: letters, digits, '-' and '_' only")
-    rsmclip.refuse_overwrite(out / INDEX, data_files(manifest))
+    cli.refuse_overwrite(out / INDEX, data_files(manifest))
     records = [r for r in load_manifest(manifest) if r["split"] == split]
     if not records:
         raise DataError(f"{manifest}: no {split} images to write")
@@ -120,7 +121,7 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
                         f"key: {listing(same)}; rename them")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file; shards go in a folder")
-    settings = {"format": FORMAT, "manifest_sha256": rsmclip.file_sha256(manifest), "split": split,
+    settings = {"format": FORMAT, "manifest_sha256": files.file_sha256(manifest), "split": split,
                 "per_shard": per_shard, "max_side": max_side, "name": name}
     done = kept_shards(out, settings) if (out / INDEX).exists() else []
     kept = len(done)
@@ -150,13 +151,13 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
                             f"{number} shards are written. Fix the images or rewrite the manifest without "
                             "them (prepare.py captions --drop-missing), then run the same command")
         data, shard = buf.getvalue(), f"{name}-{number:06d}.tar"
-        rsmclip.atomic_write(out / shard, lambda tmp: tmp.write_bytes(data), len(data))
+        files.atomic_write(out / shard, lambda tmp: tmp.write_bytes(data), len(data))
         done.append({"name": shard, "samples": len(group), "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest()})
         index = settings | {"complete": len(done) == len(groups), "langs": langs,
                             "samples": sum(s["samples"] for s in done), "shards": done}
         text = json.dumps(index, indent=1) + "\n"
-        rsmclip.atomic_write(out / INDEX, lambda tmp: tmp.write_text(text))
+        files.atomic_write(out / INDEX, lambda tmp: tmp.write_text(text))
     total = sum(s["bytes"] for s in done)
     again = f"; {kept} of them were already there, checked" if kept else ""
     return [f"wrote {out}: {len(records):,} {split} samples of {manifest} in {len(done)} shards "
@@ -168,8 +169,6 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
 
 def kept_shards(out: Path, settings: dict) -> list[dict]:
     """The shards of an earlier run with the same settings that are whole (size and SHA-256 as listed)."""
-    from data.prepare import DataError, read_json
-
     index = read_json(out / INDEX)
     differ = [k for k in settings if index.get(k) != settings[k]] if isinstance(index, dict) else ["format"]
     if differ:
@@ -179,7 +178,7 @@ def kept_shards(out: Path, settings: dict) -> list[dict]:
     for shard in index.get("shards", []):
         path = out / shard["name"]
         if not (path.is_file() and path.stat().st_size == shard["bytes"]
-                and rsmclip.file_sha256(path) == shard["sha256"]):
+                and files.file_sha256(path) == shard["sha256"]):
             break
         kept.append(shard)
     return kept

@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rundir  # noqa: E402
 import train  # noqa: E402
+from data import loading  # noqa: E402
 
 GLOBAL_BATCH = 8
 
-rank, world, device = train.setup_distributed()
+placed = rundir.setup_distributed()
+rank, world, device = placed.rank, placed.size, placed.device
 manifest = Path(sys.argv[1])  # a demo dataset
 cfg = train.TrainConfig(data=[str(manifest)], tokenizer=str(manifest.parent / "spm.model"),
                         batch_size=GLOBAL_BATCH // world,
@@ -29,10 +32,10 @@ if rank == 1:
             p.add_(torch.randn_like(p))
 run = train.build_run(cfg, model, tokenizer, device)
 save_file(run.teacher.state_dict(), f"{sys.argv[2]}.teacher{rank}.safetensors")
-items = train.read_manifests(cfg.data, "train")
-dataset = train.MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
-keys = next(iter(train.StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, 0, 1)))
-loss, parts = train.compute_loss(run, train.collate([dataset[k] for k in keys]), step=0)
+items = loading.read_manifests(cfg.data, "train")
+dataset = loading.MultiCropDataset(items, cfg, model.config.vision.image_size, tokenizer)
+keys = next(iter(loading.StepSampler(len(items), cfg.batch_size, rank, world, cfg.seed, 0, 1)))
+loss, parts = train.compute_loss(run, loading.collate([dataset[k] for k in keys]), step=0)
 loss.backward()
 loss = loss.detach()
 if world > 1:
@@ -46,4 +49,4 @@ run.optimizer.step()  # the weights after the step: the same on every rank, and 
 save_file({k: v.contiguous() for k, v in run.unwrapped.state_dict().items()}, f"{sys.argv[2]}.weights{rank}")
 if world > 1:
     del run, model, loss, parts
-    train.teardown_distributed()
+    rundir.teardown_distributed()

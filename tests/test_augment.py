@@ -17,9 +17,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import files
 import rsmclip
 import train
-from data import augment, prepare
+from data import augment, loading, prepare
+from data.manifest import DataError, write_jsonl
 
 
 def scene(size=(256, 256), seed=0) -> Image.Image:
@@ -132,11 +134,11 @@ def test_tensor_views_equal_pil_views_for_the_same_parameters(tmp_path, spm_mode
     items = [{"path": tmp_path / n, "captions": {"en": ["one"]}} for n in ("a.png", "b.png")]
     cfg = train.TrainConfig(local_crops=3, local_size=24, langs="en", hue=0.1, grayscale=0.2, solarize=0.5)
     tokenizer = rsmclip.Tokenizer(spm_model)
-    pil = train.MultiCropDataset(items, cfg, 64, tokenizer)
-    tensor = train.MultiCropDataset(items, cfg, 64, tokenizer, tensor=True)
+    pil = loading.MultiCropDataset(items, cfg, 64, tokenizer)
+    tensor = loading.MultiCropDataset(items, cfg, 64, tokenizer, tensor=True)
     keys = [(0, 11), (1, 12), (0, 13), (1, 14)]
-    batch = train.collate([tensor[k] for k in keys])
-    reference = train.collate([pil[k] for k in keys])
+    batch = loading.collate([tensor[k] for k in keys])
+    reference = loading.collate([pil[k] for k in keys])
     for seed, sample in zip((11, 12, 13, 14), (tensor[k] for k in keys)):
         image = np.asarray(Image.open(tmp_path / ("a.png" if seed % 2 else "b.png")))
         assert (sample["view_params"], sample["local_params"]) == augment.draw_sample(
@@ -281,7 +283,7 @@ def tiny_dataset(tmp_path, n=4):
         scene(sizes[i % 4], seed=i).save(folder / "imgs" / f"{i}.{'png' if i % 2 else 'jpg'}")
         records.append({"id": f"d/{i}", "image": f"imgs/{i}.{'png' if i % 2 else 'jpg'}",
                         "split": "train" if i < n - 1 else "val", "captions": {"en": [f"image {i}"]}})
-    prepare.write_jsonl(records, folder / "captions.jsonl")
+    write_jsonl(records, folder / "captions.jsonl")
     return folder / "captions.jsonl"
 
 
@@ -290,7 +292,7 @@ def test_cache_holds_the_decoded_images_memory_mapped(tmp_path):
     report = prepare.build_cache(manifest, max_side=256)
     path = prepare.default_cache(manifest)
     assert "3 train images" in report[0] and "1 downscaled" in report[0] and path.exists()
-    cache = prepare.ImageCache(path, manifest)
+    cache = loading.ImageCache(path, manifest)
     assert isinstance(cache.pixels, np.memmap) and len(cache) == 3
     sent = pickle.loads(pickle.dumps(cache))  # to a spawned loader process: mapped again, not copied
     assert isinstance(sent.pixels, np.memmap) and len(pickle.dumps(cache)) < 10_000
@@ -306,20 +308,20 @@ def test_a_stale_foreign_or_cut_cache_is_refused(tmp_path):
     manifest = tiny_dataset(tmp_path)
     path = tmp_path / "c.safetensors"
     prepare.build_cache(manifest, path)
-    with pytest.raises(prepare.DataError, match="holds the train split, training reads val"):
-        prepare.ImageCache(path, manifest, "val")
+    with pytest.raises(DataError, match="holds the train split, training reads val"):
+        loading.ImageCache(path, manifest, "val")
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(prepare.DataError, match="cut short"):
-        prepare.ImageCache(tmp_path / "cut.safetensors", manifest)
-    rsmclip.atomic_save({"x": torch.zeros(2)}, tmp_path / "w.safetensors", {"format": "rsmclip"})
+    with pytest.raises(DataError, match="cut short"):
+        loading.ImageCache(tmp_path / "cut.safetensors", manifest)
+    files.atomic_save({"x": torch.zeros(2)}, tmp_path / "w.safetensors", {"format": "rsmclip"})
     for other in (tmp_path / "w.safetensors", manifest):
-        with pytest.raises(prepare.DataError, match="not an rsmclip image cache"):
-            prepare.ImageCache(other, manifest)
+        with pytest.raises(DataError, match="not an rsmclip image cache"):
+            loading.ImageCache(other, manifest)
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    prepare.write_jsonl([r | {"captions": {"en": ["another caption"]}} for r in records], manifest)
-    with pytest.raises(prepare.DataError, match="made from another manifest .* rebuild it: python data/"):
-        prepare.ImageCache(path, manifest)
+    write_jsonl([r | {"captions": {"en": ["another caption"]}} for r in records], manifest)
+    with pytest.raises(DataError, match="made from another manifest .* rebuild it: python data/"):
+        loading.ImageCache(path, manifest)
 
 
 def test_a_cache_follows_its_images_not_only_its_manifest(tmp_path, capsys):
@@ -329,7 +331,7 @@ def test_a_cache_follows_its_images_not_only_its_manifest(tmp_path, capsys):
     path = manifest.parent / "c.safetensors"
     prepare.build_cache(manifest, path)
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # copy2: the same mtimes, other inodes and ctimes
-    copy = prepare.ImageCache(tmp_path / "b/ds/c.safetensors", tmp_path / "b/ds" / manifest.name)
+    copy = loading.ImageCache(tmp_path / "b/ds/c.safetensors", tmp_path / "b/ds" / manifest.name)
     assert len(copy) == 3
     assert "3 of 3 cached images have new file stamps but the same bytes" in capsys.readouterr().err
     image = manifest.parent / "imgs/1.png"
@@ -340,20 +342,20 @@ def test_a_cache_follows_its_images_not_only_its_manifest(tmp_path, capsys):
         f.seek(st.st_size - 20)
         f.write(bytes([byte[0] ^ 0xFF]))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(prepare.DataError, match="1 of 3 cached images changed since the cache was made"):
-        prepare.ImageCache(path, manifest)
+    with pytest.raises(DataError, match="1 of 3 cached images changed since the cache was made"):
+        loading.ImageCache(path, manifest)
 
 
 def test_training_reads_the_cache_with_tensor_augmentation(tmp_path, demo_manifest, spm_model):
     """A cache sample's parameters equal the file path's for the same seed, its pixels the decoded file."""
     cache_file = tmp_path / "cache.safetensors"
     prepare.build_cache(demo_manifest, cache_file)
-    items = train.read_manifests([str(demo_manifest)], "train")
+    items = loading.read_manifests([str(demo_manifest)], "train")
     cfg = replace(train.RECIPES["demo"], langs="en", local_crops=2)
     tokenizer = rsmclip.Tokenizer(demo_manifest.parent / "spm.model")
-    cached = train.MultiCropDataset(items, cfg, 64, tokenizer, prepare.ImageCache(cache_file, demo_manifest),
-                                    tensor=True)
-    files = train.MultiCropDataset(items, cfg, 64, tokenizer, tensor=True)
+    cached = loading.MultiCropDataset(items, cfg, 64, tokenizer,
+                                      loading.ImageCache(cache_file, demo_manifest), tensor=True)
+    files = loading.MultiCropDataset(items, cfg, 64, tokenizer, tensor=True)
     for key in [(0, 5), (7, 99)]:
         a, b = cached[key], files[key]
         assert torch.equal(a["pixels"], b["pixels"]) and a["view_params"] == b["view_params"]

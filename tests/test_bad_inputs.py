@@ -28,10 +28,13 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import cli
 import eval as ev
+import files
 import rsmclip
 import rsmclip_cli
 from data import prepare
+from data.manifest import load_manifest, write_jsonl
 
 TINY = rsmclip.PRESETS["tiny"]
 
@@ -107,7 +110,7 @@ def manifest(tmp: Path, captions: dict, n: int = 2) -> Path:
                 "captions": captions} for i in range(n)]
     (tmp / "ds").mkdir(exist_ok=True)
     shutil.move(str(folder), tmp / "ds" / "imgs")
-    prepare.write_jsonl(records, tmp / "ds" / "captions.jsonl")
+    write_jsonl(records, tmp / "ds" / "captions.jsonl")
     return tmp / "ds" / "captions.jsonl"
 
 
@@ -199,8 +202,8 @@ def cache(tmp: Path, split: str = "test", edit: bool = False):
     path = manifest(tmp, {"en": ["a road"]})
     prepare.build_cache(path, tmp / "c.safetensors", split)
     if edit:
-        records = prepare.load_manifest(path)
-        prepare.write_jsonl([r | {"captions": {"en": ["a river"]}} for r in records], path)
+        records = load_manifest(path)
+        write_jsonl([r | {"captions": {"en": ["a river"]}} for r in records], path)
 
 
 def two_classes(tmp: Path):
@@ -213,10 +216,10 @@ def two_classes(tmp: Path):
 def train_split(tmp: Path, missing: bool = False):
     """A manifest of 2 train images (missing: one of them absent)."""
     path = manifest(tmp, {"en": ["a road"]})
-    records = [r | {"split": "train"} for r in prepare.load_manifest(path)]
+    records = [r | {"split": "train"} for r in load_manifest(path)]
     if missing:
         records[1]["image"] = "imgs/gone.png"
-    prepare.write_jsonl(records, path)
+    write_jsonl(records, path)
 
 
 def image_cache_then_replace(tmp: Path):
@@ -274,7 +277,7 @@ def index_then_replace(tmp: Path):
     search = ["search", str(tmp / "imgs"), "roads", "--model", str(tmp / "w.safetensors"), "--index",
               str(tmp / "i.safetensors")]
     with pytest.raises(SystemExit):
-        rsmclip_cli.run_cli(rsmclip_cli.app, search)
+        cli.run_cli(rsmclip_cli.app, search)
     replace_keeping_size_and_mtime(tmp / "imgs" / "1.png")
 
 
@@ -314,7 +317,7 @@ def foreign_tokenizer(tmp: Path):
     torch.manual_seed(0)
     (tmp / "m").mkdir()
     own = train_spm(tmp / "own.model", CORPUS[:17] * 20)
-    rsmclip.save(rsmclip.CLIP(TINY), tmp / "m" / "w.safetensors", tokenizer_sha256=rsmclip.file_sha256(own))
+    rsmclip.save(rsmclip.CLIP(TINY), tmp / "m" / "w.safetensors", tokenizer_sha256=files.file_sha256(own))
     train_spm(tmp / "m" / TINY.tokenizer, CORPUS[:9] * 40)
     images(tmp)
 
@@ -343,7 +346,7 @@ def our_shards(tmp: Path, n: int = 4, per_shard: int = 2) -> Path:
     from data.shards import write_shards
 
     path = manifest(tmp, {"en": ["a road"]}, n)
-    prepare.write_jsonl([r | {"split": "train"} for r in prepare.load_manifest(path)], path)
+    write_jsonl([r | {"split": "train"} for r in load_manifest(path)], path)
     write_shards(path, tmp / "sh", per_shard=per_shard)
     return tmp / "sh"
 
@@ -393,7 +396,7 @@ def shard_run(tmp: Path):
     our_shards(tmp)
     args = [a.replace("{tmp}", str(tmp)).replace("{spm}", str(tmp / TINY.tokenizer)) for a in OURS + STREAM]
     with pytest.raises(SystemExit) as done:
-        rsmclip_cli.run_cli(entry_app("train"), args)
+        cli.run_cli(entry_app("train"), args)
     assert done.value.code == 0
     (tmp / "run" / "summary.json").unlink()  # not finished: a larger --steps resumes it
     index = json.loads((tmp / "sh" / "shards.json").read_text())
@@ -404,7 +407,7 @@ def shard_run(tmp: Path):
 
 
 def rewrite_captions(path: Path):
-    prepare.write_jsonl([r | {"captions": {"en": ["a river"]}} for r in prepare.load_manifest(path)], path)
+    write_jsonl([r | {"captions": {"en": ["a river"]}} for r in load_manifest(path)], path)
 
 
 def edit_index(tmp: Path, **entry):
@@ -855,7 +858,7 @@ def test_bad_input(case: Case, tmp_path, spm_model, capsys, monkeypatch):
             for a in case.args]  # not str.format: rows pass braces of their own (templates)
     try:
         with pytest.raises(SystemExit) as exit_:
-            rsmclip_cli.run_cli(entry_app(case.entry), args)
+            cli.run_cli(entry_app(case.entry), args)
     finally:
         while MOUNTS:
             os.system(f"umount {MOUNTS.pop()}")
@@ -889,14 +892,14 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_sweeps_stale_temporaries
         raise OSError(28, "No space left on device", str(tmp))
 
     with pytest.raises(rsmclip.RsmclipError, match="out.json: cannot write it .No space left on device; "):
-        rsmclip.atomic_write(target, fail)
+        files.atomic_write(target, fail)
     assert target.read_text() == "old" and not stale.exists() and mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", mine.name])
-    rsmclip.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    files.atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()
+    assert target.stat().st_mode & 0o777 == 0o666 & ~files.umask()
     with pytest.raises(rsmclip.RsmclipError, match="is a folder; give a file name"):
-        rsmclip.atomic_write(tmp_path, lambda tmp: None)
+        files.atomic_write(tmp_path, lambda tmp: None)
 
 
 def test_a_failing_safetensors_write_names_the_file_and_the_space(tmp_path, monkeypatch):
@@ -908,9 +911,9 @@ def test_a_failing_safetensors_write_names_the_file_and_the_space(tmp_path, monk
         Path(filename).write_bytes(b"half")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(rsmclip, "save_file", full)
+    monkeypatch.setattr(files, "save_file", full)
     with pytest.raises(rsmclip.RsmclipError) as error:
-        rsmclip.atomic_save({"embeddings": torch.zeros(256, 4)}, target, {})
+        files.atomic_save({"embeddings": torch.zeros(256, 4)}, target, {})
     assert str(error.value).startswith(f"{target}: cannot write it (No space left on device; needs 4.0 KiB, ")
     assert "free there; an existing file is unchanged)" in str(error.value)
     assert target.read_bytes() == b"the old index" and [p.name for p in tmp_path.iterdir()] == [target.name]
@@ -945,7 +948,7 @@ def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, sp
         app, out = prepare.app, full_disk / "c.safetensors"
         args = ["cache", str(tmp_path / "ds" / "captions.jsonl"), "--out", str(out)]
     with pytest.raises(SystemExit) as exit_:
-        rsmclip_cli.run_cli(app, args)
+        cli.run_cli(app, args)
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err, err
     assert f"error: {out}: cannot write it (No space left on device; needs " in err

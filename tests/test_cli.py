@@ -1,4 +1,5 @@
-"""`python rsmclip.py ...` end to end on the tiny preset, and `download` against a local hub on 127.0.0.1."""
+"""`python rsmclip_cli.py ...` end to end on the tiny preset, and `download` against a local hub on
+127.0.0.1."""
 import base64
 import hashlib
 import io
@@ -15,20 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from openclip_oracle import fill_with_noise
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import cli
+import files
 import rsmclip
 import rsmclip_cli
+from bench.openclip_oracle import fill_with_noise
+from search import index
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "rsmclip.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "250", **(env or {})})
+    return subprocess.run([sys.executable, str(ROOT / "rsmclip_cli.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "250", **(env or {})})
 
 
 @pytest.fixture
@@ -71,10 +76,10 @@ def test_convert_records_the_tokenizer_and_keeps_the_record(tiny_weights, tmp_pa
     assert rsmclip.tokenizer_sha(tiny_weights) is None
     result = run("convert", tiny_weights, tmp_path / "a.safetensors", "--tokenizer", spm)
     assert result.returncode == 0, result.stderr
-    assert rsmclip.tokenizer_sha(tmp_path / "a.safetensors") == rsmclip.file_sha256(spm)
+    assert rsmclip.tokenizer_sha(tmp_path / "a.safetensors") == files.file_sha256(spm)
     result = run("convert", tmp_path / "a.safetensors", tmp_path / "oc.safetensors", "--to-openclip")
     assert result.returncode == 0, result.stderr
-    assert rsmclip.tokenizer_sha(tmp_path / "oc.safetensors") == rsmclip.file_sha256(spm)
+    assert rsmclip.tokenizer_sha(tmp_path / "oc.safetensors") == files.file_sha256(spm)
 
 
 def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
@@ -257,11 +262,11 @@ def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_pat
 def test_the_toy_warning_knows_the_demo_folder_and_the_architecture(demo_manifest, tmp_path, capsys):
     """eval.py passes the manifest or class folder: inside the demo's folder no warning, elsewhere one."""
     tiny = rsmclip.PRESETS["tiny"]
-    rsmclip.warn_if_toy(tiny, "w.safetensors", [demo_manifest, demo_manifest.parent / "images"])
+    cli.warn_if_toy(tiny, "w.safetensors", [demo_manifest, demo_manifest.parent / "images"])
     assert capsys.readouterr().err == ""
-    rsmclip.warn_if_toy(tiny, "w.safetensors", [demo_manifest, tmp_path])
+    cli.warn_if_toy(tiny, "w.safetensors", [demo_manifest, tmp_path])
     assert "w.safetensors is the tiny demo model, a toy" in capsys.readouterr().err
-    rsmclip.warn_if_toy(rsmclip.PRESETS["xlmr-b32"], "w.safetensors", [tmp_path])
+    cli.warn_if_toy(rsmclip.PRESETS["xlmr-b32"], "w.safetensors", [tmp_path])
     assert capsys.readouterr().err == ""
 
 
@@ -459,7 +464,7 @@ def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
     feats = torch.nn.functional.normalize(torch.randn(2, dim), dim=-1)
     meta = {"model": fingerprint, "entries": json.dumps(entries)}
     if kind in ("truncated", "random", "empty"):
-        rsmclip.atomic_save({"embeddings": feats}, path, meta)
+        files.atomic_save({"embeddings": feats}, path, meta)
         data = {"truncated": path.read_bytes()[:-7], "random": os.urandom(300), "empty": b""}[kind]
         path.write_bytes(data)
         return
@@ -480,19 +485,19 @@ def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
         meta["entries"] = "[{"
     elif kind == "entries wrong type":
         meta["entries"] = json.dumps([{"path": 5, "size": "1", "mtime": 2}] * 2)
-    rsmclip.atomic_save(tensors, path, meta)
+    files.atomic_save(tensors, path, meta)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16",
                                   "nan", "no tensor", "no entries", "entries not json", "entries wrong type"])
 def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
     index_file(tmp_path / "i.safetensors", kind, "fp")
-    assert rsmclip_cli.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
+    assert index.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
     assert "damaged search index" in capsys.readouterr().err
     index_file(tmp_path / "ok.safetensors", "fine", "fp")
-    entries, feats = rsmclip_cli.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
+    entries, feats = index.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
     assert len(entries) == 2 and feats.shape == (2, 4)
-    assert rsmclip_cli.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
+    assert index.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
     assert "built with other weights" in capsys.readouterr().err
 
 
@@ -523,11 +528,11 @@ def test_a_full_disk_leaves_the_old_search_results_and_a_clear_message(tiny_weig
 
     search = ["search", str(images), "water", "--model", str(tiny_weights), "--index", str(tmp_path / "i")]
     with pytest.raises(SystemExit):
-        rsmclip_cli.run_cli(rsmclip_cli.app, search)  # the index is built while the disk has room
+        cli.run_cli(rsmclip_cli.app, search)  # the index is built while the disk has room
     capsys.readouterr()
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SystemExit) as exit_:
-        rsmclip_cli.run_cli(rsmclip_cli.app, search + ["--out", str(hits)])
+        cli.run_cli(rsmclip_cli.app, search + ["--out", str(hits)])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err
     assert "hits.json: cannot write it (No space left on device; " in err

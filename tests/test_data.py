@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import files
 import rsmclip
 from data import demo, prepare
-from data.prepare import DataError
+from data.manifest import LANGS, DataError, load_labels, load_manifest, scan_image_folder, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -61,7 +62,7 @@ def test_ucm_sample_converts_with_text_kept_and_counts_reported(tmp_path):
     report = prepare.build_captions(src / "dataset_ucm.json", tmp_path / "ucm" / "images", out)
     assert any("differs from the published dataset" in line and "images 105 (published 2,100)" in line
                and "test images 1 (published 210)" in line for line in report)
-    records = prepare.load_manifest(out)
+    records = load_manifest(out)
     raw = json.loads((src / "dataset_ucm.json").read_text())["images"]
     assert len(records) == len(raw) == 105
     for r, im in zip(records, raw):
@@ -82,7 +83,7 @@ def test_sydney_partial_missing_images_error_then_drop_report(tmp_path):
     report = prepare.build_captions(ann, tmp_path / "images", tmp_path / "captions.jsonl", drop_missing=True)
     assert any("counts match the published sydney: 613 images, 58 test" in line for line in report)
     assert any(line.startswith("dropped 604 of 613 images") for line in report)
-    records = prepare.load_manifest(tmp_path / "captions.jsonl")
+    records = load_manifest(tmp_path / "captions.jsonl")
     assert sorted(r["id"] for r in records) == [f"sydney/{i}" for i in range(1, 10)]
 
 
@@ -101,7 +102,7 @@ def test_rsscn7_sample_labels_and_folder_names(tmp_path):
     src = need("rsscn7_sample")
     (tmp_path / "rsscn7").symlink_to(src)
     report = prepare.build_labels(tmp_path / "rsscn7", tmp_path / "labels.jsonl")
-    records = prepare.load_labels(tmp_path / "labels.jsonl")
+    records = load_labels(tmp_path / "labels.jsonl")
     assert len(records) == 70 and {r["split"] for r in records} == {"test"}
     assert sorted({r["label"] for r in records}) == list(json.loads(
         (ROOT / "data" / "classnames.json").read_text())["datasets"]["RSSCN7"])
@@ -119,12 +120,12 @@ def test_karpathy_rsitmd_style_with_extra_fields(tmp_path):
         [(names[0], "train", ["  Many planes.  ", "A runway."]), (names[1], "test", ["Planes."]),
          (names[2], "val", ["Terminal \u201cbuildings\u201d."])], dataset="rsitmd"))
     report = prepare.build_captions(ann, images, tmp_path / "captions.jsonl")
-    records = prepare.load_manifest(tmp_path / "captions.jsonl")
+    records = load_manifest(tmp_path / "captions.jsonl")
     assert [r["captions"]["en"] for r in records] == [["Many planes.", "A runway."], ["Planes."],
                                                       ["Terminal \u201cbuildings\u201d."]]
     assert [r["id"] for r in records] == ["rsitmd/airport_0", "rsitmd/airport_1", "rsitmd/airport_2"]
     assert "karpathy format, dataset 'rsitmd'" in report[0] and "images 3 (published 4,743)" in report[1]
-    assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~rsmclip.umask()  # as any tool
+    assert (tmp_path / "captions.jsonl").stat().st_mode & 0o777 == 0o666 & ~files.umask()  # as any tool
 
 
 def test_nwpu_per_category_layout(tmp_path):
@@ -137,7 +138,7 @@ def test_nwpu_per_category_layout(tmp_path):
                  for i in range(2)] for cat in ("airport", "beach")}
     ann = write(tmp_path / "dataset_nwpu.json", doc)
     report = prepare.build_captions(ann, images, tmp_path / "captions.jsonl")
-    records = prepare.load_manifest(tmp_path / "captions.jsonl")
+    records = load_manifest(tmp_path / "captions.jsonl")
     assert "nwpu format, dataset 'nwpu'" in report[0] and "images 4 (published 31,500)" in report[1]
     assert records[0] == {"id": "nwpu/airport/airport_000", "image": "NWPU_images/airport/airport_000.jpg",
                           "split": "test", "dataset": "nwpu",
@@ -151,9 +152,9 @@ def test_manifest_written_inside_the_dataset_folder_only(tmp_path):
     with pytest.raises(DataError, match="is not inside .*Write the manifest into the dataset folder"):
         prepare.build_captions(ann, images, tmp_path / "elsewhere" / "captions.jsonl")
     prepare.build_captions(ann, images, tmp_path / "captions.jsonl")  # an ancestor folder is fine
-    assert prepare.load_manifest(tmp_path / "captions.jsonl")[0]["image"] == "data/images/a.png"
+    assert load_manifest(tmp_path / "captions.jsonl")[0]["image"] == "data/images/a.png"
     prepare.build_captions(ann, images, images / "captions.jsonl")  # and so is the image folder itself
-    assert prepare.load_manifest(images / "captions.jsonl")[0]["image"] == "a.png"
+    assert load_manifest(images / "captions.jsonl")[0]["image"] == "a.png"
 
 
 # ----------------------------------------------------------------------------- bad inputs, one message each
@@ -214,7 +215,7 @@ def test_unreadable_image_error_and_drop(dataset, tmp_path):
         prepare.build_captions(annotate(GOOD), images, tmp_path / "captions.jsonl")
     report = prepare.build_captions(annotate(GOOD), images, tmp_path / "captions.jsonl", drop_missing=True)
     assert any(line.startswith("dropped 1 of 3 images") and "1.png" in line for line in report)
-    assert [r["id"] for r in prepare.load_manifest(tmp_path / "captions.jsonl")] == ["toy/0", "toy/2"]
+    assert [r["id"] for r in load_manifest(tmp_path / "captions.jsonl")] == ["toy/0", "toy/2"]
 
 
 def test_empty_captions_dropped_only_on_request(dataset, tmp_path):
@@ -223,7 +224,7 @@ def test_empty_captions_dropped_only_on_request(dataset, tmp_path):
     report = prepare.build_captions(ann, images, tmp_path / "captions.jsonl", drop_empty=True)
     assert "dropped 2 empty captions: 0.png #1, 1.png #0" in report
     assert "dropped 1 images left without captions: 1.png" in report
-    assert {r["id"]: r["captions"]["en"] for r in prepare.load_manifest(tmp_path / "captions.jsonl")} == \
+    assert {r["id"]: r["captions"]["en"] for r in load_manifest(tmp_path / "captions.jsonl")} == \
         {"toy/0": ["a"], "toy/2": ["c"]}
     ann = annotate([(f"{i}.png", "train", [" "]) for i in range(3)])
     with pytest.raises(DataError, match="no image left once the empty and the unreadable ones are dropped"):
@@ -242,14 +243,14 @@ def test_manifest_reader_rejects_bad_records(tmp_path, line, message):
     path = tmp_path / "captions.jsonl"
     path.write_text(json.dumps(line) + "\n")
     with pytest.raises(DataError, match=message):
-        prepare.load_manifest(path)
+        load_manifest(path)
 
 
 def test_manifest_reader_rejects_duplicate_ids(tmp_path):
     rec = {"id": "a", "image": "x.png", "split": "test", "captions": {"en": ["x"]}}
     (tmp_path / "m.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
     with pytest.raises(DataError, match="duplicated ids a"):
-        prepare.load_manifest(tmp_path / "m.jsonl")
+        load_manifest(tmp_path / "m.jsonl")
 
 
 def test_classes_tree_checks(tmp_path):
@@ -261,7 +262,7 @@ def test_classes_tree_checks(tmp_path):
     (root / ".DS_Store").write_text("x")
     report = prepare.build_labels(root, tmp_path / "labels.jsonl")
     assert "ignored 2 files that are not images: .DS_Store, a_beach/notes.txt" in report
-    assert [(r["image"], r["label"]) for r in prepare.load_labels(tmp_path / "labels.jsonl")] == [
+    assert [(r["image"], r["label"]) for r in load_labels(tmp_path / "labels.jsonl")] == [
         ("tree/a_beach/0.png", "a_beach"), ("tree/a_beach/1.png", "a_beach"),
         ("tree/b_forest/0.png", "b_forest"), ("tree/b_forest/1.png", "b_forest")]
     (root / "b_forest" / "1.png").write_bytes(b"not a png")
@@ -284,7 +285,7 @@ def test_classes_file_names_not_utf8_stop_the_run_or_are_dropped(tmp_path):
         prepare.build_labels(root, tmp_path / "labels.jsonl")
     report = prepare.build_labels(root, tmp_path / "labels.jsonl", drop_unreadable=True)
     assert "dropped 1 unreadable images: beach/caf\\xe9.png (file name not UTF-8: rename it)" in report
-    assert [r["image"] for r in prepare.load_labels(tmp_path / "labels.jsonl")] == ["tree/beach/ok.png"]
+    assert [r["image"] for r in load_labels(tmp_path / "labels.jsonl")] == ["tree/beach/ok.png"]
     (root / "beach" / "ok.png").unlink()
     with pytest.raises(DataError, match="no readable image left: nothing to write"):
         prepare.build_labels(root, tmp_path / "labels.jsonl", drop_unreadable=True)
@@ -294,11 +295,11 @@ def test_two_level_tree_uses_the_leaf_folder_as_label(tmp_path):
     root = tmp_path / "rsi-cb256"
     save(scene_image(0), root / "water area" / "dam" / "a.jpg")
     save(scene_image(1), root / "woodland" / "forest" / "b.jpg")
-    assert prepare.scan_image_folder(root)[0] == [("water area/dam/a.jpg", "dam"),
-                                                  ("woodland/forest/b.jpg", "forest")]
+    assert scan_image_folder(root)[0] == [("water area/dam/a.jpg", "dam"),
+                                          ("woodland/forest/b.jpg", "forest")]
     save(scene_image(2), root / "other" / "dam" / "c.jpg")
     with pytest.raises(DataError, match="class folder names must be unique: dam"):
-        prepare.scan_image_folder(root)
+        scan_image_folder(root)
 
 
 # ----------------------------------------------------------------------------- merge: the leakage check
@@ -317,7 +318,7 @@ def reencode(image: Image.Image, size=None, quality=None) -> Image.Image:
 def manifest(folder: Path, name: str, images: list) -> Path:
     recs = [{"id": f"{name}/{i}", "image": f"images/{fn}", "split": s, "dataset": name,
              "captions": {"en": ["x"]}} for i, (fn, s) in enumerate(images)]
-    prepare.write_jsonl(recs, folder / "captions.jsonl")
+    write_jsonl(recs, folder / "captions.jsonl")
     return folder / "captions.jsonl"
 
 
@@ -342,7 +343,7 @@ def test_merge_removes_planted_duplicates_and_nothing_else(tmp_path):
     train_m = manifest(train_dir, "trainset", entries)
 
     report = prepare.merge([train_m, test_m], [test_m], tmp_path / "ds" / "train.jsonl")
-    merged = prepare.load_manifest(tmp_path / "ds" / "train.jsonl")
+    merged = load_manifest(tmp_path / "ds" / "train.jsonl")
     kept = {Path(r["image"]).name for r in merged}
     assert kept == {f"own{i}.png" for i in range(40)}  # every planted copy gone, every own image kept
     assert ("trainset: train 30, val 10, exact duplicates removed 1, near duplicates removed 3, "
@@ -396,10 +397,10 @@ def test_demo_is_deterministic_complete_and_idempotent(tmp_path):
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 900 + 3
     assert all((tmp_path / "a" / f).read_bytes() == (b.parent / f).read_bytes() for f in files)
-    records = prepare.load_manifest(a)
+    records = load_manifest(a)
     assert [sum(r["split"] == s for r in records) for s in ("train", "val", "test")] == [600, 100, 200]
     for r in records[:50]:
-        assert list(r["captions"]) == list(rsmclip.LANGS)
+        assert list(r["captions"]) == list(LANGS)
         assert all(len(c) == 5 and len(set(c)) == 5 for c in r["captions"].values())
         assert Image.open(a.parent / r["image"]).size == (64, 64)
     tok = rsmclip.Tokenizer(a.parent / "spm.model")
@@ -439,18 +440,18 @@ def test_classnames_complete_for_every_dataset_and_language():
     for name, mapping in doc["datasets"].items():
         assert list(mapping) == sorted(mapping), f"{name}: folders must be listed in sorted order"
         english = list(mapping.values())
-        for lang in rsmclip.LANGS:
+        for lang in LANGS:
             names = english if lang == "en" else [doc["names"][en][lang] for en in english]
             assert len(names) == len(english), (name, lang)
             assert all(isinstance(n, str) and n.strip() for n in names), (name, lang)
     used = {en for mapping in doc["datasets"].values() for en in mapping.values()}
     assert set(doc["names"]) == used
-    assert all(set(t) == set(rsmclip.LANGS) - {"en"} for t in doc["names"].values())
+    assert all(set(t) == set(LANGS) - {"en"} for t in doc["names"].values())
     assert doc["datasets"]["RSSCN7"]["aGrass"] == "grass"
     assert doc["datasets"]["MLRSNet"]["swimmimg_pool"] == "swimming pool"  # the dataset's own spelling
 
 
 def test_templates_for_all_ten_languages():
     doc = json.loads((ROOT / "data" / "templates.json").read_text(encoding="utf-8"))
-    for lang in rsmclip.LANGS:
+    for lang in LANGS:
         assert len(doc[lang]) == len(doc["en"]) and all(t.count("{}") == 1 for t in doc[lang])

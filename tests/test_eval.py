@@ -16,13 +16,14 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from openclip_oracle import paired_models
 from PIL import Image
 from typer.testing import CliRunner
 
 import eval as ev
 import rsmclip
+from bench.openclip_oracle import paired_models
 from data import demo, prepare
+from data.manifest import LANGS, load_manifest, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -322,7 +323,7 @@ def small_manifest(tmp_path):
         caps = {lang: demo.captions(scene, lang)[: 2 + i % 3] for lang in ("en", "pt")}
         records.append({"id": f"s/{i}", "image": f"images/{min(i, 5)}.png", "split": "test" if i else "train",
                         "dataset": "s", "captions": caps})
-    prepare.write_jsonl(records, folder / "captions.jsonl")
+    write_jsonl(records, folder / "captions.jsonl")
     return folder / "captions.jsonl"
 
 
@@ -348,7 +349,7 @@ def test_evaluate_retrieval_encodes_each_image_once_and_matches_metrics(models, 
     assert counting.training and ours.training
     ours.eval()
     assert list(res) == ["en", "pt", "mean"]
-    records = [r for r in prepare.load_manifest(small_manifest) if r["split"] == "test"]
+    records = [r for r in load_manifest(small_manifest) if r["split"] == "test"]
     with torch.no_grad():
         files = sorted({r["image"] for r in records})
         unique = ours.encode_image(torch.stack([pp(small_manifest.parent / f) for f in files]),
@@ -500,7 +501,7 @@ def test_eval_without_arguments_prints_a_chance_level_demo_table():
     run = subprocess.run([sys.executable, "eval.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "untrained tiny model (seed 0)" in run.stdout and "Retrieval protocol" in run.stdout
-    for lang in rsmclip.LANGS + ("mean",):
+    for lang in LANGS + ("mean",):
         assert f"│ {lang:<4} │" in run.stdout
     line = next(s for s in run.stdout.splitlines() if s.startswith("mean mR "))
     measured, chance = float(line.split()[2]), float(line.split("random ranking: ")[1].split(")")[0])
@@ -592,7 +593,7 @@ def test_k_shot_draws_are_seeded_and_never_take_validation_or_test_images(tmp_pa
 
 def write_labels(path: Path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    prepare.write_jsonl([{"image": i, "label": lab, "split": s} for i, lab, s in rows], path)
+    write_jsonl([{"image": i, "label": lab, "split": s} for i, lab, s in rows], path)
     return path
 
 

@@ -21,11 +21,11 @@ import open_clip
 import pytest
 import torch
 from conftest import CORPUS
-from openclip_oracle import fill_with_noise, paired_models
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import rsmclip
+from bench.openclip_oracle import fill_with_noise, paired_models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOL = 1e-4

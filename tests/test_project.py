@@ -39,7 +39,9 @@ def test_package_dependencies_are_the_runtime_requirements():
 def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "rsmclip.py", "rsmclip_cli.py", "README.md", "LICENSE"):  # the build reads
+    for name in ("pyproject.toml", "rsmclip.py", "files.py", "cli.py", "rsmclip_cli.py", "search/index.py",
+                 "search/pages.py", "README.md", "LICENSE"):  # what the build reads
+        (src / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, src / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -67,19 +69,18 @@ def test_importing_the_library_only_defines():
 
 
 def test_every_language_table_has_the_ten_languages():
-    """rsmclip.LANGUAGES is the one list: everything keyed by language is checked against it."""
+    """manifest.LANGUAGES is the one list: everything keyed by language is checked against it."""
     import json
 
-    import rsmclip
     import rsmclip_cli
     import translate
-    from data import demo
+    from data import demo, manifest
 
-    langs = set(rsmclip.LANGS)
+    langs = set(manifest.LANGS)
     assert set(rsmclip_cli.PROMPTS) == langs and set(translate.LANGS) == langs - {"en"}
     assert set(json.loads((ROOT / "data/templates.json").read_text())) - {"_about"} == langs
     assert set(demo.TEXT) == langs
-    assert rsmclip.parse_langs(" PT,en,pt ") == ["pt", "en"]
+    assert manifest.parse_langs(" PT,en,pt ") == ["pt", "en"]
 
 
 # Every script a user runs, by the module that holds its command line (an `app`, or a `main` wrapped as
@@ -104,21 +105,22 @@ def help_pages(app) -> list[tuple[list[str], object]]:
     """([command words], click command) for an app and each of its subcommands."""
     import typer
 
-    import rsmclip_cli
-    root = rsmclip_cli.readable_help(typer.main.get_command(app))
+    import cli
+    root = cli.readable_help(typer.main.get_command(app))
     return [([], root)] + [([name], sub) for name, sub in getattr(root, "commands", {}).items()]
 
 
 def test_every_help_page_is_readable_and_describes_every_option(capsys):
     import pytest
 
-    import rsmclip_cli
+    import cli
+
     for name in SCRIPTS:
         app = script_app(name)
         for words, command in help_pages(app):
             where = " ".join([name, *words])
             with pytest.raises(SystemExit) as done:
-                rsmclip_cli.run_cli(app, [*words, "--help"])
+                cli.run_cli(app, [*words, "--help"])
             assert done.value.code == 0, where
             text = capsys.readouterr().out
             # typer's own rendering (<path>, <bool>, {folder} in the usage line) and empty defaults stay out
@@ -127,3 +129,107 @@ def test_every_help_page_is_readable_and_describes_every_option(capsys):
             for param in command.params:
                 if param.name != "help":
                     assert (param.help or "").strip(), f"{where}: {param.name} has no description"
+
+
+# The import order (docs/internals.md, "Files, and who may import whom"): bottom to top; a module imports
+# only from its own layer or below, never in a circle, and never a project module inside a function (that
+# hides a circle). Optional heavy dependencies (rasterio, faiss, open_clip) may be imported lazily.
+LAYERS = [
+    ("files", ["files.py"]),
+    ("library", ["rsmclip.py"]),
+    ("command-line conventions", ["cli.py"]),
+    ("data contract", ["data/manifest.py"]),
+    ("data loading", ["data/augment.py", "data/demo.py", "data/shards.py", "data/loading.py"]),
+    ("entry points", ["rundir.py", "curves.py", "eval.py", "train.py", "translate.py"]),
+    ("commands", ["rsmclip_cli.py", "search/*.py", "data/prepare.py"]),
+    ("bench", ["bench/*.py"]),
+]
+
+
+def project_imports(root: Path) -> dict[str, list[tuple[str, int, bool]]]:
+    """Every project module's imports of project modules: {file: [(imported file, line, at top level)]}."""
+    import ast
+
+    paths = [p.relative_to(root) for layer in LAYERS for pattern in layer[1] for p in root.glob(pattern)]
+    modules = {p.with_suffix("").as_posix().replace("/", "."): p.as_posix() for p in paths}
+    found = {}
+    for name, path in modules.items():
+        tree = ast.parse((root / path).read_text(), path)
+        top = {id(node) for node in tree.body}
+        edges = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            nested = id(node) not in top and not any(id(node) in {id(n) for n in ast.walk(t)}
+                                                     for t in tree.body if isinstance(t, ast.If))
+            edges += [(modules[t], node.lineno, not nested) for t in targets if t in modules]
+        found[path] = edges
+    return found
+
+
+def layer_problems(root: Path) -> list[str]:
+    """What breaks the import order in the tree at `root`: an upward import, an import inside a function, a
+    circle, a module in no layer."""
+    rank = {p.relative_to(root).as_posix(): i for i, (_, patterns) in enumerate(LAYERS)
+            for pattern in patterns for p in root.glob(pattern)}
+    placed = set(rank)
+    every = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
+             if p.relative_to(root).parts[0] not in ("tests", ".venv", "build", "demo_data")}
+    problems = [f"{path}: in no layer of tests/test_project.py's LAYERS" for path in sorted(every - placed)]
+    graph = project_imports(root)
+    for path, edges in graph.items():
+        for target, line, top in edges:
+            if rank[target] > rank[path]:
+                problems.append(f"{path}:{line} imports {target}, a layer above it "
+                                f"({LAYERS[rank[target]][0]} > {LAYERS[rank[path]][0]})")
+            if not top:
+                problems.append(f"{path}:{line} imports {target} inside a function")
+    state = {}
+
+    def visit(path, trail):
+        state[path] = "open"
+        for target, _, _ in graph[path]:
+            if state.get(target) == "open":
+                problems.append("a circle: " + " -> ".join(trail[trail.index(target):] + [target]))
+            elif target not in state:
+                visit(target, trail + [target])
+        state[path] = "done"
+
+    for path in sorted(graph):
+        if path not in state:
+            visit(path, [path])
+    return problems
+
+
+def test_modules_import_only_downward_never_inside_a_function_never_in_a_circle():
+    assert layer_problems(ROOT) == []
+
+
+def test_the_import_order_check_finds_what_it_guards_against(tmp_path):
+    """The check on a copy of the tree with each fault planted: an upward import (the data contract
+    importing train.py), a project import inside a function, a circle within one layer, an unplaced file."""
+    def tree_with(path: str, line: str) -> Path:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for layer in LAYERS:
+            for pattern in layer[1]:
+                for p in ROOT.glob(pattern):
+                    (root / p.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(p, root / p.relative_to(ROOT))
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        with open(root / path, "a") as f:
+            f.write(line)
+        return root
+
+    assert "data/manifest.py:" in layer_problems(tree_with("data/manifest.py", "\nimport train\n"))[0]
+    assert "a layer above it (entry points > data contract)" in layer_problems(
+        tree_with("data/manifest.py", "\nimport train\n"))[0]
+    assert any("imports eval.py inside a function" in p for p in layer_problems(
+        tree_with("train.py", "\n\ndef late():\n    import eval\n")))
+    assert any(p.startswith("a circle: ") and "eval.py" in p and "curves.py" in p for p in layer_problems(
+        tree_with("eval.py", "\nimport curves\n")))
+    assert layer_problems(tree_with("utils.py", "import rsmclip\n")) == [
+        "utils.py: in no layer of tests/test_project.py's LAYERS"]

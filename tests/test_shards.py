@@ -21,8 +21,9 @@ from safetensors import safe_open
 
 import rsmclip
 import train
+from data import loading
 from data import shards as shardlib
-from data.prepare import load_manifest
+from data.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--prototypes", "64", "--log-every", "2"]
@@ -74,14 +75,14 @@ def test_shard_samples_feed_both_augmentation_paths(demo_manifest, demo_shards):
     streams = shardlib.Streams(shards.counts, 1, 0, 1000)
     tokenizer = rsmclip.Tokenizer(demo_manifest.parent / "spm.model")
     cfg = replace(train.RECIPES["demo"], langs="en", local_crops=2)
-    pil, tensor = (train.ShardDataset(shards, streams, cfg, 64, tokenizer, tensor=t) for t in (False, True))
+    pil, tensor = (loading.ShardDataset(shards, streams, cfg, 64, tokenizer, tensor=t) for t in (False, True))
     _, image, failures = pil.read((0, 5))
     sample = tensor[((0, 5), 123)]
     assert not failures and sample["pixels"].dtype == torch.uint8
     assert torch.equal(sample["pixels"], torch.from_numpy(np.array(image)))
     views = pil[((0, 5), 123)]
     assert views["views"].shape == (2, 3, 64, 64) and views["locals"].shape == (2, 3, 24, 24)
-    batch = train.collate([sample, tensor[((0, 6), 124)]])
+    batch = loading.collate([sample, tensor[((0, 6), 124)]])
     assert batch["pixels"].shape == (2, 64, 64, 3) and batch["ids"].shape[0] == 4
 
 
@@ -173,7 +174,7 @@ def test_two_processes_with_two_loader_workers_see_every_sample_once(demo_manife
     streams = shardlib.Streams(shards.counts, 4, seed=0, block=40)
     seen = Counter()
     for rank in range(2):
-        sampler = train.StreamSampler(2, 5, rank, 0, 0, 60)
+        sampler = loading.StreamSampler(2, 5, rank, 0, 0, 60)
         loader = torch.utils.data.DataLoader(Keys(shards, streams), batch_sampler=sampler, num_workers=2,
                                              collate_fn=list)
         seen += Counter(key for batch in loader for key in batch)

@@ -22,14 +22,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import kill_after_first_checkpoint
-from openclip_oracle import make_openclip_model
 from PIL import Image
+from rich.progress import Progress
 from safetensors import safe_open
 
+import cli
+import curves
+import files
 import rsmclip
-import rsmclip_cli
+import rundir
 import train
-from data import augment
+from bench.openclip_oracle import make_openclip_model
+from data import augment, loading
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"
@@ -138,11 +142,11 @@ def test_weight_decay_groups_equal_openclip():
 
 
 def test_step_sampler_is_a_function_of_the_step():
-    full = list(train.StepSampler(100, 8, 0, 1, seed=3, start=0, steps=30))
-    assert list(train.StepSampler(100, 8, 0, 1, seed=3, start=17, steps=30)) == full[17:]
+    full = list(loading.StepSampler(100, 8, 0, 1, seed=3, start=0, steps=30))
+    assert list(loading.StepSampler(100, 8, 0, 1, seed=3, start=17, steps=30)) == full[17:]
     epoch0 = [i for batch in full[:12] for i, _ in batch]
     assert len(set(epoch0)) == 96  # 12 full batches per epoch, no image twice, drop_last
-    halves = [list(train.StepSampler(100, 4, r, 2, seed=3, start=0, steps=30)) for r in range(2)]
+    halves = [list(loading.StepSampler(100, 4, r, 2, seed=3, start=0, steps=30)) for r in range(2)]
     # DDP slices of the same global batch
     assert all(a + b == f for a, b, f in zip(halves[0], halves[1], full))
 
@@ -153,7 +157,7 @@ def test_multicrop_views(tmp_path, spm_model):
     items = [{"path": tmp_path / "a.png", "captions": {"en": ["one"], "pt": ["um", "uma"]}},
              {"path": tmp_path / "missing.png", "captions": {"en": ["two"]}}]
     cfg = train.TrainConfig(local_crops=3, local_size=24, langs="en,pt")
-    ds = train.MultiCropDataset(items, cfg, 64, rsmclip.Tokenizer(spm_model))
+    ds = loading.MultiCropDataset(items, cfg, 64, rsmclip.Tokenizer(spm_model))
     a, b = ds[(0, 7)], ds[(0, 7)]
     assert a["views"].shape == (2, 3, 64, 64) and a["locals"].shape == (3, 3, 24, 24)
     assert a["ids"].shape == (2, 77)
@@ -161,7 +165,7 @@ def test_multicrop_views(tmp_path, spm_model):
     assert not torch.equal(a["views"][0], ds[(0, 8)]["views"][0])
     substitute = ds[(1, 7)]  # an unreadable image is replaced by the next one and reported
     assert substitute["failures"] and "missing.png" in substitute["failures"][0]
-    batch = train.collate([a, substitute])
+    batch = loading.collate([a, substitute])
     assert batch["views"].shape == (4, 3, 64, 64) and batch["locals"].shape == (6, 3, 24, 24)
     assert torch.equal(batch["views"][1], substitute["views"][0])  # view-major order
     # ids are cut after the batch's longest caption (on the CPU: the text tower does not cut on a GPU)
@@ -169,9 +173,9 @@ def test_multicrop_views(tmp_path, spm_model):
     assert (batch["ids"][:, -1] != rsmclip.PAD).any() and (a["ids"][:, last:] == rsmclip.PAD).all()
     assert torch.equal(batch["ids"][2], a["ids"][1, :last])
     clip_cfg = train.TrainConfig(distill_weight=0, langs="en")
-    clip_only = train.MultiCropDataset(items, clip_cfg, 64, ds.tokenizer)[(0, 7)]
+    clip_only = loading.MultiCropDataset(items, clip_cfg, 64, ds.tokenizer)[(0, 7)]
     assert clip_only["views"].shape == (1, 3, 64, 64) and clip_only["locals"] is None  # open_clip's recipe
-    light = train.MultiCropDataset(items, replace(cfg, clip_view="light"), 64, ds.tokenizer)[(0, 7)]
+    light = loading.MultiCropDataset(items, replace(cfg, clip_view="light"), 64, ds.tokenizer)[(0, 7)]
     # 2 global crops + the CLIP view
     assert light["views"].shape == (3, 3, 64, 64) and light["ids"].shape == (1, 77)
     assert torch.equal(light["views"][:2], a["views"])
@@ -203,7 +207,7 @@ def test_clip_only_view_is_openclips_training_transform(monkeypatch, tmp_path, s
     image.save(tmp_path / "a.png")
     item = {"path": tmp_path / "a.png", "captions": {"en": ["one"]}}
     clip_cfg = train.TrainConfig(distill_weight=0, langs="en")
-    ds = train.MultiCropDataset([item], clip_cfg, 64, rsmclip.Tokenizer(spm_model))
+    ds = loading.MultiCropDataset([item], clip_cfg, 64, rsmclip.Tokenizer(spm_model))
     assert torch.equal(ds[(0, 5)]["views"][0], augment.light_view(image, 64, random.Random(5)))  # one view
 
 
@@ -313,9 +317,9 @@ def test_resume_compares_run_directories_by_resolved_path(tmp_path, monkeypatch)
     Path("runs/x/checkpoint.safetensors").write_bytes(b"")
     Path("runs/x/config.json").write_text(json.dumps({"config": train.asdict(cfg)}))
     for out in ["runs/x/", "./runs/x", str(tmp_path / "runs/x")]:
-        train.check_resume(replace(cfg, out=out, data=["./d/captions.jsonl"]))
-    with pytest.raises(train.TrainError, match=r"other settings \(lr\)"):
-        train.check_resume(replace(cfg, out="runs/x/", lr=1e-3))
+        rundir.check_resume(replace(cfg, out=out, data=["./d/captions.jsonl"]))
+    with pytest.raises(rundir.RunError, match=r"other settings \(lr\)"):
+        rundir.check_resume(replace(cfg, out="runs/x/", lr=1e-3))
 
 
 def test_a_run_made_before_the_renames_resumes(tmp_path, monkeypatch):
@@ -328,9 +332,9 @@ def test_a_run_made_before_the_renames_resumes(tmp_path, monkeypatch):
     Path("runs/old").mkdir(parents=True)
     Path("runs/old/checkpoint.safetensors").write_bytes(b"")
     Path("runs/old/config.json").write_text(json.dumps({"config": old}))
-    train.check_resume(cfg)
-    with pytest.raises(train.TrainError, match=r"other settings \(prototypes\)"):
-        train.check_resume(replace(cfg, prototypes=128))
+    rundir.check_resume(cfg)
+    with pytest.raises(rundir.RunError, match=r"other settings \(prototypes\)"):
+        rundir.check_resume(replace(cfg, prototypes=128))
     assert train.resolve_config("demo", Path("runs/old/config.json"), {}).prototypes == 64  # --config too
 
 
@@ -363,7 +367,7 @@ def test_demo_training_saves_a_loadable_model(tmp_path, demo_manifest):
     assert "retrieval before training" in result.stdout and "retrieval mR before" in result.stdout
     model, _, tokenizer = rsmclip.load(tmp_path / "run/model.safetensors")
     assert model.config == rsmclip.PRESETS["tiny"] and tokenizer.path.name == "spm.model"
-    spm_sha = rsmclip.file_sha256(demo_manifest.parent / "spm.model")  # recorded: another one is refused
+    spm_sha = files.file_sha256(demo_manifest.parent / "spm.model")  # recorded: another one is refused
     assert rsmclip.tokenizer_sha(tmp_path / "run/model.safetensors") == spm_sha
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
@@ -412,13 +416,13 @@ def test_a_finished_run_is_left_alone_and_a_larger_steps_extends_it(tmp_path, de
 
 
 def test_the_bar_shows_steps_per_second_and_time_left_after_one_step():
-    bar = train.Progress(train.StepRate())
+    bar = Progress(cli.StepRate())
     task = bar.add_task("train", total=100, completed=10, ran=0, seconds=0.0)
-    assert str(train.StepRate().render(bar.tasks[task])) == "first step ..."
+    assert str(cli.StepRate().render(bar.tasks[task])) == "first step ..."
     bar.update(task, completed=11, ran=1, seconds=0.5)  # one step (a resumed run: from step 10) took 0.5 s
-    assert str(train.StepRate().render(bar.tasks[task])) == "2.00 steps/s, 0:00:44 left"
+    assert str(cli.StepRate().render(bar.tasks[task])) == "2.00 steps/s, 0:00:44 left"
     bar.update(task, completed=40, ran=30, seconds=4000.0)
-    assert str(train.StepRate().render(bar.tasks[task])) == "0.01 steps/s, 2:13:20 left"
+    assert str(cli.StepRate().render(bar.tasks[task])) == "0.01 steps/s, 2:13:20 left"
 
 
 def write_metrics(run: Path, rows: list[dict]) -> Path:
@@ -433,26 +437,26 @@ def test_curves_svg_has_a_panel_per_logged_quantity_and_a_point_per_row(tmp_path
              "logit_scale": 14.3 + s / 100, "teacher_temp": 0.04 + s / 8000, "grad_norm": 1.0} for s in steps]
     rows.insert(2, {"step": 40, "val": {"en": {"mR": 3.5}, "pt": {"mR": 2.5}, "mean": {"mR": 3.0}}})
     rows.append({"step": 80, "val": {"en": {"mR": 4.0}}})
-    path = train.plot(write_metrics(tmp_path / "run", rows))
+    path = curves.plot(write_metrics(tmp_path / "run", rows))
     assert path == tmp_path / "run/curves.svg"
     svg = ET.parse(path).getroot()
     titles = [t.text for t in svg.iter(f"{SVG}text") if t.get("font-weight") == "bold"]
-    assert titles == [title for _, title in train.CURVES]
+    assert titles == [title for _, title in curves.CURVES]
     points = [[tuple(map(float, p.split(","))) for p in line.get("points").split()]
               for line in svg.iter(f"{SVG}polyline")]
     assert [len(p) for p in points] == [4, 4, 4, 4, 4, 4, 2]
     assert points[0][0][1] < points[0][-1][1]  # the loss falls: its curve goes down (SVG's y grows downward)
-    assert [label for _, label in train.nice_ticks(14.29, 14.31)] == ["14.29", "14.3", "14.31"]  # distinct
-    assert [label for _, label in train.nice_ticks(0, 600)] == ["0", "200", "400", "600"]
+    assert [label for _, label in curves.nice_ticks(14.29, 14.31)] == ["14.29", "14.3", "14.31"]  # distinct
+    assert [label for _, label in curves.nice_ticks(0, 600)] == ["0", "200", "400", "600"]
     clip_only = [{"step": s, "loss": 3.0, "clip": 3.0, "lr": 1e-4, "logit_scale": 14.3} for s in (5, 10)]
-    svg = ET.parse(train.plot(write_metrics(tmp_path / "clip", clip_only))).getroot()
+    svg = ET.parse(curves.plot(write_metrics(tmp_path / "clip", clip_only))).getroot()
     assert len(list(svg.iter(f"{SVG}polyline"))) == 4  # no distillation, teacher or validation panel
 
 
 def test_plot_command_writes_curves_and_says_so(tmp_path, capsys):
     write_metrics(tmp_path / "run", [{"step": 1, "loss": 2.0}])
     with pytest.raises(SystemExit) as done:
-        rsmclip_cli.run_cli(train.app, ["plot", str(tmp_path / "run")])
+        cli.run_cli(train.app, ["plot", str(tmp_path / "run")])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'run/curves.svg'}\n"
     assert len(list(ET.parse(tmp_path / "run/curves.svg").getroot().iter(f"{SVG}circle"))) == 1  # one point
@@ -511,7 +515,7 @@ def test_a_full_disk_stops_training_and_keeps_the_last_good_checkpoint(tmp_path,
         assert f"error: {checkpoint}: cannot write it (No space left on device; needs " in stopped.stderr
         assert ("the run stopped at step 4 and its last good checkpoint, step 2, is unchanged: free space "
                 "and run the same command to resume") in stopped.stderr
-        assert train.read_checkpoint(checkpoint)[0]["step"] == 2
+        assert rundir.read_checkpoint(checkpoint)[0]["step"] == 2
         assert not [p.name for p in (small / "run").iterdir() if p.name.endswith("tmp") or "tmp" in p.name]
         assert os.system(f"mount -o remount,size={4 * size} tmpfs {small}") == 0
         resumed = run_train("--out", small / "run", *args)
@@ -583,7 +587,7 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path, demo_manifest
              "local_crops": 2, "prototypes": 64, "workers": 0, "langs": "en"}
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with pytest.raises(train.TrainError, match=r"non-finite loss \(nan\) at step 2; the last checkpoint"):
+        with pytest.raises(rundir.RunError, match=r"non-finite loss \(nan\) at step 2; the last checkpoint"):
             train.train(train.resolve_config("demo", None, given), ["train.py"])
     finally:
         for sig, handler in handlers.items():

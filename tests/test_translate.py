@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import rsmclip_cli  # noqa: E402
 import translate as T  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -524,7 +523,7 @@ def cli(*args, code: int = 1) -> str:
     """translate.py's command line as the script runs it (rsmclip.run_cli) -> what it printed to stderr."""
     err = io.StringIO()
     with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
-        rsmclip_cli.run_cli(T.app, [str(a) for a in args])
+        cli.run_cli(T.app, [str(a) for a in args])
     assert exit_.value.code == code and "Traceback" not in err.getvalue(), err.getvalue()
     return " ".join(err.getvalue().split())
 

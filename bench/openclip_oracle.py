@@ -1,21 +1,26 @@
-"""Build open_clip's xlm-roberta ViT CLIP offline, for any rsmclip config, as a test oracle.
+"""open_clip's xlm-roberta ViT CLIP built offline for any rsmclip config, and paired with ours on the same
+seeded noise: the oracle of the tests and the peer of the benchmarks (both import it from here).
 
 open_clip would fetch the xlm-roberta-base config from the hub; we register a model config of the
 same shape and hand it a transformers XLMRobertaConfig built from ours (open_clip's hf_model.py builds its
-text tower from AutoConfig.from_pretrained(hf_model_name), which we patch)."""
+text tower from AutoConfig.from_pretrained(hf_model_name), which we patch). open_clip and transformers
+(test and benchmark dependencies, never the toolkit's) are imported where a model is built."""
+from __future__ import annotations
+
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
 from unittest import mock
 
-import open_clip
 import torch
-import transformers
 
 import rsmclip
 
 
-def hf_text_config(cfg: rsmclip.CLIPConfig) -> transformers.XLMRobertaConfig:
+def hf_text_config(cfg: rsmclip.CLIPConfig):
+    import transformers
+
     t = cfg.text
     return transformers.XLMRobertaConfig(
         vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
@@ -26,8 +31,10 @@ def hf_text_config(cfg: rsmclip.CLIPConfig) -> transformers.XLMRobertaConfig:
 
 
 def make_openclip_model(cfg: rsmclip.CLIPConfig):
+    import open_clip
+
     v = cfg.vision
-    name = f"rsmclip-oracle-{abs(hash(json.dumps(rsmclip.asdict(cfg), sort_keys=True)))}"
+    name = f"rsmclip-oracle-{abs(hash(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))}"
     model_cfg = {"embed_dim": cfg.embed_dim,
                  "vision_cfg": {"image_size": v.image_size, "layers": v.layers, "width": v.width,
                                 "patch_size": v.patch_size, "head_width": v.head_width,
