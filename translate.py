@@ -730,7 +730,7 @@ def flags(src: str, rec: dict, lang: str) -> list[str]:
 # ----- manifest -----
 
 def read_manifest(path: Path) -> list[dict]:
-    """The input, read by the one captions.jsonl reader (data/prepare.py's load_manifest); the caption
+    """The input, read by the one captions.jsonl reader (data/manifest.py's load_manifest); the caption
     lists are checked here: every record needs non-empty English captions, the source of the translation,
     while damaged translations are reported later (--overwrite redoes them)."""
     records, empty = load_manifest(path, check_captions=False), []
