@@ -382,3 +382,15 @@ def test_a_member_above_max_member_is_never_read(tmp_path, monkeypatch):
     assert 0 < sum(read) < 1 << 20 and (tmp_path / "00000.tar").stat().st_size > 3 << 20
     with pytest.raises(rsmclip.ImageError, match=r"00000\.tar:b\.png: 3\.0 MiB, above --max-member: skipped"):
         shardlib.parse_sample("00000.tar", "b", got["b"])
+
+
+def test_a_checkpoint_made_before_the_bytes_were_recorded_resumes_by_names_and_counts(tmp_path):
+    """Checkpoints written before "files" recorded each shard's bytes hold the names-and-counts fingerprint
+    alone: they resume on the same names and counts, and are refused on others."""
+    shards = shardlib.open_shards([str(equal_size_shards(tmp_path, ours=True))])
+    state = shardlib.stream_state(shards, shardlib.Streams(shards.counts, 1, 0, 1000), 1, 2, 4)
+    earlier = {k: v for k, v in state.items() if k != "files"}
+    assert [cli.json_problems(s, shardlib.STREAM_STATE) for s in (state, earlier)] == [[], []]
+    shardlib.check_same_shards(shards, earlier)
+    with pytest.raises(shardlib.ShardError, match=r"the shards \(their names or sample counts\) changed"):
+        shardlib.check_same_shards(replace(shards, counts=[2, 2, 1]), earlier)
