@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
+import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -93,7 +96,8 @@ DEVICE = typer.Option(None, help=DEVICE_HELP, show_default=False,
 @dataclasses.dataclass(frozen=True)
 class Range:
     """What a numeric setting may be: from lo (excluded with open_lo) to hi, whole numbers only with whole;
-    said in one form wherever it is checked ("a whole number >= 1", "a number in (0, inf]")."""
+    never true or false (JSON's true is not the number 1) and never nan or inf. Said in one form wherever
+    it is checked ("a whole number >= 1", "a number in (0, inf)")."""
     lo: float = 0
     hi: float = math.inf
     whole: bool = False
@@ -102,13 +106,15 @@ class Range:
     def __contains__(self, value) -> bool:
         if self.whole:
             return type(value) is int and self.lo <= value <= self.hi
-        return (isinstance(value, (int, float)) and math.isfinite(value)
+        return (type(value) in (int, float) and math.isfinite(value)
                 and (self.lo < value if self.open_lo else self.lo <= value) and value <= self.hi)
 
     def __str__(self) -> str:
         if self.whole:
-            return f"a whole number >= {self.lo}"
-        return f"a number in {'(' if self.open_lo else '['}{self.lo}, {self.hi}]"
+            return f"a whole number >= {self.lo}" if self.hi == math.inf else \
+                f"a whole number in [{self.lo}, {self.hi}]"
+        left, right = "(" if self.open_lo else "[", ")" if self.hi == math.inf else "]"  # inf is never in it
+        return f"a number in {left}{self.lo}, {self.hi}{right}"
 
 
 WHOLE, COUNT = Range(1, whole=True), Range(0, whole=True)  # counts of steps, sizes; seeds and optional counts
@@ -137,6 +143,16 @@ def check_options(cfg) -> list[str]:
     return bad
 
 
+def in_range(check: Range):
+    """A typer callback for an option that is not a typed config's field: its value against the Range that
+    the same setting's JSON field uses too (a suite's), a usage error (exit 2) when outside it."""
+    def callback(value):
+        if value is not None and value not in check:
+            raise typer.BadParameter(f"{value} is not {check}")
+        return value
+    return callback
+
+
 def options_signature(config_class, presets: dict, lead: list[inspect.Parameter]) -> inspect.Signature:
     """The command line of a typed config: after the `lead` parameters, one option per field, its help saying
     its default (in each preset where they differ: "demo 600, rs-m-clip 5000"; what an empty one means).
@@ -157,6 +173,189 @@ def options_signature(config_class, presets: dict, lead: list[inspect.Parameter]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=option))
     return inspect.Signature(params)
+
+
+# ----------------------------------------------------------------------------- typed JSON
+# Every JSON file the toolkit reads (shards.json, suites, config.json, checkpoints' metadata, manifests) is
+# checked against a small schema before any work, with the command line's own Ranges and choices, so that a
+# flag and the same setting in a file accept the same values. A spec is bool, int, float, str (valid text),
+# dict or list (any object or list, its text valid), a Range, a Pattern, a tuple of choices, or an Obj,
+# ListOf, MapOf or Maybe of specs. Every problem reads `field: value is not what was expected`.
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a pair (\ud83d\ude00); a lone one stays
+
+
+class JsonError(RsmclipError):
+    """A JSON file whose fields are not of their type or range: one message naming the file and each field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """What a text setting may be: valid text (no lone surrogate, which no UTF-8 file can hold), matching
+    `pattern` when one is given, said as `what`."""
+    pattern: str = ""
+    what: str = "text"
+
+    def __contains__(self, value) -> bool:
+        return (isinstance(value, str) and not LONE_SURROGATE.search(value)
+                and (not self.pattern or re.fullmatch(self.pattern, value) is not None))
+
+    def __str__(self) -> str:
+        return self.what
+
+
+TEXT, ANY = Pattern(), Pattern(what="a JSON value")  # ANY: any value, its text valid throughout
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    """A JSON object with these fields, each a spec; those named in `optional` may be missing, and a key
+    that is not a field is refused unless `extra`."""
+    fields: dict
+    optional: tuple = ()
+    extra: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOf:
+    """A JSON list of `size` items (a whole-number Range), each an `item`."""
+    item: object
+    size: Range = COUNT
+
+
+@dataclasses.dataclass(frozen=True)
+class MapOf:
+    """A JSON object whose keys are `keys` (a text spec) and whose values are each a `value`."""
+    value: object
+    keys: object = TEXT
+
+
+@dataclasses.dataclass(frozen=True)
+class Maybe:
+    """null, or a `spec`."""
+    spec: object
+
+
+def expand(spec):
+    """The plain types as specs: str is valid text; dict and list hold valid text throughout."""
+    return TEXT if spec is str else MapOf(ANY) if spec is dict else ListOf(ANY) if spec is list else spec
+
+
+def describe(spec) -> str:
+    """What a spec accepts, in the words of the messages ("a whole number >= 1", "true or false")."""
+    spec = expand(spec)
+    if spec in (bool, int, float):
+        return {bool: "true or false", int: "a whole number", float: "a number"}[spec]
+    if isinstance(spec, tuple):
+        return "one of " + ", ".join(map(show, spec))
+    if isinstance(spec, Maybe):
+        return f"{describe(spec.spec)} or null"
+    if isinstance(spec, ListOf):
+        lo, hi = spec.size.lo, spec.size.hi
+        return "a list" + ("" if spec.size == COUNT else f" of {lo} or more items" if hi == math.inf
+                           else f" of {lo} items" if lo == hi else f" of {lo} to {hi} items")
+    return "an object" if isinstance(spec, (Obj, MapOf)) else str(spec)  # the rest: a Range or a Pattern
+
+
+def fits(value, spec) -> bool:
+    """Whether a value has the type (and range) of a spec; its items and fields are json_problems'."""
+    spec = expand(spec)
+    if isinstance(spec, Maybe):
+        return value is None or fits(value, spec.spec)
+    if spec in (bool, int):
+        return type(value) is spec
+    if spec is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if isinstance(spec, tuple):
+        return any(type(value) is type(choice) and value == choice for choice in spec)
+    if isinstance(spec, (Obj, MapOf)):
+        return isinstance(value, dict)
+    if isinstance(spec, ListOf):
+        return isinstance(value, list) and len(value) in spec.size
+    if spec is ANY:
+        return not isinstance(value, str) or value in TEXT
+    return value in spec  # a Range or a Pattern
+
+
+def json_problems(value, spec, at: str = "") -> list[str]:
+    """Everything in a JSON value that is not as `spec` says, one line per field: its place (`at`, then
+    `shards[1].samples`) and `"10" is not a whole number >= 1`, or `missing (...)`."""
+    spec = expand(spec)
+    if spec is ANY and isinstance(value, (dict, list, str)):  # its parts, or its text, as any other's
+        spec = MapOf(ANY) if isinstance(value, dict) else ListOf(ANY) if isinstance(value, list) else TEXT
+    if not fits(value, spec):
+        return [f"{at + ': ' if at else ''}{unfit(value, spec)}"]
+    if isinstance(spec, Maybe):
+        return [] if value is None else json_problems(value, spec.spec, at)
+    problems = []
+    if isinstance(spec, Obj):
+        for name, field in spec.fields.items():
+            if name in value:
+                problems += json_problems(value[name], field, inside(at, name))
+            elif name not in spec.optional:
+                problems.append(f"{inside(at, name)}: missing ({describe(field)})")
+        for name in [] if spec.extra else [k for k in value if k not in spec.fields]:
+            close = difflib.get_close_matches(name, list(spec.fields), 1)
+            problems.append(f"{inside(at, printable(name))}: not a field here"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
+    elif isinstance(spec, MapOf):
+        for key, item in value.items():
+            if not fits(key, spec.keys):
+                problems.append(f"{at + ': ' if at else ''}the key {unfit(key, spec.keys)}")
+            problems += json_problems(item, spec.value, inside(at, printable(key)))
+    elif isinstance(spec, ListOf):
+        for i, item in enumerate(value):
+            problems += json_problems(item, spec.item, f"{at}[{i}]")
+    return problems
+
+
+def unfit(value, spec) -> str:
+    lone = isinstance(value, str) and LONE_SURROGATE.search(value)
+    return f"{show(value)} is not {describe(spec)}" + (
+        " (it holds a lone surrogate, which no UTF-8 file can)" if lone else "")
+
+
+def check_json(value, spec, where: str):
+    """`value` if it is as `spec` says, else JsonError: `where` (the file, and the line or the part of it),
+    then every problem (the first five, and how many in all)."""
+    if problems := json_problems(value, spec):
+        raise JsonError(f"{where}: {say_problems(problems)}")
+    return value
+
+
+def say_problems(problems: list[str]) -> str:
+    more = f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more
+
+
+def config_spec(config_class) -> Obj:
+    """A typed config's settings as a JSON object (a saved config.json): each field of the type of its
+    default, with the Range or choices that option() gave it; any of them may be left out."""
+    fields = {}
+    for f in dataclasses.fields(config_class):
+        default, check = (f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                          f.metadata.get("check"))
+        if isinstance(default, (list, tuple)):  # a list of texts (--data), or a pair of numbers (a scale)
+            fields[f.name] = ListOf(str) if isinstance(default, list) else ListOf(
+                float, Range(len(default), len(default), whole=True))
+        else:
+            fields[f.name] = check if check is not None and type(default) is not bool else type(default)
+    return Obj(fields, optional=tuple(fields))
+
+
+def inside(at: str, name: str) -> str:
+    return f"{at}.{name}" if at else name
+
+
+def printable(text: str) -> str:
+    """Text that can always be printed: a lone surrogate shown as \\udXXX."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def show(value) -> str:
+    """A JSON value as it was written, printable and cut to 60 characters."""
+    text = printable(json.dumps(value, ensure_ascii=False))
+    return text if len(text) <= 60 else text[:56] + " ..."
 
 
 # ----------------------------------------------------------------------------- outputs and inputs

@@ -36,6 +36,7 @@ import rsmclip
 from data.demo import DEMO_DIR, make_demo
 from data.manifest import (
     LANGS,
+    SPLITS,
     data_files,
     load_labels,
     load_manifest,
@@ -423,6 +424,10 @@ def zeroshot_table(result: dict, title: str) -> Table:
 SHOTS = (1, 2, 4, 8, 16)
 PROBE_SEEDS = 5
 VAL_FRACTION = 0.2
+# What each setting of the classifiers may be: one definition for the command line's options and a suite's
+# fields (check_suite), so that a flag and a suite accept the same values.
+SETTINGS = {"k": cli.WHOLE, "temperature": cli.POSITIVE, "test_fraction": cli.Range(0.01, 0.99),
+            "seeds": cli.WHOLE, "shots": cli.ListOf(cli.WHOLE)}
 LINEAR_PROBE_PROTOCOL = (
     "Linear-probe protocol: multinomial logistic regression on frozen, L2-normalised image features "
     "(mean cross-entropy + lambda/2 |W|^2, bias not penalised; full-batch L-BFGS from zero). lambda is "
@@ -639,7 +644,9 @@ def knn_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torc
     for start in range(0, len(queries), chunk):
         sims = queries[start:start + chunk].double() @ memory.double().T
         top, nearest = sims.sort(dim=1, descending=True, stable=True)  # ties: the earlier memory row first
-        weights = (top[:, :k] / temperature).exp()
+        # The vote in log space: exp((s - s_max) / T) is exp(s / T) over one factor per query, which changes
+        # no winner, and its exponents are <= 0, so no T overflows it (exp(s / T) does once s / T > 709)
+        weights = ((top[:, :k] - top[:, :1]) / temperature).exp()
         votes = torch.zeros(len(sims), classes, dtype=torch.float64, device=sims.device)
         votes.scatter_add_(1, memory_labels[nearest[:, :k]], weights)
         out.append(votes.argmax(1))  # argmax: the first of equal sums
@@ -653,10 +660,9 @@ def evaluate_knn(model, preprocess, data: Path, k: int = KNN_K, temperature: flo
     """Weighted k-NN top-1 (KNN_PROTOCOL) on a class-folder tree or a labels.jsonl, with the image
     features the linear probe caches: {"top1", "per_class", "k", "temperature", "chance", ...}."""
     data = Path(data)
-    if k < 1:
-        raise EvalError(f"--k {k}: the number of neighbours must be at least 1")
-    if not temperature > 0 or math.isinf(temperature):  # nan fails the comparison too
-        raise EvalError(f"--temperature {temperature}: must be a positive number")
+    for name, value in (("k", k), ("temperature", temperature)):
+        if value not in SETTINGS[name]:
+            raise EvalError(f"--{name} {value}: {SETTINGS[name]}")
     items = classification_items(data)
     names = sorted({label for _, label, _ in items})
     if len(names) < 2:
@@ -699,28 +705,40 @@ def knn_table(result: dict, title: str) -> Table:
 TASKS = ("retrieval", "zeroshot", "linear-probe", "knn")
 
 
+# A suite file, field by field (cli's typed JSON); each task kind takes its own settings, in the ranges the
+# command line's options take (SETTINGS). Paths are relative to the suite file.
+SUITE = cli.Obj({"name": str, "tasks": cli.ListOf(dict, cli.WHOLE)}, optional=("name",))
+COMMON = {"name": str, "task": TASKS, "data": str, "peers": cli.MapOf(cli.MapOf(float))}  # {peer: {key: n}}
+LANG_LIST = cli.ListOf(str, cli.WHOLE)
+TASK_SPECS = {
+    "retrieval": cli.Obj(COMMON | {"split": SPLITS, "langs": LANG_LIST}, ("peers", "split", "langs")),
+    "zeroshot": cli.Obj(COMMON | {"classes": str, "split": str, "langs": LANG_LIST,
+                                  "templates": cli.MapOf(cli.ListOf(str, cli.WHOLE))},
+                        ("peers", "split", "langs", "templates")),
+    "linear-probe": cli.Obj(COMMON | {k: SETTINGS[k] for k in ("shots", "seeds", "test_fraction")},
+                            ("peers", "shots", "seeds", "test_fraction")),
+    "knn": cli.Obj(COMMON | {k: SETTINGS[k] for k in ("k", "temperature", "test_fraction")},
+                   ("peers", "k", "temperature", "test_fraction"))}
+
+
 def check_suite(suite, suite_path: Path):
-    """Refuse a malformed suite before any evaluation runs (a late crash would lose every result)."""
-    if not isinstance(suite, dict) or not isinstance(suite.get("tasks"), list) or not suite["tasks"]:
-        raise EvalError(f"{suite_path}: expected {{\"name\", \"tasks\": [...]}}")
-    bad = [i for i, t in enumerate(suite["tasks"])
-           if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("name", "task", "data"))
-           or t["task"] not in TASKS]
-    if bad:
-        raise EvalError(f'{suite_path}: tasks {bad} need "name", "data" and "task": {" or ".join(TASKS)}')
-    for t in suite["tasks"]:
-        if t["task"] == "zeroshot" and not isinstance(t.get("classes"), str):
-            raise EvalError(f'{suite_path}: zeroshot task {t["name"]!r} needs "classes": a dataset name in '
-                            "data/classnames.json or a JSON file")
+    """Refuse a malformed suite before any evaluation runs (a late crash would lose every result): every
+    field of its type and range (SUITE, TASK_SPECS), every template, every data path."""
+    problems = cli.json_problems(suite, SUITE)
+    for i, task in enumerate([] if problems else suite["tasks"]):
+        spec = TASK_SPECS.get(task.get("task")) if isinstance(task.get("task"), str) else None
+        problems += cli.json_problems(task, spec or cli.Obj(COMMON, ("peers",), extra=True), f"tasks[{i}]")
+    if problems:
+        raise EvalError(f"{suite_path}: {cli.say_problems(problems)}")
+    for i, t in enumerate(suite["tasks"]):
+        for lang, templates in t.get("templates", {}).items():
+            try:
+                [cli.check_template(template) for template in templates]
+            except rsmclip.RsmclipError as e:
+                raise EvalError(f"{suite_path}: tasks[{i}].templates.{lang}: {e}") from None
         if not (Path(suite_path).parent / t["data"]).exists():
             raise EvalError(f'{suite_path}: task {t["name"]!r}: data {t["data"]} not found (paths are '
                             "relative to the suite file)")
-        peers = t.get("peers", {})
-        if not isinstance(peers, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
-                for v in peers.values()):
-            raise EvalError(f'{suite_path}: task {t["name"]!r}: "peers" must be {{peer: {{lang or setting: '
-                            "number}}")
     return suite
 
 
@@ -835,13 +853,6 @@ def demo(ctx: typer.Context):
           "--data demo_data/captions.jsonl")
 
 
-def check_fraction(fraction: float) -> float:
-    """--test-fraction in [0.01, 0.99]; nan, which fails every comparison, named as what it is."""
-    if not 0.01 <= fraction <= 0.99:
-        raise typer.BadParameter(f"{fraction} is not a share between 0.01 and 0.99")
-    return fraction
-
-
 # Options shared by the commands (--model, --tokenizer and --device: those of every script)
 MODEL, TOKENIZER, DEVICE = cli.MODEL, cli.TOKENIZER, cli.DEVICE
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
@@ -919,8 +930,9 @@ def linear_probe(model_path: Path = MODEL,
                  data: Path = typer.Option(..., help="class folders or labels.jsonl"),
                  shots: str = typer.Option(",".join(map(str, SHOTS)), help="comma-separated k of the k-shot "
                                            "probes, images per class (empty: full-data probe only)"),
-                 seeds: int = typer.Option(PROBE_SEEDS, min=1, help="k-shot draws averaged per k"),
-                 test_fraction: float = typer.Option(0.5, callback=check_fraction,
+                 seeds: int = typer.Option(PROBE_SEEDS, callback=cli.in_range(SETTINGS["seeds"]),
+                                           help="k-shot draws averaged per k"),
+                 test_fraction: float = typer.Option(0.5, callback=cli.in_range(SETTINGS["test_fraction"]),
                                                      help="share of each class held out for testing "
                                                           "when the data has no train/test splits"),
                  out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
@@ -944,15 +956,16 @@ def linear_probe(model_path: Path = MODEL,
 
 @app.command()
 def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class folders or labels.jsonl"),
-        k: int = typer.Option(KNN_K, "--k", min=1, help="neighbours that vote"),
-        temperature: float = typer.Option(KNN_TEMPERATURE, help="vote weight exp(similarity / T)"),
-        test_fraction: float = typer.Option(0.5, callback=check_fraction, help="share of each class held out "
-                                            "for testing when the data has no train/test splits"),
+        k: int = typer.Option(KNN_K, "--k", callback=cli.in_range(SETTINGS["k"]),
+                              help="neighbours that vote"),
+        temperature: float = typer.Option(KNN_TEMPERATURE, callback=cli.in_range(SETTINGS["temperature"]),
+                                          help="vote weight exp(similarity / T), computed in log space"),
+        test_fraction: float = typer.Option(0.5, callback=cli.in_range(SETTINGS["test_fraction"]),
+                                            help="share of each class held out for testing when the data has "
+                                            "no train/test splits"),
         out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
         batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
     """Weighted k-NN top-1 accuracy on frozen image features (DINO's check of self-supervised features)."""
-    if not temperature > 0 or math.isinf(temperature):
-        raise EvalError(f"--temperature {temperature}: must be a positive number")
     cli.refuse_overwrite(out, [model_path, *data_files(data)])
     rsmclip.cache_dir(check=True)
     model, preprocess = image_model(model_path, data, device)

@@ -20,9 +20,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+import cli
 import files
 import rsmclip
 from data.loading import World
+from data.manifest import read_json
+from data.shards import STREAM_STATE, ShardSet, check_same_shards
 from files import RsmclipError
 
 ROOT = Path(__file__).resolve().parent
@@ -113,17 +116,18 @@ def lock_holder(path: Path) -> str:
 RENAMED = {"model": "arch", "head_dim": "prototypes"}  # settings' old names -> new (old config.json files)
 
 
-def read_config_json(path: Path) -> dict:
-    """The settings of a run's config.json (or of a bare settings file), or one message why not."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: unreadable ({e}); a run directory with a damaged config.json cannot be "
-                       "resumed: use another --out") from None
-    saved = doc.get("config", doc) if isinstance(doc, dict) else None
+def read_config_json(path: Path, config_class) -> dict:
+    """The settings of a run's config.json (or of a bare settings file), each of the type and in the range
+    that the command line accepts (cli.config_spec of the typed config), or one message why not."""
+    doc = read_json(path)
+    within = isinstance(doc, dict) and "config" in doc  # a run's config.json: {"config", "argv", ...}
+    saved = doc["config"] if within else doc
     if not isinstance(saved, dict):
         raise RunError(f"{path}: expected a JSON object of settings")
-    return {RENAMED.get(k, k): v for k, v in saved.items()}  # run directories made before a rename resume
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # run directories made before a rename resume
+    if problems := cli.json_problems(saved, cli.config_spec(config_class), "config" if within else ""):
+        raise RunError(f"{path}: {cli.say_problems(problems)}")
+    return saved
 
 
 def resolved(key: str, value):
@@ -142,7 +146,11 @@ def check_resume(cfg):
     if not saved.exists():
         raise RunError(f"{cfg.out} holds a checkpoint but no config.json, so its settings are unknown and "
                        "a resume could silently change them; use another --out")
-    old = read_config_json(saved)
+    try:
+        old = read_config_json(saved, type(cfg))
+    except RsmclipError as e:
+        raise RunError(f"{e}; a run directory with a damaged config.json cannot be resumed: use another "
+                       "--out") from None
     now = json.loads(json.dumps(asdict(cfg)))
     if differ := [k for k in old if k != "steps" and resolved(k, old[k]) != resolved(k, now.get(k))]:
         raise RunError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
@@ -242,16 +250,19 @@ def save_checkpoint(run: Trainable, path: Path, step: int, skipped: int, data: O
 
 
 def read_checkpoint(path: Path, device: Optional[str] = None) -> tuple[dict, dict]:
-    """The one reader of a checkpoint: (metadata, its step included; the tensors, on `device`, or none
-    without one)."""
+    """The one reader of a checkpoint: (metadata, checked by its type: CHECKPOINT; the tensors, on `device`,
+    or none without one)."""
     try:
         with safe_open(str(path), "pt", device=device or "cpu") as f:
             meta = json.loads(f.metadata()["state"])
-            meta["step"]
             tensors = {k: f.get_tensor(k) for k in f.keys()} if device else {}
     except Exception as e:  # any failure here means the file is not a checkpoint of ours
         raise RunError(f"{path}: unreadable checkpoint ({e})") from None
-    return meta, tensors
+    return cli.check_json(meta, CHECKPOINT, f'{path}, metadata "state"'), tensors
+
+
+CHECKPOINT = cli.Obj({"step": cli.COUNT, "skipped": cli.COUNT, "param_groups": cli.ListOf(dict),
+                      "scaler": cli.Maybe(dict), "data": cli.Maybe(STREAM_STATE)})  # save_checkpoint's
 
 
 def load_checkpoint(run: Trainable, path: Path) -> tuple[int, int]:
@@ -274,9 +285,9 @@ def load_checkpoint(run: Trainable, path: Path) -> tuple[int, int]:
     return meta["step"], meta["skipped"]
 
 
-def check_data_state(saved: Optional[dict], now: Optional[dict]):
-    """A run resumes on the kind of data it began on, and a run on shards only on the same shards and
-    streams: else its data order would change."""
+def check_data_state(saved: Optional[dict], now: Optional[dict], shards: Optional[ShardSet]):
+    """A run resumes on the kind of data it began on, and a run on shards only on the same shards (their
+    bytes: data.shards.check_same_shards) and streams: else its data order would change."""
     if (saved is None) != (now is None):
         kinds = ("shards", "manifests") if now is None else ("manifests", "shards")
         raise RunError(f"the checkpoint is of a run on {kinds[0]}, this one reads {kinds[1]}: its data "
@@ -284,8 +295,8 @@ def check_data_state(saved: Optional[dict], now: Optional[dict]):
                        "wanted)")
     if now is None:
         return
-    for key, what in (("shards", "the shards (their names or sample counts)"),
-                      ("streams", "processes x loader workers (--workers, torchrun's --nproc-per-node)"),
+    check_same_shards(shards, saved)
+    for key, what in (("streams", "processes x loader workers (--workers, torchrun's --nproc-per-node)"),
                       ("block", "--shuffle-buffer")):
         if saved[key] != now[key]:
             raise RunError(f"{what} changed since the checkpoint ({saved[key]} then, {now[key]} now): the "

@@ -29,7 +29,7 @@ import os
 import re
 import signal
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +47,7 @@ import rundir
 from cli import COUNT, FRACTION, POSITIVE, WHOLE, Range, option
 from data import augment, demo, loading
 from data.manifest import LANGS, parse_langs
+from data.shards import MAX_MEMBER_MIB
 
 
 class TrainError(files.RsmclipError):
@@ -54,6 +55,11 @@ class TrainError(files.RsmclipError):
 
 
 # ===================================================================== config
+
+# The DINO loss divides fp32 logits by its temperatures: down to 1e-30 that stays finite (for logits up to
+# 3e8 in size) and the softmax is exact; below it the division overflows and the loss is nan.
+DINO_TEMPERATURE = Range(1e-30)
+
 
 @dataclass
 class TrainConfig:
@@ -98,9 +104,9 @@ class TrainConfig:
                            "random-init ViT's class token after ln_pre is nearly the same for every image; "
                            "without it the teacher goes uniform")
     norm_last_layer: bool = option(True, "keep prototype norms at 1")
-    student_temp: float = option(0.1, "DINO student temperature", POSITIVE)
-    teacher_temp: float = option(0.04, "teacher temperature after warm-up (DINO's default)", POSITIVE)
-    warmup_teacher_temp: float = option(0.04, "teacher temperature at step 0", POSITIVE)
+    student_temp: float = option(0.1, "DINO student temperature", DINO_TEMPERATURE)
+    teacher_temp: float = option(0.04, "teacher temperature after warm-up (DINO's default)", DINO_TEMPERATURE)
+    warmup_teacher_temp: float = option(0.04, "teacher temperature at step 0", DINO_TEMPERATURE)
     teacher_temp_steps: int = option(180, "teacher temperature warm-up steps", COUNT)
     center_momentum: float = option(0.9, "momentum of the DINO centre (the running mean of the teacher's "
                                     "outputs)", FRACTION)
@@ -128,6 +134,8 @@ class TrainConfig:
     ckpt_every: int = option(100, "checkpoint every N steps (and on SIGINT/SIGTERM)", WHOLE)
     shuffle_buffer: int = option(1000, "shards: samples shuffled together (a block each loader worker reads "
                                  "and holds)", WHOLE)
+    max_member: int = option(MAX_MEMBER_MIB, "shards: MiB above which a tar member is skipped by its header, "
+                             "never read", WHOLE)
     strict_images: bool = option(False, "stop on an unreadable image instead of skipping it")
     deterministic: bool = option(False, "torch deterministic algorithms (exact resume on CPU)")
 
@@ -531,7 +539,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> Path:
     start, skipped = rundir.load_checkpoint(run, checkpoint) if checkpoint.exists() else (0, 0)
     if start:
         rundir.check_data_state(rundir.read_checkpoint(checkpoint)[0].get("data"),
-                                data.state(cfg.workers, cfg.batch_size, start))
+                                data.state(cfg.workers, cfg.batch_size, start), data.shards)
     val_manifest = cfg.val_data or (None if data.shards else cfg.data[0])
     before = begin(run, data, world, val_manifest, start, argv) if main_process else None
 
@@ -625,9 +633,7 @@ def resolve_config(preset: str, config_file: Optional[Path], given: dict) -> Tra
     if config_file:
         if not config_file.is_file():
             raise TrainError(f"{config_file}: no such config file")
-        saved = rundir.read_config_json(config_file)
-        if unknown := set(saved) - {f.name for f in fields(TrainConfig)}:
-            raise TrainError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
+        saved = rundir.read_config_json(config_file, TrainConfig)  # each setting of its type and range
         cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) and k.endswith("scale") else v
                               for k, v in saved.items()})
     given = {k: v for k, v in given.items() if v is not None and v != []}

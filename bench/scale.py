@@ -4,6 +4,7 @@ multi-crop views of the demo recipe, no model) streams the same steps from each;
 (VmHWM) and private memory of the main process and of each loader process are printed and written as JSON.
 
     python -m bench.scale run --sizes 20000,200000 --work /tmp/scale   # ~20 min on one core, 4 GB of disk
+    python -m bench.scale fingerprint --size 200000 --work /tmp/scale  # the cost of a resume's shard check
 
 The data are generated once into WORK and reused by later calls. Each measurement runs in a process of its
 own, so every peak is that measurement's. Memory that grows with the number of samples is what the
@@ -12,6 +13,8 @@ the shard path keeps the shard list and, per loader process, one or two blocks o
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -69,6 +72,21 @@ def memory(pid: int) -> dict:
     return {"peak_rss_mib": round(peak / 1024, 1), "private_mib": round(private / 1024, 1)}
 
 
+def ready(folder: Path, n: int) -> Path:
+    """folder/captions.jsonl (make_data), its tokenizer and its shards (1,000 a shard), each made once."""
+    start = time.perf_counter()
+    manifest = make_data(folder, n)
+    if not (folder / "spm.model").is_file():
+        sentences = [c for line in open(manifest, encoding="utf-8")
+                     for caps in json.loads(line)["captions"].values() for c in caps][:200000]
+        (folder / "spm.model").write_bytes(demo.train_tokenizer(sentences))
+    if not (folder / "shards" / shardlib.INDEX).is_file() or not json.loads(
+            (folder / "shards" / shardlib.INDEX).read_text()).get("complete"):
+        shardlib.write_shards(manifest, folder / "shards", per_shard=1000)
+    print(f"{n:,} samples ready in {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return manifest
+
+
 @app.command(hidden=True)
 def measure(kind: str, data: str, tokenizer: Path, steps: int, workers: int, batch: int):
     """One measurement in this process: train.py's loader for `steps` steps; prints one JSON line."""
@@ -104,16 +122,7 @@ def run(sizes: str = typer.Option("20000,200000", help="dataset sizes (samples),
     rows = []
     for n in map(int, sizes.split(",")):
         folder = work / f"n{n}"
-        start = time.perf_counter()
-        manifest = make_data(folder, n)
-        if not (folder / "spm.model").is_file():
-            sentences = [c for line in open(manifest, encoding="utf-8")
-                         for caps in json.loads(line)["captions"].values() for c in caps][:200000]
-            (folder / "spm.model").write_bytes(demo.train_tokenizer(sentences))
-        if not (folder / "shards" / shardlib.INDEX).is_file() or not json.loads(
-                (folder / "shards" / shardlib.INDEX).read_text()).get("complete"):
-            shardlib.write_shards(manifest, folder / "shards", per_shard=1000)
-        print(f"{n:,} samples ready in {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
+        manifest = ready(folder, n)
         for kind, data in (("manifest", str(manifest)), ("shards", str(folder / "shards"))):
             result = subprocess.run([sys.executable, "-m", "bench.scale", "measure", kind, data,
                                      str(folder / "spm.model"), str(steps), str(workers), str(batch)],
@@ -130,6 +139,55 @@ def run(sizes: str = typer.Option("20000,200000", help="dataset sizes (samples),
     text = json.dumps({"cpu_cores": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=1)
     out.write_text(text + "\n")
     print(f"wrote {out}")
+
+
+@app.command()
+def fingerprint(size: int = typer.Option(200000, help="samples"),
+                work: Path = typer.Option(Path("/tmp/rsmclip-scale"), help="folder for the generated data"),
+                out: Path = typer.Option(Path("fingerprint.json"), help="the results, as JSON")):
+    """What a resume's check of the shards' bytes costs (data/shards.py: check_same_shards, content_digest),
+    beside what opening the shards costs anyway: the same files as ours (shards.json beside them) and as
+    another's (hard links without it: their headers are read). Page-cached files, one thread, best of 3."""
+    torch.set_num_threads(1)
+    folder = work / f"n{size}"
+    ready(folder, size)
+    others = folder / "others"
+    if not others.is_dir():
+        others.mkdir()
+        for path in sorted((folder / "shards").glob("*.tar")):
+            os.link(path, others / path.name)
+    ours = shardlib.open_shards([str(folder / "shards")])
+    state = shardlib.stream_state(ours, shardlib.Streams(ours.counts, 1, 0, 1000), 1, 32, 0)
+    copied = state | {"files": [f | {"stamp": [0, 0, 0, 0]} for f in state["files"]]}
+    theirs = sorted(others.glob("*.tar"))
+    scans = [shardlib.scan(p) for p in theirs]
+    steps = {  # what each costs; the first two are what a start does anyway
+        "ours: open (shards.json, file sizes)": lambda: shardlib.open_shards([str(folder / "shards")]),
+        "others': open, headers read (scan)": lambda: [shardlib.scan(p) for p in theirs],
+        "others': content digests (the fingerprint)": lambda: [
+            shardlib.content_digest(p, s) for p, s in zip(theirs, scans)],
+        "ours: resume check, stamps unchanged": lambda: shardlib.check_same_shards(ours, state),
+        "ours: resume check, every stamp new (all hashed)": lambda: shardlib.check_same_shards(ours, copied),
+        "whole SHA-256 of every shard (for comparison)": lambda: [files.file_sha256(p) for p in ours.paths]}
+    [files.file_sha256(p) for p in ours.paths]  # into the page cache
+    rows = []
+    for name, step in steps.items():
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with contextlib.redirect_stderr(io.StringIO()):  # the check's note on hashed files
+                step()
+            seconds.append(time.perf_counter() - start)
+        rows.append({"step": name, "seconds": round(min(seconds), 4)})
+    scan = rows[1]["seconds"]
+    for row in rows:
+        row["vs_header_scan"] = round(row["seconds"] / scan, 4)
+        print(f"{row['step']:58} {row['seconds']:9.4f} s  {row['vs_header_scan']:8.4f} x the header scan")
+    total = sum(p.stat().st_size for p in ours.paths)
+    text = json.dumps({"samples": size, "shards": len(ours.paths), "bytes": total,
+                       "cpu_cores": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=1)
+    out.write_text(text + "\n")
+    print(f"{size:,} samples in {len(ours.paths)} shards, {total / 2 ** 30:.2f} GiB; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class ShardDataset(MultiCropDataset):
     def __init__(self, shards: shardlib.ShardSet, streams: shardlib.Streams, cfg: LoaderSettings,
                  image_size: int, tokenizer: rsmclip.Tokenizer, tensor: bool = False):
         super().__init__([], cfg, image_size, tokenizer, None, tensor)
-        self.reader = shardlib.ShardReader(shards, streams)
+        self.reader = shardlib.ShardReader(shards, streams, cfg.max_member << 20)
 
     def read(self, index: tuple[int, int]) -> tuple[dict, Image.Image, list[str]]:
         stream, position = index
@@ -196,17 +196,17 @@ class StreamSampler:
             yield [((stream, position + j), seed + j) for j in range(self.batch)]
 
 
-def open_shards(data: list[str]) -> shardlib.ShardSet:
+def open_shards(data: list[str], max_member_mib: int) -> shardlib.ShardSet:
     """The shards, opened once while their files are unchanged: the settings check and the run share them
     (others' shards are counted from their headers, minutes at millions of samples)."""
     paths = shardlib.shard_paths(data)
     found = [*paths, *{p.parent / shardlib.INDEX for p in paths if (p.parent / shardlib.INDEX).is_file()}]
-    return opened_shards(tuple(data), tuple(tuple(files.file_stamp(f)) for f in found))
+    return opened_shards(tuple(data), tuple(tuple(files.file_stamp(f)) for f in found), max_member_mib)
 
 
 @functools.lru_cache(maxsize=1)
-def opened_shards(data: tuple[str, ...], stamps: tuple) -> shardlib.ShardSet:
-    return shardlib.open_shards(list(data))
+def opened_shards(data: tuple[str, ...], stamps: tuple, max_member_mib: int) -> shardlib.ShardSet:
+    return shardlib.open_shards(list(data), max_member_mib << 20)
 
 
 # One safetensors file: every image of one split of one manifest, decoded once to 8-bit RGB at its native
@@ -320,6 +320,7 @@ class LoaderSettings(Protocol):
     workers: int
     seed: int
     shuffle_buffer: int
+    max_member: int  # MiB
     image_cache: str
     augment: str
 
@@ -355,7 +356,7 @@ def open_data(cfg: LoaderSettings, world: World) -> TrainingData:
     """Open and check the training data of a config before the model is built: every language asked for is
     there, there is at least one global batch, the image cache is this manifest's."""
     langs = parse_langs(cfg.langs)
-    shards = open_shards(cfg.data) if shardlib.is_shards(cfg.data) else None
+    shards = open_shards(cfg.data, cfg.max_member) if shardlib.is_shards(cfg.data) else None
     if shards:
         items, cache = [], None
         streams = shardlib.Streams(shards.counts, world.size * max(cfg.workers, 1), cfg.seed,
@@ -382,7 +383,7 @@ def check_data(cfg: LoaderSettings, demo: bool, world_size: int) -> list[str]:
     shards = shardlib.is_shards(cfg.data)
     if shards:
         try:
-            found = open_shards(cfg.data)
+            found = open_shards(cfg.data, cfg.max_member)
             shardlib.Streams(found.counts, world_size * max(cfg.workers, 1), cfg.seed, cfg.shuffle_buffer)
         except rsmclip.RsmclipError as e:
             bad.append(str(e))

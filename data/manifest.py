@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+import cli
 import files
 import rsmclip
 from files import RsmclipError, listing
@@ -43,18 +45,27 @@ class DataError(RsmclipError):
     """A problem in the user's data: printed as one message, exit status 1."""
 
 
-def read_json(path: Path, what: str = ""):
-    """Strict UTF-8 JSON, the one reader of a JSON file for the whole project: a missing file, a bad byte or
-    a syntax error names the file and the place (`what` the file is for, when a missing one needs saying:
-    "model config")."""
+def read_json(path: Path, what: str = "", spec=cli.ANY):
+    """Strict UTF-8 JSON, the one reader of a JSON file for the whole project, checked by its type before
+    any work: a missing file, a bad byte, a syntax error or a field that is not as `spec` says (cli's typed
+    JSON; by default any JSON whose text is valid, no lone surrogate) names the file and the place (`what`
+    the file is for, when a missing one needs saying: "model config")."""
     if not path.is_file():
         raise DataError(f"{path.parent}: no {path.name} ({what})" if what else f"{path}: no such file")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        doc = json.loads(text)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    problems = cli.json_problems(doc, spec) if spec is not cli.ANY or SURROGATE_ESCAPE.search(text) else []
+    if problems:  # (only an escape, \\udXXX, can make a lone surrogate: other files are not walked)
+        raise DataError(f"{files.display(path)}: {cli.say_problems(problems)}")
+    return doc
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def bad_relative(path: str) -> Optional[str]:
@@ -79,8 +90,9 @@ def inside(path: Path, folder: Path) -> Optional[str]:
     return PurePosixPath(*Path(rel).parts).as_posix()
 
 
-def read_jsonl(path: Path, required: dict) -> list[dict]:
-    """One JSON object per line with the `required` keys and types; image paths checked."""
+def read_jsonl(path: Path, spec: cli.Obj) -> list[dict]:
+    """One JSON object per line, each as `spec` says (cli's typed JSON), and its image path safe; every
+    problem named by its line and field (the first five, and how many in all)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     records, problems = [], []
@@ -95,15 +107,16 @@ def read_jsonl(path: Path, required: dict) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        r = r if isinstance(r, dict) else {}
-        missing = [k for k, t in required.items() if not isinstance(r.get(k), t)]
-        if missing:
-            raise DataError(f"{path}, line {n}: missing or mistyped {', '.join(missing)}")
-        if bad_relative(r["image"]):
-            problems.append(f"line {n} {r['image']!r} ({bad_relative(r['image'])})")
-        records.append(r)
+        if found := cli.json_problems(r, spec):
+            problems += [f"line {n}: {p}" for p in found]
+        elif why := bad_relative(r["image"]):
+            problems.append(f"line {n}: image: {cli.show(r['image'])} is unsafe ({why})")
+        else:
+            records.append(r)
+    if len(problems) == 1:
+        raise DataError(f"{path}, {problems[0]}")
     if problems:
-        raise DataError(f"{path}: {len(problems)} unsafe image paths: {listing(problems)}")
+        raise DataError(f"{path}: {cli.say_problems(problems)}")
     return records
 
 
@@ -116,6 +129,16 @@ def not_utf8(name: str) -> bool:
     return False
 
 
+# A manifest's record and a labels.jsonl's, as cli's typed JSON (data/README.md says each field); other
+# fields (the demo's "scene") are kept and ignored. UNCHECKED: any captions object (translate.py's repairs).
+CAPTION = cli.Pattern(r"(?s).*\S.*", "non-blank text")
+RECORD = {"id": str, "image": str, "split": SPLITS, "dataset": str}
+CAPTIONS = cli.MapOf(cli.ListOf(CAPTION, cli.WHOLE))  # {lang: [caption, ...]}, no list empty
+MANIFEST_RECORD = cli.Obj(RECORD | {"captions": CAPTIONS}, ("dataset",), True)
+UNCHECKED_CAPTIONS = cli.Obj(RECORD | {"captions": dict}, ("dataset",), True)
+LABELS_RECORD = cli.Obj({"image": str, "label": str, "split": str}, extra=True)
+
+
 def load_manifest(path: Path, check_captions: bool = True) -> list[dict]:
     """Read and check a captions.jsonl, the one format of training and evaluation (data/README.md); the one
     reader of that format. check_captions=False leaves the caption lists' contents to the caller
@@ -126,27 +149,17 @@ def load_manifest(path: Path, check_captions: bool = True) -> list[dict]:
     "train" | "val" | "test", "dataset": name, "captions": {lang: [caption, ...]}}, the caption lists
     aligned by index across languages (caption i in "pt" translates caption i in "en"). Other fields
     (e.g. the demo's "scene") are kept and ignored. Ids are unique; every caption list is non-empty text."""
-    records = read_jsonl(Path(path), {"id": str, "image": str, "split": str, "captions": dict})
-    errors = []
-    for r in records:
-        if r["split"] not in SPLITS:
-            errors.append(f"{r['id']}: split {r['split']!r}")
-        caps = r["captions"] if check_captions else {}
-        if not all(isinstance(c, list) and c and all(isinstance(s, str) and s.strip() for s in c)
-                   for c in caps.values()):
-            errors.append(f"{r['id']}: empty or non-text captions")
+    records = read_jsonl(Path(path), MANIFEST_RECORD if check_captions else UNCHECKED_CAPTIONS)
     dup = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
     if dup:
-        errors.append(f"duplicated ids {listing(dup)}")
-    if errors:
-        raise DataError(f"{path}: {len(errors)} problems: {listing(errors)}")
+        raise DataError(f"{path}: duplicated ids {listing(dup)}")
     return records
 
 
 def load_labels(path: Path) -> list[dict]:
     """Read a labels.jsonl: {"image": path relative to its folder, "label": class (folder) name, "split":
     "train" | "val" | "test"} per line, UTF-8; zero-shot and the linear probe read it (data/README.md)."""
-    records = read_jsonl(Path(path), {"image": str, "label": str, "split": str})
+    records = read_jsonl(Path(path), LABELS_RECORD)
     if not records:
         raise DataError(f"{path}: no records")
     return records

@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
+import sys
 import tarfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from itertools import chain, product
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +45,15 @@ FORMAT = "rsmclip-shards 1"
 INDEX = "shards.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
+MAX_MEMBER_MIB = 64  # train.py --max-member: a member above it is skipped by its header, never read
+MAX_NAMES = 1_000_000  # brace ranges: names a --data pattern may expand to (each is checked on disk)
+SHA256 = cli.Pattern(r"[0-9a-f]{64}", "a SHA-256 in hex")
+SHARD = cli.Obj({"name": cli.Pattern(r"[0-9A-Za-z_-]+-\d{6,}\.tar", "a shard file name, NAME-000000.tar"),
+                 "samples": cli.WHOLE, "bytes": cli.WHOLE, "sha256": SHA256})
+INDEX_SPEC = cli.Obj({  # shards.json, as write_shards writes it
+    "format": (FORMAT,), "manifest_sha256": SHA256, "split": SPLITS, "per_shard": cli.WHOLE,
+    "max_side": cli.Range(32, whole=True), "name": cli.Pattern(r"[0-9A-Za-z_-]+", "a --name"),
+    "complete": bool, "langs": cli.ListOf(str), "samples": cli.COUNT, "shards": cli.ListOf(SHARD)})
 
 
 class ShardError(files.RsmclipError):
@@ -169,13 +181,13 @@ def write_shards(manifest: Path, out: Path, split: str = "train", per_shard: int
 
 def kept_shards(out: Path, settings: dict) -> list[dict]:
     """The shards of an earlier run with the same settings that are whole (size and SHA-256 as listed)."""
-    index = read_json(out / INDEX)
-    differ = [k for k in settings if index.get(k) != settings[k]] if isinstance(index, dict) else ["format"]
+    index = read_json(out / INDEX, spec=INDEX_SPEC)
+    differ = [k for k in settings if index[k] != settings[k]]
     if differ:
         raise DataError(f"--out {out} holds shards of another manifest or settings ({', '.join(differ)} "
                         "differ); choose another --out or empty it")
     kept = []
-    for shard in index.get("shards", []):
+    for shard in index["shards"]:
         path = out / shard["name"]
         if not (path.is_file() and path.stat().st_size == shard["bytes"]
                 and files.file_sha256(path) == shard["sha256"]):
@@ -189,26 +201,35 @@ def kept_shards(out: Path, settings: dict) -> list[dict]:
 
 def expand_braces(pattern: str) -> list[str]:
     """'a-{000..002}.tar' -> a-000.tar, a-001.tar, a-002.tar (the width of equal-width bounds kept);
-    '{a,b}' -> a, b; several groups multiply (WebDataset's and braceexpand's notation)."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    body = match.group(1)
-    if numbers := re.fullmatch(r"(\d+)\.\.(\d+)", body):
-        lo, hi = numbers.groups()
-        if int(hi) < int(lo):
-            raise ShardError(f"{pattern}: the range {{{body}}} is empty (its end is below its start)")
-        width = len(lo) if len(lo) == len(hi) else 0
-        items = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [out for item in items
-            for out in expand_braces(pattern[:match.start()] + item + pattern[match.end():])]
+    '{a,b}' -> a, b; several groups multiply (WebDataset's and braceexpand's notation, groups side by
+    side). The names are counted from the groups' sizes before any is made: more than MAX_NAMES is refused,
+    as are nested or unmatched braces."""
+    parts = BRACES.split(pattern)  # literal, group, literal, group, ..., literal
+    literals, groups = parts[0::2], parts[1::2]
+    if any(c in literal for literal in literals for c in "{}"):
+        raise ShardError(f"{pattern}: nested or unmatched braces; give groups side by side, "
+                         "'{a,b}-{000..099}.tar'")
+    ranges = [re.fullmatch(r"(\d+)\.\.(\d+)", group) for group in groups]
+    sizes = [int(r[2]) - int(r[1]) + 1 if r else len(group.split(",")) for r, group in zip(ranges, groups)]
+    if empty := next((group for group, n in zip(groups, sizes) if n < 1), None):
+        raise ShardError(f"{pattern}: the range {{{empty}}} is empty (its end is below its start)")
+    if (count := math.prod(sizes)) > MAX_NAMES:
+        raise ShardError(f"{pattern}: {count:,} names, more than the {MAX_NAMES:,} that one --data pattern "
+                         "may name (each is looked for on disk); check its ranges, or give a folder")
+    width = [len(r[1]) if r and len(r[1]) == len(r[2]) else 0 for r in ranges]
+    items = [[str(n).zfill(w) for n in range(int(r[1]), int(r[2]) + 1)] if r else group.split(",")
+             for r, w, group in zip(ranges, width, groups)]
+    return ["".join(chain.from_iterable(zip(literals, [*combo, ""]))) for combo in product(*items)]
+
+
+BRACES = re.compile(r"\{([^{}]*)\}")
 
 
 def is_shards(data: list[str]) -> bool:
-    """Whether --data names shards (a .tar pattern or a folder of them) rather than manifests."""
-    return any(Path(d).is_dir() or expand_braces(d)[-1].endswith(".tar") for d in data)
+    """Whether --data names shards (a .tar pattern or a folder of them) rather than manifests: read from the
+    pattern's last name, made without expanding it."""
+    last = [BRACES.sub(lambda m: re.split(r",|\.\.", m.group(1))[-1], d) for d in data]
+    return any(Path(d).is_dir() or name.endswith(".tar") for d, name in zip(data, last))
 
 
 def shard_paths(data: list[str]) -> list[Path]:
@@ -246,16 +267,24 @@ def split_name(name: str) -> tuple[str, str]:
 
 def scan(path: Path) -> list[tuple[str, dict]]:
     """The samples of a shard from its headers alone (no data read): [(key, {extension: (offset, size)})],
-    in order. A truncated file, a key that comes back later in the shard, or a tar that is not one is
-    refused."""
+    in order. A truncated file, a key that comes back later in the shard, a member that comes twice in a
+    sample (which image goes with the caption?), a sparse member (GNU tar --sparse: its bytes are not where
+    its header says) or a tar that is not one is refused."""
     samples = []
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
+                if member.issparse():
+                    raise ShardError(f"{path}: {member.name} is a sparse member (GNU tar --sparse): "
+                                     "its bytes are not stored as read; write the shard without --sparse")
                 if not member.isfile():
                     continue
                 key, ext = split_name(member.name)
                 if samples and samples[-1][0] == key:
+                    if ext in samples[-1][1]:
+                        raise ShardError(f"{path}: {member.name} comes twice in one sample: which {ext} goes "
+                                         "with its other members is unknown; write the shard with one member "
+                                         "per key and extension")
                     samples[-1][1][ext] = (member.offset_data, member.size)
                 else:
                     samples.append((key, {ext: (member.offset_data, member.size)}))
@@ -274,20 +303,40 @@ def scan(path: Path) -> list[tuple[str, dict]]:
     return samples
 
 
+def content_digest(path: Path, samples: list[tuple[str, dict]]) -> str:
+    """What tells others' shards apart without hashing their bytes: the SHA-256 of every member's name,
+    offset and size (the headers scan() read) and of the first and last member's data, up to 64 KiB each.
+    A shard swapped, copied or rewritten under the same name has other keys (or other bytes)."""
+    digest = hashlib.sha256(json.dumps(samples).encode())
+    with open(path, "rb") as f:
+        for offset, size in (min(samples[0][1].values()), max(samples[-1][1].values())):
+            f.seek(offset)
+            digest.update(f.read(min(size, 1 << 16)))
+    return digest.hexdigest()
+
+
 @dataclass
 class ShardSet:
     paths: list[Path]
     counts: list[int]
     langs: list[str]
     ours: bool  # written by data/prepare.py shards (shards.json beside them)
-    fingerprint: str  # names and counts: a checkpoint resumes only on the same shards
+    digests: list[str]  # each shard's SHA-256 as shards.json lists it (ours), or its content_digest (others')
+    stamps: list[list[int]]  # each file's stamp (files.file_stamp) when opened
     notes: list[str]
 
+    @property
+    def fingerprint(self) -> str:
+        """The names and sample counts (what checkpoints recorded before they recorded each shard's bytes)."""
+        names = json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)])
+        return hashlib.sha256(names.encode()).hexdigest()
 
-def open_shards(data: list[str]) -> ShardSet:
+
+def open_shards(data: list[str], max_member: int = MAX_MEMBER_MIB << 20) -> ShardSet:
     """The shards that --data names, checked: against their shards.json when they have one (ours: sizes
     and counts, cheap), else counted from their headers (others': also finds truncated files, samples
-    without image or caption, and keys repeated across shards)."""
+    without image or caption, members above max_member bytes, sparse or repeated members, and keys repeated
+    across shards)."""
     paths = shard_paths(data)
     indexes, notes = {}, []
     for folder in dict.fromkeys(p.parent for p in paths):
@@ -301,7 +350,7 @@ def open_shards(data: list[str]) -> ShardSet:
                          "(ours hold every language, others English). Train on one kind, or write the "
                          "others' manifest as shards with data/prepare.py")
     if listed:
-        counts = []
+        counts, digests = [], []
         for p in paths:
             entry = indexes[p.parent]["by_name"][p.name]
             if p.stat().st_size != entry["bytes"]:
@@ -309,6 +358,7 @@ def open_shards(data: list[str]) -> ShardSet:
                                  f"{entry['bytes']:,}: truncated or replaced since it was written; write the "
                                  "shards again")
             counts.append(entry["samples"])
+            digests.append(entry["sha256"])
         used = {p.parent for p in paths}
         sources = Counter(indexes[f]["manifest_sha256"] + indexes[f]["split"] for f in used)
         if any(n > 1 for n in sources.values()):
@@ -318,6 +368,7 @@ def open_shards(data: list[str]) -> ShardSet:
     else:
         scans = [scan(p) for p in paths]
         counts = [len(s) for s in scans]
+        digests = [content_digest(p, samples) for p, samples in zip(paths, scans)]
         first = {}
         for p, samples in zip(paths, scans):
             for key, _ in samples:
@@ -329,24 +380,28 @@ def open_shards(data: list[str]) -> ShardSet:
         if lacking:
             notes.append(f"{lacking} of {sum(counts):,} samples lack an image or a caption: each is skipped "
                          "and counted when it comes")
+        if large := sum(1 for s in scans for _, m in s if any(n > max_member for _, n in m.values())):
+            notes.append(f"{large} of {sum(counts):,} samples hold a member above --max-member "
+                         f"({files.byte_size(max_member)}): each is skipped unread and counted when it comes")
         langs = ["en"]
-    names = json.dumps([[p.name, n] for p, n in zip(paths, counts)])
-    fingerprint = hashlib.sha256(names.encode()).hexdigest()
-    return ShardSet(paths, counts, langs, bool(listed), fingerprint, notes)
+    stamps = [files.file_stamp(p) for p in paths]
+    return ShardSet(paths, counts, langs, bool(listed), digests, stamps, notes)
 
 
 def read_index(path: Path) -> dict:
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        assert index["format"] == FORMAT
-        index["by_name"] = {s["name"]: s for s in index["shards"]}
-        index["manifest_sha256"], index["split"], index["langs"]
-    except Exception as e:  # any failure means it is not a shards.json of ours
-        raise ShardError(f"{path}: not a shards.json written by data/prepare.py shards ({e!r})") from None
-    if not index.get("complete"):
+    """Our shards.json, checked by its type (INDEX_SPEC) before any work, each shard listed once and the
+    samples its shards' sum; a stopped writer's (not complete) is refused."""
+    index = read_json(path, spec=INDEX_SPEC)
+    names = [s["name"] for s in index["shards"]]
+    if twice := [name for name, n in Counter(names).items() if n > 1]:
+        raise ShardError(f"{path}: shards: {twice[0]} is listed twice; write the shards again")
+    if index["samples"] != sum(s["samples"] for s in index["shards"]):
+        raise ShardError(f"{path}: samples: {index['samples']} is not the sum of its shards' samples "
+                         f"({sum(s['samples'] for s in index['shards'])}); write the shards again")
+    if not index["complete"]:
         raise ShardError(f"{path}: the shards were not all written (a stopped run); run the same "
                          "data/prepare.py shards command again to finish them")
-    return index
+    return index | {"by_name": dict(zip(names, index["shards"]))}
 
 
 # ----------------------------------------------------------------------------- streams
@@ -415,8 +470,9 @@ class Streams:
 
 def stream_state(shards: ShardSet, streams: Streams, per_process: int, batch: int,
                  step: int) -> dict:
-    """What the checkpoint records of the shards: which (fingerprint, streams) and where every stream
-    stands after `step` steps (its position, pass, and the shard its next block starts in)."""
+    """What the checkpoint records of the shards: which (each shard's name, samples, digest and file stamp;
+    the names and counts as one fingerprint, as earlier checkpoints recorded them), the streams, and where
+    every stream stands after `step` steps (its position, pass, and the shard its next block starts in)."""
     where = []
     for stream in range(streams.streams):
         position = max(0, step - stream % per_process + per_process - 1) // per_process * batch
@@ -424,16 +480,64 @@ def stream_state(shards: ShardSet, streams: Streams, per_process: int, batch: in
         shard = streams.block_samples((stream, number, (position - start) // streams.block))[0][0]
         where.append({"stream": stream, "position": position, "pass": number,
                       "shard": shards.paths[shard].name})
-    return {"shards": shards.fingerprint, "streams": streams.streams, "block": streams.block,
+    read = [{"name": p.name, "samples": n, "digest": d, "stamp": t}
+            for p, n, d, t in zip(shards.paths, shards.counts, shards.digests, shards.stamps)]
+    return {"shards": shards.fingerprint, "files": read, "streams": streams.streams, "block": streams.block,
             "positions": where}
+
+
+STREAM_STATE = cli.Obj({  # stream_state() as a checkpoint holds it; "files" is missing in earlier ones
+    "shards": SHA256, "streams": cli.WHOLE, "block": cli.WHOLE,
+    "files": cli.ListOf(cli.Obj({"name": str, "samples": cli.WHOLE, "digest": SHA256,
+                                 "stamp": cli.ListOf(int, cli.Range(4, 4, whole=True))})),
+    "positions": cli.ListOf(cli.Obj({"stream": cli.COUNT, "position": cli.COUNT, "pass": cli.COUNT,
+                                     "shard": str}))}, optional=("files",))
+
+
+def check_same_shards(shards: ShardSet, saved: dict):
+    """A resume reads the very shards that its checkpoint's run read: the same names in the same order,
+    each with the samples and digest recorded then; and ours, whose digest is shards.json's, with those
+    bytes: a file whose stamp changed since (swapped or copied in, shards.json untouched) is hashed once.
+    The first shard that differs is named."""
+    if "files" not in saved:  # a checkpoint made before the shards' bytes were recorded
+        if saved["shards"] != shards.fingerprint:
+            raise ShardError("the shards (their names or sample counts) changed since the checkpoint: the "
+                             "resumed run would not read what the first one would have; use the same data")
+        return
+    then, rehashed = saved["files"], 0
+    what = f"its SHA-256 in {INDEX}" if shards.ours else "its content: member names, sizes, first bytes"
+    if len(then) != len(shards.paths):
+        raise ShardError(f"--data names {len(shards.paths)} shards, the checkpoint's run read {len(then)}: "
+                         "the resumed run would not read what the first one would have; use the same --data")
+    now = zip(shards.paths, shards.counts, shards.digests, shards.stamps)
+    for was, (path, count, digest, stamp) in zip(then, now):
+        if path.name != was["name"]:
+            raise ShardError(f"{path}: the checkpoint's run read {was['name']} in its place: the shards are "
+                             "named in another order or are others; run with the same --data")
+        if (count, digest) != (was["samples"], was["digest"]):
+            samples = f", {was['samples']} samples then, {count} now" if count != was["samples"] else ""
+            raise ShardError(f"{path}: not the shard the checkpoint's run read ({what} changed{samples}): "
+                             "rewritten, swapped or replaced since; resume only on the same shards, or train "
+                             "into a new --out")
+        if shards.ours and stamp != was["stamp"]:
+            rehashed += 1
+            if (found := files.file_sha256(path)) != digest:
+                raise ShardError(f"{path}: its bytes are not those its {INDEX} lists (SHA-256 "
+                                 f"{found[:16]}..., listed {digest[:16]}...): swapped or replaced since the "
+                                 "checkpoint; put the shard back, or write the shards again and train into a "
+                                 "new --out")
+    if rehashed:
+        print(f"note: {rehashed} of {len(then)} shards have new file stamps since the checkpoint (copied or "
+              f"touched): their bytes were checked against {INDEX} by hashing them", file=sys.stderr)
 
 
 class ShardReader:
     """One process's reads: a block of a stream is read at once, shard by shard in file order (sequential
-    reads), and kept while its samples are taken (the last two blocks)."""
+    reads), and kept while its samples are taken (the last two blocks). A member above max_member bytes is
+    never read: its sample holds its size instead of its bytes, and is skipped."""
 
-    def __init__(self, shards: ShardSet, streams: Streams):
-        self.shards, self.streams = shards, streams
+    def __init__(self, shards: ShardSet, streams: Streams, max_member: int = MAX_MEMBER_MIB << 20):
+        self.shards, self.streams, self.max_member = shards, streams, max_member
         self.blocks: OrderedDict = OrderedDict()
         self.scans: OrderedDict = OrderedDict()
 
@@ -450,7 +554,8 @@ class ShardReader:
         return self.scans[shard]
 
     def get(self, stream: int, position: int) -> tuple[str, str, dict]:
-        """(shard name, key, {extension: bytes}) of a stream position."""
+        """(shard name, key, {extension: bytes, or the size of a member too large to read}) of a stream
+        position."""
         shard, index, tag = self.streams.sample(stream, position)
         if tag not in self.blocks:
             self.blocks[tag] = self.read_block(tag)
@@ -466,22 +571,41 @@ class ShardReader:
             indices = [i for s, i in wanted if s == shard]
             members = self.members(shard)
             chosen = [members[i] for i in indices]
-            first = min(o for _, m in chosen for o, _ in m.values())
-            last = max(o + n for _, m in chosen for o, n in m.values())
-            with open(self.shards.paths[shard], "rb") as f:
-                f.seek(first)
-                chunk = f.read(last - first)
-            if len(chunk) < last - first:
-                raise ShardError(f"{self.shards.paths[shard]}: shorter than its headers say: truncated")
-            for i, (key, m) in zip(indices, chosen):
-                out[(shard, i)] = key, {ext: chunk[o - first:o - first + n] for ext, (o, n) in m.items()}
+            small = [(o, n) for _, m in chosen for o, n in m.values() if n <= self.max_member]
+            data = read_spans(self.shards.paths[shard], small, self.max_member)
+            for i, (key, m) in zip(indices, chosen):  # a member too large: its size in place of its bytes
+                out[(shard, i)] = key, {ext: data.get(o, n) for ext, (o, n) in m.items()}
         return out
+
+
+def read_spans(path: Path, spans: list[tuple[int, int]], gap: int) -> dict[int, bytes]:
+    """{offset: bytes} of each (offset, size) span of a file; spans less than `gap` bytes apart are read
+    together, in one sequential read, so a member above the limit between them is never read."""
+    out, spans = {}, sorted(spans)
+    with open(path, "rb") as f:
+        i = 0
+        while i < len(spans):
+            j, end = i, sum(spans[i])
+            while j + 1 < len(spans) and spans[j + 1][0] - end <= gap:
+                j += 1
+                end = max(end, sum(spans[j]))
+            f.seek(spans[i][0])
+            chunk = f.read(end - spans[i][0])
+            if len(chunk) < end - spans[i][0]:
+                raise ShardError(f"{path}: shorter than its headers say: truncated")
+            out |= {o: chunk[o - spans[i][0]:o - spans[i][0] + n] for o, n in spans[i:j + 1]}
+            i = j + 1
+    return out
 
 
 def parse_sample(shard: str, key: str, data: dict) -> tuple[dict, str, bytes]:
     """(captions by language, image name for messages, image bytes) of a sample, ours or another's; a
-    sample without an image or a caption raises rsmclip.ImageError (it is then skipped and counted)."""
+    sample without an image or a caption, or with a member too large to read, raises rsmclip.ImageError (it
+    is then skipped and counted)."""
     name = f"{shard}:{key}"
+    if large := next((ext for ext, value in data.items() if isinstance(value, int)), None):
+        raise rsmclip.ImageError(f"{name}.{large}: {files.byte_size(data[large])}, above --max-member: "
+                                 "skipped without reading it")
     image = next(((ext, data[ext]) for ext in IMAGE_EXTS if ext in data), None)
     captions = {}
     if "json" in data:

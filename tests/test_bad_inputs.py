@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,8 @@ MOUNTS: list[Path] = []
 STREAM = ["--tokenizer", "{spm}", "--out", "{tmp}/run", "--steps", "2", "--batch-size", "2", "--workers", "0",
           "--local-crops", "2", "--prototypes", "64", "--langs", "en", "--log-every", "1"]
 OURS = ["--data", "{tmp}/sh/train-{000000..000001}.tar"]
+OURS3 = ["--data", "{tmp}/sh/train-{000000..000002}.tar"]
+RESUME = STREAM[:5] + ["4"] + STREAM[6:]  # --steps 4: a finished 2-step run resumes
 
 
 def our_shards(tmp: Path, n: int = 4, per_shard: int = 2) -> Path:
@@ -391,14 +394,18 @@ def truncate(path: Path, keep: float = 0.5):
     path.write_bytes(data[:int(len(data) * keep)])
 
 
-def shard_run(tmp: Path):
-    """A 2-step run on our shards (no loader process), to be resumed with other shards."""
-    our_shards(tmp)
-    args = [a.replace("{tmp}", str(tmp)).replace("{spm}", str(tmp / TINY.tokenizer)) for a in OURS + STREAM]
+def finished_run(tmp: Path, data: list[str]):
+    """A 2-step run on `data` (no loader process), finished: --steps 4 resumes it."""
+    args = [a.replace("{tmp}", str(tmp)).replace("{spm}", str(tmp / TINY.tokenizer)) for a in data + STREAM]
     with pytest.raises(SystemExit) as done:
         cli.run_cli(entry_app("train"), args)
     assert done.value.code == 0
-    (tmp / "run" / "summary.json").unlink()  # not finished: a larger --steps resumes it
+
+
+def shard_run(tmp: Path):
+    """A 2-step run on our shards, then the shards written again from the same manifest, 3 to a shard."""
+    our_shards(tmp)
+    finished_run(tmp, OURS)
     index = json.loads((tmp / "sh" / "shards.json").read_text())
     shutil.rmtree(tmp / "sh")
     from data.shards import write_shards
@@ -406,16 +413,137 @@ def shard_run(tmp: Path):
     assert json.loads((tmp / "sh" / "shards.json").read_text())["shards"] != index["shards"]
 
 
+def swap_bytes(a: Path, b: Path):
+    """Two shards' bytes swapped, each file rewritten in place: the same names, sizes and sample counts."""
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+
+
+def ours_then(tmp: Path, alter: str):
+    """A finished run on three of our shards (2 samples, 10,240 bytes each), then shards 1 and 2 swapped
+    ("swap"), or shard 1 replaced by a byte copy of shard 0 ("copy"); shards.json untouched."""
+    our_shards(tmp, 6)
+    finished_run(tmp, OURS3)
+    folder = tmp / "sh"
+    if alter == "swap":
+        swap_bytes(folder / "train-000001.tar", folder / "train-000002.tar")
+    else:
+        (folder / "train-000001.tar").write_bytes((folder / "train-000000.tar").read_bytes())
+
+
+def others_then_swap(tmp: Path):
+    """A finished run on three of another's shards, then shards 1 and 2 swapped (same names and sizes)."""
+    other_shards(tmp, sample("a") + sample("b"), sample("c") + sample("d"), sample("e") + sample("f"))
+    finished_run(tmp, ["--data", "{tmp}/other"])
+    swap_bytes(tmp / "other" / "00001.tar", tmp / "other" / "00002.tar")
+
+
 def rewrite_captions(path: Path):
     write_jsonl([r | {"captions": {"en": ["a river"]}} for r in load_manifest(path)], path)
 
 
-def edit_index(tmp: Path, **entry):
-    """Our shards, then shards.json's first entry changed."""
+def edit_index(tmp: Path, edit: Callable[[dict], object]):
+    """Our shards (2 of 2 samples), then shards.json changed by `edit`."""
     our_shards(tmp)
     index = json.loads((tmp / "sh" / "shards.json").read_text())
-    index["shards"][0] |= entry
+    edit(index)
     (tmp / "sh" / "shards.json").write_text(json.dumps(index))
+
+
+def miscount(index: dict):
+    """shards.json's first shard said to hold 3 samples (its total raised to match): found when it is read."""
+    index["shards"][0]["samples"], index["samples"] = 3, 5
+
+
+def with_lone_surrogate(tmp: Path, field: str):
+    """A train-split manifest whose first record's id or first caption holds a lone surrogate, as JSON can
+    write one (the escape \\ud800)."""
+    train_split(tmp)
+    path = tmp / "ds" / "captions.jsonl"
+    records = load_manifest(path)
+    if field == "id":
+        records[0]["id"] += "\ud800"
+    else:
+        records[0]["captions"]["en"][0] += " \ud800"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # ensure_ascii: the escape, valid JSON
+
+
+def annotation_with_lone_surrogate(tmp: Path):
+    ann = annotations(tmp)
+    doc = json.loads(ann.read_text())
+    doc["images"][1]["sentences"][0]["raw"] = "a \ud800 photo"
+    ann.write_text(json.dumps(doc))
+
+
+def sparse_shard(tmp: Path):
+    """other/00000.tar written by GNU tar --sparse: its image, a file with a 1 MiB hole, a sparse member;
+    00001.tar plain."""
+    (tmp / "files").mkdir()
+    with open(tmp / "files" / "s.png", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"x")
+    (tmp / "files" / "s.txt").write_text("a road")
+    (tmp / "other").mkdir()
+    subprocess.run(["tar", "-C", str(tmp / "files"), "--sparse", "-cf", str(tmp / "other" / "00000.tar"),
+                    "s.png", "s.txt"], check=True)
+    with tarfile.open(tmp / "other" / "00001.tar", "w") as tar:
+        for name, data in sample("b"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def a_large_member(tmp: Path):
+    """Another's shards of 8 samples, one of whose images is 2 MiB (the run says --max-member 1)."""
+    large = [("big.png", png() + bytes(2 << 20)), ("big.txt", b"a road")]
+    other_shards(tmp, [m for k in "abc" for m in sample(k)] + large, [m for k in "defg" for m in sample(k)])
+
+
+def skipped(n: int) -> Callable[[Path], None]:
+    def check(tmp: Path):
+        assert json.loads((tmp / "run" / "summary.json").read_text())["skipped_images"] >= n
+    return check
+
+
+def knn_suite(tmp: Path, **settings):
+    """A suite of a k-NN task that runs, then one with `settings`."""
+    two_classes(tmp)
+    (tmp / "suite.json").write_text(json.dumps({"name": "s", "tasks": [
+        {"name": "a", "task": "knn", "data": "tree", "k": 1},
+        {"name": "b", "task": "knn", "data": "tree", "k": 1} | settings]}))
+
+
+def colour_classes(tmp: Path):
+    """tree/blue and tree/red, three shades of their colour each: classes a random model's features tell
+    apart (two_classes holds the same three images in both)."""
+    for label in ("blue", "red"):
+        (tmp / "tree" / label).mkdir(parents=True)
+        for i in range(3):
+            rgb = (30 * i, 60, 230 - 30 * i) if label == "blue" else (230 - 30 * i, 60, 0)
+            Image.new("RGB", (32, 32), rgb).save(tmp / "tree" / label / f"{i}.png")
+
+
+def voted_by_the_nearest(tmp: Path):
+    """At a tiny temperature the weighted vote is the nearest neighbour's: per class, the --k 1 result (at
+    T 0.07), which does not put every test image in the first class."""
+    model, preprocess = ev.image_model(tmp / "w.safetensors", tmp / "tree", "cpu")
+    nearest = ev.evaluate_knn(model, preprocess, tmp / "tree", 1, 0.07, 0.5,
+                              rsmclip.weights_fingerprint(tmp / "w.safetensors"), 8, "cpu", 0)
+    assert json.loads((tmp / "r.json").read_text())["per_class"] == nearest["per_class"]
+    assert nearest["per_class"]["red"]["top1"] > 0, nearest
+
+
+def resumable_checkpoint(tmp: Path, **meta):
+    """A finished run on our shards whose checkpoint's metadata is then changed (`meta` over its state)."""
+    from safetensors import safe_open
+
+    our_shards(tmp)
+    finished_run(tmp, OURS)
+    path = tmp / "run" / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, state = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])
+    save_file(tensors, str(path), {"state": json.dumps(state | meta)})
 
 
 def zeroshot_suite(tmp: Path):
@@ -584,14 +712,34 @@ CASES = [
          words=("$RSMCLIP_HOME", "is a file, not a folder")),
     Case("linear-probe: --test-fraction nan", "eval",
          ["linear-probe", "--model", "{w}", "--data", "{tmp}/tree", "--test-fraction", "nan"], code=2,
-         make=two_classes, words=("nan is not a share between 0.01 and 0.99",)),
+         make=two_classes, words=("nan is not a number in [0.01, 0.99]",)),
     Case("retrieval: --out in a read-only folder, before any work", "eval",
          ["retrieval", "--model", "{w}", "--data", MANIFEST, "--out", "{tmp}/ro/r.json"],
          make=lambda tmp: (manifest(tmp, {"en": ["a road"]}), read_only(tmp / "ro")),
          words=("cannot write in", "not writable")),
     Case("report: a zeroshot task without classes, found before any task runs", "eval",
          ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"], make=zeroshot_suite,
-         words=("zeroshot task 'b' needs \"classes\"",), absent=("report.*",)),
+         words=("suite.json: tasks[1].classes: missing (text)",), absent=("report.*",)),
+    # a suite's settings are the command line's, of the same type and range: refused before any task runs
+    *(Case(f"report: a k-NN task with {json.dumps(settings)}", "eval",
+           ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"],
+           make=lambda tmp, settings=settings: knn_suite(tmp, **settings), words=(words,),
+           absent=("report.*",))
+      for settings, words in (
+          ({"k": "5"}, 'suite.json: tasks[1].k: "5" is not a whole number >= 1'),
+          ({"k": 2.5}, "tasks[1].k: 2.5 is not a whole number >= 1"),
+          ({"temperature": None}, "tasks[1].temperature: null is not a number in (0, inf)"),
+          ({"temperature": "0.07"}, 'tasks[1].temperature: "0.07" is not a number in (0, inf)'),
+          ({"test_fraction": 5}, "tasks[1].test_fraction: 5 is not a number in [0.01, 0.99]"),
+          ({"temprature": 0.1}, "tasks[1].temprature: not a field here (did you mean temperature?)"))),
+    Case("report: a zero-shot template {x} in a suite, found before any task runs", "eval",
+         ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"],
+         make=lambda tmp: (two_classes(tmp), (tmp / "suite.json").write_text(json.dumps({"tasks": [
+             {"name": "a", "task": "knn", "data": "tree", "k": 1},
+             {"name": "b", "task": "zeroshot", "data": "tree", "classes": "classes.json",
+              "templates": {"en": ["a {x} from above"]}}]})), (tmp / "classes.json").write_text(json.dumps(
+                  {"fields": {"en": "fields"}, "water": {"en": "water"}}))),
+         words=("tasks[1].templates.en: template 'a {x} from above': KeyError",), absent=("report.*",)),
     Case("report: a task that fails late keeps the results of those before it", "eval",
          ["report", "{tmp}/suite.json", "--model", "{w}", "--workers", "0"], make=failing_suite,
          words=("task 'b'", "--k 5: more neighbours", "the tasks that finished before it are in report.json"),
@@ -619,12 +767,15 @@ CASES = [
     Case("knn: --k above the train images", "eval",
          ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--k", "3", "--workers", "0"], make=two_classes,
          words=("--k 3: more neighbours than the 2 train images",)),
-    Case("knn: --temperature 0", "eval",
-         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--temperature", "0"], make=two_classes,
-         words=("--temperature 0.0: must be a positive number",)),
-    Case("knn: --temperature nan", "eval",
-         ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--temperature", "nan"], make=two_classes,
-         words=("--temperature nan: must be a positive number",)),
+    *(Case(f"knn: --temperature {t}", "eval",
+           ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--temperature", t], make=two_classes, code=2,
+           words=(f"'--temperature': {t} is not a number in (0, inf)",))
+      for t in ("0.0", "nan", "inf")),
+    # exp(similarity / T) overflows below T = 1/709: the vote is in log space, right at any temperature
+    *(Case(f"knn: --temperature {t} votes as the nearest neighbour does", "eval",
+           ["knn", "--model", "{w}", "--data", "{tmp}/tree", "--k", "2", "--temperature", t, "--workers", "0",
+            "--out", "{tmp}/r.json"], code=0, make=colour_classes, check=voted_by_the_nearest)
+      for t in ("1e-3", "1e-300", "5e-324")),
     Case("knn: no classes in the data (images without class folders)", "eval",
          ["knn", "--model", "{w}", "--data", "{tmp}/imgs", "--workers", "0"], make=images,
          words=("class folders",)),
@@ -644,6 +795,10 @@ CASES = [
     Case("annotations naming the file '.'", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
          make=lambda tmp: annotations(tmp, ["0.png", "."]), words=("'.' (names a folder",),
          absent=("ds/c.jsonl",)),
+    Case("annotations with a lone surrogate in a caption", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
+         make=annotation_with_lone_surrogate,
+         words=('ann.json: images[1].sentences[0].raw: "a \\ud800 photo" is not text (it holds a lone '
+                "surrogate",), absent=("ds/c.jsonl",)),
     Case("annotations listing no image", "prepare", CAPTIONS + ["{tmp}/ds/c.jsonl"],
          make=lambda tmp: annotations(tmp, []), words=("lists no images",), absent=("ds/c.jsonl",)),
     Case("classes: a file name not UTF-8", "prepare", ["classes", "{tmp}/tree", "--out", "{tmp}/l.jsonl"],
@@ -705,14 +860,16 @@ CASES = [
                           (("--steps", "-5"), "--steps -5: a whole number >= 1"),
                           (("--workers", "-1"), "--workers -1: a whole number >= 0"),
                           (("--local-crops", "-1"), "--local-crops -1: a whole number >= 0"),
-                          (("--lr", "nan"), "--lr nan: a number in (0, inf]"),
+                          (("--lr", "nan"), "--lr nan: a number in (0, inf)"),
                           (("--global-scale", "0", "0"), "--global-scale (0.0, 0.0): two area fractions"),
                           (("--precision", "bogus"), "--precision 'bogus': choose auto, fp32, bf16, fp16"),
                           (("--ema-schedule", "bogus"), "--ema-schedule 'bogus': choose fixed, cosine"),
                           (("--arch", "bogus"), "--arch 'bogus': choose xlmr-b32, tiny"),
                           (("--val-data", "{tmp}/none.jsonl"), "--val-data '"),
                           (("--langs", "en,xx"), "unknown language xx"),
-                          (("--clip-weight", "-1"), "--clip-weight -1.0: a number in [0, inf]"),
+                          (("--clip-weight", "-1"), "--clip-weight -1.0: a number in [0, inf)"),
+                          (("--teacher-temp", "1e-31"), "--teacher-temp 1e-31: a number in [1e-30, inf)"),
+                          (("--max-member", "0"), "--max-member 0: a whole number >= 1"),
                           (("--clip-weight", "0", "--distill-weight", "0"), "no loss is left to train"))),
     Case("train: --augment bogus", "train", TRAIN + ["--augment", "bogus"], make=train_split,
          words=("--augment 'bogus': choose auto, pil, tensor",), absent=("run",)),
@@ -734,10 +891,24 @@ CASES = [
          words=("one cache holds one manifest",), absent=("run",)),
     Case("train: a --config that is not JSON", "train", TRAIN + ["--config", "{tmp}/c.json"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), (tmp / "c.json").write_text('{"steps": 3')),
-         words=("c.json: unreadable",), absent=("run",)),
+         words=("c.json: not valid JSON (line 1",), absent=("run",)),
+    # a --config file's settings are the command line's, of the same type and range (a bool only true/false)
+    *(Case(f"train: a --config with {text}", "train", TRAIN + ["--config", "{tmp}/c.json"],
+           make=lambda tmp, text=text: (train_split(tmp), (tmp / "c.json").write_text(text)),
+           words=(words,), absent=("run",))
+      for text, words in (('{"head_bn": "false"}', 'c.json: head_bn: "false" is not true or false'),
+                          ('{"steps": "5"}', 'c.json: steps: "5" is not a whole number >= 1'),
+                          ('{"lr": true}', "c.json: lr: true is not a number in (0, inf)"),
+                          ('{"global_scale": [0.4]}', "c.json: global_scale: [0.4] is not a list of 2 items"),
+                          ('{"config": {"arch": "big"}}', 'config.arch: "big" is not one of "xlmr-b32"'),
+                          ('{"stpes": 5}', "c.json: stpes: not a field here (did you mean steps?)"))),
     Case("train: resuming a run whose config.json is cut", "train", TRAIN,
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, '{"config": {"steps"')),
-         words=("config.json: unreadable", "use another --out"), unchanged=("run/config.json",)),
+         words=("config.json: not valid JSON", "use another --out"), unchanged=("run/config.json",)),
+    Case("train: resuming a checkpoint whose metadata holds a step as text", "train", OURS + RESUME,
+         make=lambda tmp: resumable_checkpoint(tmp, step="2"),
+         words=('checkpoint.safetensors, metadata "state": step: "2" is not a whole number >= 0',),
+         unchanged=("run/checkpoint.safetensors",)),
     Case("train: resuming a run without its config.json", "train", TRAIN + ["--batch-size", "7"],
          make=lambda tmp: (manifest(tmp, {"en": ["a"]}), run_dir(tmp, None)),
          words=("no config.json", "use another --out"), unchanged=("run/checkpoint.safetensors",)),
@@ -757,6 +928,13 @@ CASES = [
       for flag, words in ((("--max-side", "16"), "--max-side 16: at least 32 pixels"),
                           (("--split", "dev"), "--split 'dev': choose one of train, val, test"),
                           (("--name", "a.b"), "--name 'a.b': letters, digits, '-' and '_' only"))),
+    *(Case(f"prepare shards: a lone surrogate in a record's {field}", "prepare",
+           ["shards", MANIFEST, "--out", "{tmp}/sh"],
+           make=lambda tmp, field=field: with_lone_surrogate(tmp, field),
+           words=(words, "(it holds a lone surrogate, which no UTF-8 file can)"), absent=("sh",))
+      for field, words in (("id", 'captions.jsonl, line 1: id: "d/0\\ud800" is not text'),
+                           ("caption", 'captions.jsonl, line 1: captions.en[0]: "a road \\ud800" is not '
+                                       "non-blank text"))),
     Case("prepare shards: --out holds shards of another manifest", "prepare",
          ["shards", MANIFEST, "--out", "{tmp}/sh"],
          make=lambda tmp: (our_shards(tmp), rewrite_captions(tmp / "ds" / "captions.jsonl")),
@@ -801,17 +979,71 @@ CASES = [
                 "00000.tar: no shards.json lists it"),
          absent=("run",)),
     Case("train: shards.json's sample count disagrees with its shard", "train", OURS + STREAM,
-         make=lambda tmp: edit_index(tmp, samples=3),
+         make=lambda tmp: edit_index(tmp, miscount),
          words=("train-000000.tar: 2 samples, its shards.json says 3",)),
     Case("train: an unfinished shards.json (a stopped prepare.py shards)", "train", OURS + STREAM,
          make=lambda tmp: (our_shards(tmp), (tmp / "sh" / "shards.json").write_text(
              (tmp / "sh" / "shards.json").read_text().replace('"complete": true', '"complete": false'))),
          words=("the shards were not all written", "run the same data/prepare.py shards command again"),
          absent=("run",)),
-    Case("train: resuming a run on shards that changed since", "train",
-         OURS + STREAM[:5] + ["4"] + STREAM[6:], make=shard_run,
-         words=("the shards (their names or sample counts) changed since the checkpoint",),
+    Case("train: resuming a run on shards written again since (3 to a shard)", "train", OURS + RESUME,
+         make=shard_run, words=("train-000000.tar: not the shard the checkpoint's run read (its SHA-256 in "
+                                "shards.json changed, 2 samples then, 3 now)",),
          unchanged=("run/checkpoint.safetensors",)),
+    # a resume follows the shards' bytes: ours by shards.json's SHA-256 (a file whose stamp changed is
+    # hashed), others' by their content (member names, sizes, first and last bytes)
+    Case("train: resuming after two of our shards swapped their bytes (names, sizes, counts the same)",
+         "train", OURS3 + RESUME, make=lambda tmp: ours_then(tmp, "swap"),
+         words=("train-000001.tar: its bytes are not those its shards.json lists", "swapped or replaced"),
+         unchanged=("run/checkpoint.safetensors",)),
+    Case("train: resuming after our shard 1 was replaced by a byte copy of shard 0", "train",
+         OURS3 + RESUME, make=lambda tmp: ours_then(tmp, "copy"),
+         words=("train-000001.tar: its bytes are not those its shards.json lists",),
+         unchanged=("run/checkpoint.safetensors",)),
+    Case("train: resuming after two of another's shards swapped their bytes", "train",
+         ["--data", "{tmp}/other"] + RESUME, make=others_then_swap,
+         words=("00001.tar: not the shard the checkpoint's run read (its content: member names, sizes",),
+         unchanged=("run/checkpoint.safetensors",)),
+    # shards.json is read by its type before any work
+    *(Case(f"train: shards.json with {what}", "train", OURS + STREAM,
+           make=lambda tmp, edit=edit: edit_index(tmp, edit), words=(words,), absent=("run",))
+      for what, edit, words in (
+          ('a shard\'s samples "10"', lambda x: x["shards"][1].update(samples="10"),
+           'shards.json: shards[1].samples: "10" is not a whole number >= 1'),
+          ("a shard's samples 10.5", lambda x: x["shards"][1].update(samples=10.5),
+           "shards[1].samples: 10.5 is not a whole number >= 1"),
+          ("a shard's samples -5", lambda x: x["shards"][1].update(samples=-5),
+           "shards[1].samples: -5 is not a whole number >= 1"),
+          ("a shard's samples 0", lambda x: x["shards"][1].update(samples=0),
+           "shards[1].samples: 0 is not a whole number >= 1"),
+          ("a shard without samples", lambda x: x["shards"][1].pop("samples"),
+           "shards[1].samples: missing (a whole number >= 1)"),
+          ("a shard without bytes", lambda x: x["shards"][0].pop("bytes"),
+           "shards[0].bytes: missing (a whole number >= 1)"),
+          ("langs null", lambda x: x.update(langs=None), "shards.json: langs: null is not a list"),
+          ('a shard entry {"nope": 1}', lambda x: x["shards"].__setitem__(1, {"nope": 1}),
+           "shards[1].name: missing"),
+          ("a total that is not its shards' sum", lambda x: x.update(samples=5),
+           "samples: 5 is not the sum of its shards' samples (4)"),
+          ("a shard listed twice", lambda x: x["shards"][1].update(name="train-000000.tar"),
+           "shards: train-000000.tar is listed twice"))),
+    Case("train: a shard with two images under one key (dup.png, dup.txt, dup.png)", "train",
+         ["--data", "{tmp}/other"] + STREAM,
+         make=lambda tmp: other_shards(tmp, [("dup.png", png()), ("dup.txt", b"a road"), ("dup.png", png(30))]
+                                       + sample("b"), sample("c") + sample("d")),
+         words=("00000.tar: dup.png comes twice in one sample",), absent=("run",)),
+    Case("train: a GNU sparse member, refused when the shard is opened (before the model is built)", "train",
+         ["--data", "{tmp}/other"] + STREAM, make=sparse_shard,
+         words=("00000.tar: s.png is a sparse member (GNU tar --sparse)",), absent=("run",)),
+    Case("train: a member above --max-member is skipped by its header, counted", "train",
+         ["--data", "{tmp}/other", *STREAM[:5], "6", *STREAM[6:], "--max-member", "1"], code=0,
+         make=a_large_member, stdout=("1 of 8 samples hold a member above --max-member (1.0 MiB)",
+                                      "big.png: 2.0 MiB, above --max-member"),
+         check=skipped(1)),
+    Case("train: a brace range of 20 million names, refused before any is made", "train",
+         ["--data", "{tmp}/sh/train-{0..20000000}.tar"] + STREAM, make=our_shards,
+         words=("20,000,001 names, more than the 1,000,000 that one --data pattern may name",),
+         absent=("run",)),
     Case("train: --shuffle-buffer 0", "train", OURS + STREAM + ["--shuffle-buffer", "0"], make=our_shards,
          words=("--shuffle-buffer 0: a whole number >= 1",), absent=("run",)),
     Case("train: --image-cache with shards", "train",

@@ -233,11 +233,18 @@ def test_empty_captions_dropped_only_on_request(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ({"id": "a", "image": "../x.png", "split": "test", "captions": {"en": ["x"]}}, "unsafe image paths"),
-    ({"id": "a", "image": "/abs/x.png", "split": "test", "captions": {"en": ["x"]}}, "unsafe image paths"),
-    ({"id": "a", "image": "x.png", "split": "dev", "captions": {"en": ["x"]}}, "split 'dev'"),
-    ({"id": "a", "image": "x.png", "split": "test", "captions": {"en": []}}, "empty or non-text captions"),
-    ({"id": "a", "image": "x.png", "split": "test"}, "missing or mistyped captions"),
+    ({"id": "a", "image": "../x.png", "split": "test", "captions": {"en": ["x"]}},
+     r'line 1: image: "\.\./x\.png" is unsafe \(leaves the dataset folder\)'),
+    ({"id": "a", "image": "/abs/x.png", "split": "test", "captions": {"en": ["x"]}}, "is unsafe"),
+    ({"id": "a", "image": "x.png", "split": "dev", "captions": {"en": ["x"]}},
+     'line 1: split: "dev" is not one of "train", "val", "test"'),
+    ({"id": "a", "image": "x.png", "split": "test", "captions": {"en": []}},
+     r"line 1: captions\.en: \[\] is not a list of 1 or more items"),
+    ({"id": "a", "image": "x.png", "split": "test", "captions": {"en": ["x", " "]}},
+     r'line 1: captions\.en\[1\]: " " is not non-blank text'),
+    ({"id": "a", "image": "x.png", "split": "test"}, r"line 1: captions: missing \(an object\)"),
+    ({"id": "a\ud800", "image": "x.png", "split": "test", "captions": {"en": ["x"]}},
+     r'line 1: id: "a\\ud800" is not text \(it holds a lone surrogate'),
 ])
 def test_manifest_reader_rejects_bad_records(tmp_path, line, message):
     path = tmp_path / "captions.jsonl"

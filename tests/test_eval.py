@@ -485,7 +485,7 @@ def test_report_shows_models_and_peers_side_by_side(weights, small_manifest, tmp
     assert ev.retrieval_protocol() in md and ev.ZEROSHOT_PROTOCOL in md and ev.LINEAR_PROBE_PROTOCOL not in md
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tasks": [{"name": "x", "task": "captioning", "data": "y"}]}))
-    with pytest.raises(ev.EvalError, match=r"tasks \[0\] need"):
+    with pytest.raises(ev.EvalError, match=r"tasks\[0\]\.task: \"captioning\" is not one of \"retrieval\""):
         ev.run_suite(bad, weights, None, 8, "cpu", 0)
 
 
@@ -661,6 +661,40 @@ def test_knn_equals_a_naive_loop_with_ties_and_k_above_a_class():
             memory, labels, queries, 4, k, 0.07)
 
 
+def stable_knn(memory, memory_labels, queries, classes, k, temperature):
+    """KNN_PROTOCOL's vote computed another way: per class, the log-sum-exp of its neighbours' s / T (float64:
+    finite for T >= 1e-300 when |s| <= 1); the largest wins, the first of equal ones."""
+    sims = queries.double() @ memory.double().T
+    top = torch.tensor([sorted(range(len(memory)), key=lambda i: (-float(row[i]), i))[:k] for row in sims])
+    scaled = sims.gather(1, top) / temperature
+    scores = torch.stack([torch.logsumexp(torch.where(memory_labels[top] == c, scaled, -math.inf), dim=1)
+                          for c in range(classes)], dim=1)
+    return scores.argmax(1).tolist()
+
+
+def test_knn_vote_is_right_at_any_temperature():
+    """exp(s / T) overflows to inf below T = 1/709 (every neighbour then weighs the same and the first class
+    wins); the vote is in log space. Against a log-sum-exp reference at T = 1e-3 and 1e-300, and on a case
+    made by hand, where the answer moves from five near neighbours to the one nearest as T falls."""
+    e = torch.eye(3, dtype=torch.float64)
+    near, five = 0.9 * e[0] + math.sqrt(1 - 0.81) * e[1], 0.899 * e[0] + math.sqrt(1 - 0.899 ** 2) * e[2]
+    memory = torch.stack([near, *[five] * 5])
+    for one, many in ((0, 1), (1, 0)):  # the one nearest in the first class, then in the second
+        labels = torch.tensor([one] + [many] * 5)
+        for t, winner in ((0.07, many), (1e-3, many), (1e-4, one), (1e-300, one), (5e-324, one)):
+            assert ev.knn_predict(memory, labels, e[:1], 2, 6, t).tolist() == [winner], (one, t)
+    g = torch.Generator().manual_seed(1)
+    memory = F.normalize(torch.randn(60, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 3, (60,), generator=g)
+    queries = F.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
+    for t in (0.07, 1e-3, 1e-300):
+        for k in (1, 5, 20):
+            assert ev.knn_predict(memory, labels, queries, 3, k, t, chunk=9).tolist() == stable_knn(
+                memory, labels, queries, 3, k, t), (t, k)
+    nearest = ev.knn_predict(memory, labels, queries, 3, 1, 0.07).tolist()  # no two similarities are equal
+    assert ev.knn_predict(memory, labels, queries, 3, 20, 5e-324).tolist() == nearest
+
+
 def test_knn_on_separable_features_and_its_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RSMCLIP_HOME", str(tmp_path / "home"))
     root = colour_tree(tmp_path / "tree", per_class=6)
@@ -671,7 +705,7 @@ def test_knn_on_separable_features_and_its_errors(tmp_path, monkeypatch):
     with pytest.raises(ev.EvalError, match=r"--k 10: more neighbours than the 9 train images"):
         ev.evaluate_knn(ColourModel(), pp, root, k=10, workers=0)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ev.EvalError, match=r"--temperature .*: must be a positive number"):
+        with pytest.raises(ev.EvalError, match=r"--temperature .*: a number in \(0, inf\)"):
             ev.evaluate_knn(ColourModel(), pp, root, temperature=bad, workers=0)
     with pytest.raises(ev.EvalError, match=r"1 class \(red\): a classifier needs at least 2"):
         ev.evaluate_knn(ColourModel(), pp, colour_tree(tmp_path / "one", classes=("red",)), workers=0)
@@ -739,5 +773,5 @@ def test_linear_probe_cli_and_report_suite(weights, tmp_path, monkeypatch):
     assert "k-NN protocol" in result.output and json.loads(out.read_text())["k"] == 3
     suite.write_text(json.dumps({"tasks": [{"name": "c", "task": "linear-probe", "data": "tree",
                                             "peers": {"PaperNet": {"full": "90"}}}]}))
-    with pytest.raises(ev.EvalError, match=r'"peers" must be'):
+    with pytest.raises(ev.EvalError, match=r"tasks\[0\]\.peers\.PaperNet\.full: \"90\" is not a number"):
         ev.run_suite(suite, weights, None, 8, "cpu", 0)

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import kill_after_first_checkpoint
+from PIL import Image
 from safetensors import safe_open
 
+import cli
 import rsmclip
 import train
 from data import loading
 from data import shards as shardlib
-from data.manifest import load_manifest
+from data.manifest import load_manifest, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--langs", "en", "--batch-size", "8", "--local-crops", "2", "--prototypes", "64", "--log-every", "2"]
@@ -131,6 +133,12 @@ def test_brace_ranges_lists_and_folders():
     assert shardlib.expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
     assert shardlib.expand_braces("{x,y}-{1..2}.tar") == ["x-1.tar", "x-2.tar", "y-1.tar", "y-2.tar"]
     assert shardlib.expand_braces("{8..10}") == ["8", "9", "10"]
+    # counted from the groups' sizes before any name is made (a 20-million range used to take GBs)
+    with pytest.raises(shardlib.ShardError, match=r"\{0\.\.20000000\}\.tar: 20,000,001 names, more than "):
+        shardlib.expand_braces("sh/train-{0..20000000}.tar")
+    assert shardlib.is_shards(["sh/train-{0..20000000}.tar"]) and not shardlib.is_shards(["a-{1..3}.jsonl"])
+    with pytest.raises(shardlib.ShardError, match="nested or unmatched braces"):
+        shardlib.expand_braces("{a,{b,c}}.tar")
     assert train.resolve_config("demo", None, {"data": ["a/{x,y}.tar,b.jsonl"]}).data == ["a/{x,y}.tar",
                                                                                           "b.jsonl"]
 
@@ -219,7 +227,7 @@ def test_sigkill_and_resume_from_shards_equals_an_uninterrupted_run(demo_manifes
     other = run_train("--out", tmp_path / "cut", *args[:-5], "--steps", "8", "--ckpt-every", "2",
                       "--deterministic")
     assert other.returncode == 1, other.stderr
-    assert "the shards (their names or sample counts) changed since the checkpoint" in other.stderr
+    assert "--data names 6 shards, the checkpoint's run read 8" in other.stderr
 
 
 def foreign_shards(folder: Path, demo_manifest: Path, per_shard: int, json_caption: bool) -> list[Path]:
@@ -266,3 +274,123 @@ def test_open_clip_style_shards_train(demo_manifest, tmp_path):
     assert f"80 training images in {len(paths)} shards" in result.stdout
     assert "retrieval mR before" in result.stdout
     assert json.loads((tmp_path / "run/summary.json").read_text())["skipped_images"] == 0
+
+
+def equal_size_shards(tmp: Path, ours: bool) -> Path:
+    """sh/: three shards of two samples, all of one size (32-pixel PNGs and short captions fill a tar block
+    each): written by prepare.py shards from a manifest (ours), or as another tool writes them (png + txt)."""
+    folder, pngs = tmp / "sh", []
+    for i in range(6):
+        image = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(image, "PNG")
+        pngs.append(image.getvalue())
+    if ours:
+        (tmp / "ds" / "imgs").mkdir(parents=True)
+        for i, data in enumerate(pngs):
+            (tmp / "ds" / "imgs" / f"{i}.png").write_bytes(data)
+        write_jsonl([{"id": f"d/{i}", "image": f"imgs/{i}.png", "split": "train", "dataset": "d",
+                      "captions": {"en": [f"a road {i}"]}} for i in range(6)], tmp / "ds" / "captions.jsonl")
+        shardlib.write_shards(tmp / "ds" / "captions.jsonl", folder, per_shard=2)
+        return folder
+    folder.mkdir()
+    for n in range(3):
+        with tarfile.open(folder / f"{n:05d}.tar", "w") as tar:
+            for i in (2 * n, 2 * n + 1):
+                for name, data in ((f"{i:03d}.png", pngs[i]), (f"{i:03d}.txt", f"a road {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def train_here(args: list, capsys) -> tuple[int, str, str]:
+    """train.py's command line in this process, as the script runs it: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        cli.run_cli(train.app, list(map(str, args)))
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def swap(a: Path, b: Path):
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "others'"])
+def test_a_resume_follows_the_shards_bytes(tmp_path, spm_model, capsys, ours):
+    """A finished run, then two shards' bytes swapped (same names, sizes and sample counts; ours' shards.json
+    untouched): a longer --steps is refused naming the shard, the checkpoint unchanged. Put back, the same
+    command resumes; ours' files whose stamps changed are hashed once against shards.json, and it says so."""
+    folder = equal_size_shards(tmp_path, ours)
+    names = sorted(p.name for p in folder.glob("*.tar"))
+    assert len(names) == 3 and len({(folder / n).stat().st_size for n in names}) == 1
+    args = ["--data", folder, "--tokenizer", spm_model, "--out", tmp_path / "run", "--langs", "en",
+            "--batch-size", "2", "--workers", "0", "--local-crops", "2", "--prototypes", "64"]
+    assert train_here(args + ["--steps", "2"], capsys)[0] == 0
+    checkpoint = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    swap(folder / names[1], folder / names[2])
+    code, out, err = train_here(args + ["--steps", "4"], capsys)
+    why = "its bytes are not those its shards.json lists" if ours else "not the shard the checkpoint's run"
+    assert code == 1 and f"error: {folder / names[1]}: {why}" in err and "swapped" in err, err
+    assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == checkpoint
+    swap(folder / names[1], folder / names[2])
+    code, out, err = train_here(args + ["--steps", "4"], capsys)
+    assert code == 0 and "resuming at step 2" in out, err
+    assert ("note: 2 of 3 shards have new file stamps since the checkpoint" in err) == ours, err
+
+
+def test_a_member_above_max_member_is_never_read(tmp_path, monkeypatch):
+    """A member's header gives its size: one above the limit is read around, never read, and its sample
+    holds the size instead (skipped and counted as unreadable); others' shards say how many at start."""
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(image, "PNG")
+    members = [("a.png", image.getvalue()), ("a.txt", b"a road"), ("b.png", bytes(3 << 20)), ("b.txt", b"b"),
+               ("c.png", image.getvalue()), ("c.txt", b"c")]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = shardlib.open_shards([str(tmp_path / "00000.tar")], max_member=1 << 20)
+    assert shards.notes == ["1 of 3 samples hold a member above --max-member (1.0 MiB): each is skipped "
+                            "unread and counted when it comes"]
+    read = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            read.append(len(data := self.f.read(n)))
+            return data
+
+    monkeypatch.setattr(shardlib, "open", lambda *a: Counted(open(*a)), raising=False)
+    reader = shardlib.ShardReader(shards, shardlib.Streams(shards.counts, 1, 0, 1000), max_member=1 << 20)
+    got = dict(reader.get(0, q)[1:] for q in range(3))
+    assert got["b"] == {"png": 3 << 20, "txt": b"b"}  # the size in place of the bytes
+    assert got["a"] == {"png": image.getvalue(), "txt": b"a road"}
+    assert 0 < sum(read) < 1 << 20 and (tmp_path / "00000.tar").stat().st_size > 3 << 20
+    with pytest.raises(rsmclip.ImageError, match=r"00000\.tar:b\.png: 3\.0 MiB, above --max-member: skipped"):
+        shardlib.parse_sample("00000.tar", "b", got["b"])
+
+
+def test_a_checkpoint_made_before_the_bytes_were_recorded_resumes_by_names_and_counts(tmp_path):
+    """Checkpoints written before "files" recorded each shard's bytes hold the names-and-counts fingerprint
+    alone: they resume on the same names and counts, and are refused on others."""
+    shards = shardlib.open_shards([str(equal_size_shards(tmp_path, ours=True))])
+    state = shardlib.stream_state(shards, shardlib.Streams(shards.counts, 1, 0, 1000), 1, 2, 4)
+    earlier = {k: v for k, v in state.items() if k != "files"}
+    assert [cli.json_problems(s, shardlib.STREAM_STATE) for s in (state, earlier)] == [[], []]
+    shardlib.check_same_shards(shards, earlier)
+    with pytest.raises(shardlib.ShardError, match=r"the shards \(their names or sample counts\) changed"):
+        shardlib.check_same_shards(replace(shards, counts=[2, 2, 1]), earlier)

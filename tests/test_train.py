@@ -112,6 +112,26 @@ def test_dino_loss_and_center_equal_a_direct_computation():
     assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
 
 
+def test_dino_loss_is_right_down_to_the_lowest_temperature_the_options_take():
+    """The DINO loss divides fp32 logits by the teacher's and the student's temperatures: at 1e-30, the floor
+    of --teacher-temp, --warmup-teacher-temp and --student-temp (train.DINO_TEMPERATURE), the targets are the
+    teacher's argmax and the loss equals a float64 computation; below it the fp32 division overflows (nan),
+    which is why the options refuse it."""
+    g = torch.Generator().manual_seed(2)
+    student = [torch.randn(4, 16, generator=g) for _ in range(3)]
+    teacher = [torch.randn(4, 16, generator=g) for _ in range(2)]
+    floor = train.DINO_TEMPERATURE.lo
+    got, entropy = train.DINOLoss(16, student_temp=floor)(student, teacher, floor)
+    targets = [F.softmax(t.double() / floor, dim=-1) for t in teacher]
+    log_probs = [F.log_softmax(s.double() / floor, dim=-1) for s in student]
+    terms = [-(q * log_p).sum(-1).mean() for i, q in enumerate(targets) for v, log_p in enumerate(log_probs)
+             if v != i]
+    assert torch.isfinite(got) and math.isclose(float(got), float(sum(terms) / len(terms)), rel_tol=1e-5)
+    assert float(entropy) == 0 and all(torch.equal(q, F.one_hot(q.argmax(-1), 16).double()) for q in targets)
+    assert floor in train.DINO_TEMPERATURE and floor / 10 not in train.DINO_TEMPERATURE
+    assert math.isnan(train.DINOLoss(16, student_temp=1e-39)(student, teacher, 1e-39)[0])
+
+
 def test_ema_update():
     teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     expected = [0.99 * t + 0.01 * s for t, s in zip(teacher.parameters(), student.parameters())]

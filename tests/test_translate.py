@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import translate as T  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -523,7 +524,7 @@ def cli(*args, code: int = 1) -> str:
     """translate.py's command line as the script runs it (rsmclip.run_cli) -> what it printed to stderr."""
     err = io.StringIO()
     with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
-        cli.run_cli(T.app, [str(a) for a in args])
+        run_cli(T.app, [str(a) for a in args])
     assert exit_.value.code == code and "Traceback" not in err.getvalue(), err.getvalue()
     return " ".join(err.getvalue().split())
 
@@ -552,9 +553,9 @@ def test_bad_language_and_manifest(bad_inputs, tiny_model):
     (d / "no_en.jsonl").write_text(ok + ok.replace('"a"', '"b"').replace('"en"', '"pt"'))
     assert "no_en.jsonl: record 'b' has no English captions" in message("no_en.jsonl")
     (d / "no_dict.jsonl").write_text(ok + ok.replace('"a"', '"b"') + ok.replace('{"en": ["x"]}', '["x"]'))
-    assert "no_dict.jsonl, line 3: missing or mistyped captions" in message("no_dict.jsonl")
+    assert 'no_dict.jsonl, line 3: captions: ["x"] is not an object' in message("no_dict.jsonl")
     (d / "blank.jsonl").write_text(ok + "\n" + ok)  # the one reader skips blank lines, as training does
-    assert "blank.jsonl: 1 problems: duplicated ids a" in message("blank.jsonl")
+    assert "blank.jsonl: duplicated ids a" in message("blank.jsonl")
     (d / "broken.jsonl").write_text(ok + '{"id": "c", "captions": {"en": ["z"]}\n')
     assert "broken.jsonl, line 2: not valid JSON" in message("broken.jsonl")
     assert "missing.jsonl: no such file" in message("missing.jsonl")
