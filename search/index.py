@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import image_progress, list_images
+from cli import image_progress, list_images, refuse_overwrite
 from files import RsmclipError, atomic_write, display, file_stamp, sweep_temporaries
 from rsmclip import cache_dir, embed_images, weights_fingerprint
 from search import geo, scenes
@@ -73,9 +73,10 @@ def check_index_folder(folder: Path, inputs: list[Path]):
     """--index names a folder (the index's files go in it): refused before any work when it is a file (an
     older rsmclip's one-file index too), an input, or in a folder that cannot be written."""
     if folder.exists() and not folder.is_dir():
+        refuse_overwrite(folder, inputs, "--index")  # an image of an input: said so, as for every output
         raise RsmclipError(f"--index {display(folder)}: is a file; the index is a folder of files now (an "
                            "older rsmclip wrote one file): give a folder name, or delete the file")
-    for given in inputs:
+    for given in filter(None, inputs):
         if folder.resolve() == Path(given).resolve():
             raise RsmclipError(f"--index {display(folder)} is the input {display(given)}; choose another")
     parent = next((d for d in folder.absolute().parents if d.exists()), None)
@@ -186,14 +187,24 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
     if old and not (todo.pictures or todo.scenes) and len(keep) == len(old.manifest["sources"]):
         for message in todo.skipped:
             print(f"skipped: {message}", file=sys.stderr)
-        return read_index(folder, fingerprint, dim, tiling) if rank == 0 else None  # nothing changed
+        if rank != 0:
+            return None
+        index = read_index(folder, fingerprint, dim, tiling)  # nothing changed
+        report(index, root, old, keep, todo, len(todo.skipped), tiling)
+        return index
     run = barrier_share(uuid.uuid4().hex[:12], rank, world)
     items = [(rel, path, info, window) for rel, path, info in todo.scenes for window in scenes.grid(info)]
     share = items[rank * len(items) // world:(rank + 1) * len(items) // world]
     pictures = todo.pictures[rank * len(todo.pictures) // world:(rank + 1) * len(todo.pictures) // world]
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    counts, failed = embed_part(model, preprocess, folder, f"p-{run}-r{rank}", pictures, share, tiling,
-                                      batch_size, device, workers)
+    try:
+        counts, failed = embed_part(model, preprocess, folder, f"p-{run}-r{rank}", pictures, share, tiling,
+                                    batch_size, device, workers)
+    except BaseException:
+        if made and not any(folder.iterdir()):
+            folder.rmdir()  # a first build that failed (a full disk) leaves nothing behind
+        raise
     counts = barrier_share(counts, rank, world, gather=True)
     failed = barrier_share(failed, rank, world, gather=True)
     if rank != 0:
@@ -202,16 +213,29 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
     parts = [f"p-{run}-r{r}" for r in range(world)]
     index = commit(folder, fingerprint, dim, tiling, root, old, keep, todo, parts, counts)
     barrier_share(None, rank, world)
-    n_new = sum(c.get(rel, {}).get("tiles", 0) for c in counts for rel in c)
-    dropped = len(old.manifest["sources"]) - len(keep) if old else 0
-    failures = sum(failed, []) + todo.skipped
     for message in todo.skipped:
         print(f"skipped: {message}", file=sys.stderr)
-    scenes_n = sum(1 for s in index.manifest["sources"].values() if s["kind"] == "scene")
-    print(f"index {display(folder)}: {index.rows:,} tiles and pictures from {scenes_n} scenes and "
-          f"{len(index.manifest['sources']) - scenes_n} pictures ({n_new:,} added, {dropped} sources removed "
-          f"or changed, {len(failures)} unreadable or too small skipped)")
+    report(index, root, old, keep, todo, len(sum(failed, [])) + len(todo.skipped), tiling)
     return index
+
+
+def report(index: Index, root: Path, old: Optional[Index], keep: dict, todo: Plan, skipped: int,
+           tiling: Tiling):
+    """The index's line (images, scenes and tiles; what was added, removed, skipped) and one per new scene:
+    its tiles indexed of the grid's, and how many fell below --min-valid (an all-nodata scene says 0)."""
+    sources = index.manifest["sources"]
+    for rel, _, _ in todo.scenes:
+        if rel in sources:
+            s = sources[rel]
+            print(f"{display(root / rel if rel else root)}: {s['tiles']:,} of {s['grid']:,} tiles "
+                  f"indexed ({s['below']:,} below --min-valid {tiling.min_valid:g})")
+    n_scenes = sum(1 for s in sources.values() if s["kind"] == "scene")
+    tiles = sum(s["tiles"] for s in sources.values() if s["kind"] == "scene")
+    what = f"{len(sources) - n_scenes} images" + (f" and {n_scenes} scenes ({tiles:,} tiles)" if n_scenes
+                                                  else "")
+    removed = len(old.manifest["sources"]) - len(keep) if old else 0
+    print(f"index {display(index.folder)}: {what} ({len(sources) - len(keep)} added, {removed} removed or "
+          f"changed, {skipped} unreadable skipped)")
 
 
 def embed_part(model, preprocess, folder: Path, name: str, pictures: list, tiles: list, tiling: Tiling,
@@ -449,6 +473,9 @@ def best_hits(index: Index, root: Path, queries: torch.Tensor, k: int, nms: floa
     take = k
     while True:
         scores, rows = (ann_top if ann else exact_top)(index, queries, min(take, index.rows))
+        if not torch.isfinite(scores).all():  # not checked on reading: a scan of every row, at every search
+            raise RsmclipError(f"{display(index.folder)}: the index holds non-finite embeddings (damaged); "
+                               "delete that folder and search again to rebuild it")
         found = [[hit(index, root, r, s) for s, r in zip(ss, rr) if r >= 0]
                  for ss, rr in zip(scores.tolist(), rows.tolist())]
         kept = [geo.suppress(f, nms)[:k] for f in found]

@@ -95,7 +95,8 @@ def sixteen_bit(tmp: Path):
 
 def damaged_index(tmp: Path):
     images(tmp)
-    (tmp / "index.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    (tmp / "ix").mkdir()
+    (tmp / "ix" / "index.json").write_text('{"format": "rsmclip-index 2", "model":')  # cut short
 
 
 def odd_names(tmp: Path):
@@ -493,7 +494,7 @@ CASES = [
          ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
          make=sixteen_bit, words=("skipped:", "compressed or band-separated TIFF with 16-bit")),
     Case("search: a damaged index is rebuilt", "rsmclip",
-         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/index.safetensors"], code=0,
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/ix"], code=0,
          make=damaged_index, words=("damaged search index", "rebuilding it")),
     Case("search: a file name not UTF-8, written to --out", "rsmclip",
          ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--out",
@@ -941,7 +942,7 @@ def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, sp
     monkeypatch.chdir(tmp_path)
     w = weights(tmp_path, spm_model)
     if entry == "search":
-        app, out = rsmclip_cli.app, full_disk / "i.safetensors"
+        app, out = rsmclip_cli.app, full_disk / "ix"
         args = ["search", str(images(tmp_path)), "roads", "--model", str(w), "--index", str(out)]
     else:
         train_split(tmp_path)
@@ -951,6 +952,7 @@ def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, sp
         cli.run_cli(app, args)
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err, err
-    assert f"error: {out}: cannot write it (No space left on device; needs " in err
+    written = f"{out}/p-" if entry == "search" else f"{out}: "  # the index is a folder: one of its files
+    assert f"error: {written}" in err and "cannot write it (No space left on device; " in err
     assert "0 bytes free there; an existing file is unchanged" in err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no partial or temporary file
