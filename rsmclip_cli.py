@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -58,7 +59,7 @@ from rsmclip import (
     weights_dir,
     weights_path,
 )
-from search import geo, scenes
+from search import geo
 from search.index import EXACT_LIMIT, best_hits, check_index_folder, processes, update_index
 from search.pages import results_page, search_page
 from search.scenes import Tiling
@@ -404,6 +405,25 @@ def split_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
     return inputs, args[len(inputs):]
 
 
+def within(test, what: str):
+    """An option's callback: a value that fails `test` (nan fails every comparison): a usage error, exit 2."""
+    def check(value):
+        if value is not None and not test(value):
+            raise typer.BadParameter(f"{value} is not {what}")
+        return value
+    return check
+
+
+def bands_option(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    try:
+        bands = None if text is None else tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: comma-separated band numbers, such as 1,2,3") from None
+    if bands is not None and (len(bands) not in (1, 3) or min(bands) < 1):
+        raise typer.BadParameter(f"{text!r}: one band (grey) or three (red, green, blue), counted from 1")
+    return bands
+
+
 def where(hit: dict) -> str:
     """A hit's place for the table: a scene tile's window and the longitude, latitude of its centre."""
     if hit["kind"] != "scene":
@@ -424,18 +444,24 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
                                                 "per input, weights and tiling in the user cache, "
                                                 "$RSMCLIP_HOME or ~/.cache/rsmclip)"),
            top_k: int = typer.Option(5, min=1, help="hits shown per query"),
-           tile: Optional[int] = typer.Option(None, help="tile side in output pixels (default: the model's "
-                                              "input size)"),
-           overlap: float = typer.Option(0.0, help="share of a tile the next one covers again, in [0, 1)"),
+           tile: Optional[int] = typer.Option(None, help="tile side in output pixels, at least 16 (default: "
+                                              "the model's input size)",
+                                              callback=within(lambda v: v >= 16, "at least 16 pixels")),
+           overlap: float = typer.Option(0.0, help="share of a tile the next one covers again, in [0, 1)",
+                                         callback=within(lambda v: 0 <= v < 1, "a share in [0, 1)")),
            gsd: Optional[float] = typer.Option(None, help="metres per pixel to resample scenes to (default: "
-                                               "each scene's own)"),
+                                               "each scene's own)",
+                                               callback=within(lambda v: 0 < v < math.inf,
+                                                               "a positive number of metres per pixel")),
            min_valid: float = typer.Option(0.5, help="tiles with a smaller share of valid pixels (nodata, "
-                                           "alpha, mask, past the edge) are not indexed"),
+                                           "alpha, mask, past the edge) are not indexed",
+                                           callback=within(lambda v: 0 <= v <= 1, "a share in [0, 1]")),
            bands: Optional[str] = typer.Option(None, help="the scene bands read as red,green,blue, or one "
                                                "band as grey (default: by colour interpretation, else "
-                                               "the first three)"),
+                                               "the first three)", callback=bands_option),
            nms: float = typer.Option(0.5, help="a hit overlapping a better hit of the same scene by more "
-                                     "than this IoU is dropped (1: keep all)"),
+                                     "than this IoU is dropped (1: keep all)",
+                                     callback=within(lambda v: 0 <= v <= 1, "an IoU in [0, 1]")),
            ann: bool = typer.Option(False, help="approximate search with FAISS (for millions of tiles; "
                                     "needs faiss-cpu)"),
            batch_size: int = typer.Option(64, min=1, help="images or tiles per forward pass while indexing"),
@@ -454,11 +480,6 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
     inputs, queries = split_inputs(args)
     if not queries:
         raise RsmclipError("no query: give the text queries after the files and folders to search")
-    tiling = Tiling(tile or 0, overlap, gsd, min_valid, scenes.parse_bands(bands))
-    if problems := [p for p in tiling.problems() if tile is not None or not p.startswith("--tile")]:
-        raise RsmclipError("; ".join(problems))
-    if not 0 <= nms <= 1:
-        raise RsmclipError(f"--nms {nms}: an IoU in [0, 1]")
     if index is not None:
         if len(inputs) > 1:
             raise RsmclipError("--index names one index: give it with one file or folder to search")
@@ -470,7 +491,7 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
     if index is None:
         cache_dir(check=True)  # where the index goes: a problem there is found now, not after the embedding
     model, preprocess, tok = load(model_path, tokenizer, device)
-    tiling = Tiling(tile or model.config.vision.image_size, overlap, gsd, min_valid, tiling.bands)
+    tiling = Tiling(tile or model.config.vision.image_size, overlap, gsd, min_valid, bands)
     rank, world = processes()
     weights = weights_path(model_path)
     found = [(root, update_index(model, preprocess, weights, root, index, tiling, batch_size, device, workers,

@@ -38,32 +38,8 @@ class Tiling:
     min_valid: float = 0.5  # tiles with a smaller share of valid pixels are not indexed
     bands: Optional[tuple[int, ...]] = None  # 1-based, one (grey) or three (red, green, blue)
 
-    def problems(self) -> list[str]:
-        bad = []
-        if self.tile < 16:
-            bad.append(f"--tile {self.tile}: at least 16 pixels")
-        if not (0 <= self.overlap < 1):
-            bad.append(f"--overlap {self.overlap}: a share in [0, 1)")
-        if self.gsd is not None and not (math.isfinite(self.gsd) and self.gsd > 0):
-            bad.append(f"--gsd {self.gsd}: a positive number of metres per pixel")
-        if not (0 <= self.min_valid <= 1):
-            bad.append(f"--min-valid {self.min_valid}: a share in [0, 1]")
-        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
-            bad.append(f"--bands {','.join(map(str, self.bands))}: one band (grey) or three (red, green, "
-                       "blue), counted from 1")
-        return bad
-
     def as_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-def parse_bands(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise RsmclipError(f"--bands {text!r}: comma-separated band numbers, such as 1,2,3") from None
 
 
 # ----------------------------------------------------------------------------- what a scene is

@@ -475,7 +475,8 @@ def damage(folder: Path, kind: str):
     table = np.load(f"{part}.npy")
     if kind in ("truncated", "random", "empty"):
         text = (folder / "index.json").read_bytes()
-        (folder / "index.json").write_bytes({"truncated": text[:-7], "random": os.urandom(300), "empty": b""}[kind])
+        cut = {"truncated": text[:-7], "random": os.urandom(300), "empty": b""}[kind]
+        (folder / "index.json").write_bytes(cut)
     elif kind == "another format":
         (folder / "index.json").write_text(json.dumps(manifest | {"format": "rsmclip-index 1"}))
     elif kind == "no sources":
@@ -493,8 +494,9 @@ def damage(folder: Path, kind: str):
         np.save(f"{part}.npy", table)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "another format", "no sources", "part missing",
-                                  "embeddings cut short", "table of floats", "table a row short", "unknown source"])
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "another format", "no sources",
+                                  "part missing", "embeddings cut short", "table of floats",
+                                  "table a row short", "unknown source"])
 def test_a_damaged_search_index_is_rebuilt_with_a_warning(tiny_weights, tmp_path, capsys, kind):
     folder = built_index(tiny_weights, tmp_path)
     fingerprint, tiling = rsmclip.weights_fingerprint(tiny_weights), index.Tiling(64)
