@@ -422,7 +422,7 @@ def exact_top(index: Index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 def ann_top(index: Index, queries: torch.Tensor, k: int, nprobe: int = 64
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like exact_top, through FAISS: an inverted-file index (about 4 sqrt(N) lists, inner product, vectors
+    """Like exact_top, through FAISS: an inverted-file index (about sqrt(N) lists, inner product, vectors
     kept as float16) built on first use and kept beside the index until its parts change; `nprobe` lists
     are searched per query."""
     try:
@@ -453,7 +453,7 @@ def build_ann(index: Index):
     vectors per list, then filled chunk by chunk (memory: the index, 2 bytes a value, and one chunk)."""
     import faiss
     n, dim = index.rows, index.manifest["dim"]
-    lists = max(1, min(int(4 * n ** 0.5), n // 40))
+    lists = max(1, min(int(n ** 0.5), n // 40))  # FAISS's guidance is sqrt(N) to 16 sqrt(N): the cheapest
     ann = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_fp16,
                                         faiss.METRIC_INNER_PRODUCT)
     want = min(n, 40 * lists)

@@ -264,8 +264,9 @@ def test_the_valid_fraction_comes_from_the_mask_and_tiles_below_min_valid_are_le
             expected.append(share)
     min_valid = 0.6
     kept = [s for s in expected if s >= min_valid and s > 0]
-    code, out, err = search([path, "roads", "--model", weights, "--tile", 32, "--min-valid", min_valid, "--top-k", "50",
-                             "--out", tmp_path / "hits.json", "--index", tmp_path / "ix"], capsys)
+    code, out, err = search([path, "roads", "--model", weights, "--tile", 32, "--min-valid", min_valid,
+                             "--top-k", "50", "--out", tmp_path / "hits.json", "--index", tmp_path / "ix"],
+                            capsys)
     assert code == 0, err
     below = len(expected) - len(kept)
     assert f"{len(kept)} of {len(expected)} tiles indexed ({below} below --min-valid 0.6)" in out
