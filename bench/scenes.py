@@ -187,8 +187,8 @@ def measure(folder: Path = typer.Argument(..., help="an index folder made by mak
     ix = ixlib.read_index(folder, "synthetic", manifest["dim"], Tiling(224))
     rng = np.random.default_rng(1)
     rows = np.sort(rng.choice(ix.rows, queries, replace=False))
-    q = np.asarray(ix.feats[0][rows], np.float32) + rng.standard_normal((queries, ix.manifest["dim"]),
-                                                                         np.float32) * 0.03
+    noise = rng.standard_normal((queries, ix.manifest["dim"]), np.float32) * 0.03
+    q = np.asarray(ix.feats[0][rows], np.float32) + noise
     q = torch.from_numpy(q / np.linalg.norm(q, axis=1, keepdims=True))
     for f in ix.folder.glob("ann.*"):
         f.unlink()  # FAISS is built in this run, timed

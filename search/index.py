@@ -190,7 +190,7 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
         if rank != 0:
             return None
         index = read_index(folder, fingerprint, dim, tiling)  # nothing changed
-        report(index, root, old, keep, todo, len(todo.skipped), tiling)
+        report(index, root, old, keep, todo, len(todo.skipped), tiling, {})
         return index
     run = barrier_share(uuid.uuid4().hex[:12], rank, world)
     items = [(rel, path, info, window) for rel, path, info in todo.scenes for window in scenes.grid(info)]
@@ -215,12 +215,13 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
     barrier_share(None, rank, world)
     for message in todo.skipped:
         print(f"skipped: {message}", file=sys.stderr)
-    report(index, root, old, keep, todo, len(sum(failed, [])) + len(todo.skipped), tiling)
+    unreadable = {rel: n for c in counts for rel, n in c.items() if n["unreadable"]}
+    report(index, root, old, keep, todo, len(sum(failed, [])) + len(todo.skipped), tiling, unreadable)
     return index
 
 
 def report(index: Index, root: Path, old: Optional[Index], keep: dict, todo: Plan, skipped: int,
-           tiling: Tiling):
+           tiling: Tiling, unreadable: dict):
     """The index's line (images, scenes and tiles; what was added, removed, skipped) and one per new scene:
     its tiles indexed of the grid's, and how many fell below --min-valid (an all-nodata scene says 0)."""
     sources = index.manifest["sources"]
@@ -229,6 +230,9 @@ def report(index: Index, root: Path, old: Optional[Index], keep: dict, todo: Pla
             s = sources[rel]
             print(f"{display(root / rel if rel else root)}: {s['tiles']:,} of {s['grid']:,} tiles "
                   f"indexed ({s['below']:,} below --min-valid {tiling.min_valid:g})")
+    for rel, n in unreadable.items():
+        print(f"skipped: {display(root / rel if rel else root)}: {n['unreadable']:,} of {n['grid']:,} tiles "
+              f"unreadable ({n['error']})", file=sys.stderr)
     n_scenes = sum(1 for s in sources.values() if s["kind"] == "scene")
     tiles = sum(s["tiles"] for s in sources.values() if s["kind"] == "scene")
     what = f"{len(sources) - n_scenes} images" + (f" and {n_scenes} scenes ({tiles:,} tiles)" if n_scenes
@@ -249,7 +253,7 @@ def embed_part(model, preprocess, folder: Path, name: str, pictures: list, tiles
 
     def source_id(rel: str) -> int:
         if rel not in ids:
-            ids[rel], counts[rel] = len(ids), {"tiles": 0, "grid": 0, "below": 0}
+            ids[rel], counts[rel] = len(ids), {"tiles": 0, "grid": 0, "below": 0, "unreadable": 0}
         return ids[rel]
 
     def write(tmp: Path):
@@ -261,7 +265,7 @@ def embed_part(model, preprocess, folder: Path, name: str, pictures: list, tiles
                 rel_of = {p: rel for rel, p in pictures}
                 rows.append(np.array([(source_id(rel_of[p]), 0, 0, 0, 0, 1.0) for p in ok], TABLE))
                 for p in ok:
-                    counts[rel_of[p]] = {"tiles": 1, "grid": 1, "below": 0}
+                    counts[rel_of[p]] = {"tiles": 1, "grid": 1, "below": 0, "unreadable": 0}
                 out.write(feats.cpu().half().numpy().tobytes())
             embed_tiles(model, preprocess, tiles, tiling, batch_size, device, workers, out, rows, source_id,
                         counts, progress)
@@ -290,12 +294,14 @@ def embed_tiles(model, preprocess, tiles: list, tiling: Tiling, batch_size: int,
                            tiling.tile, tiling.min_valid)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          shuffle=False)
-    for first, (pixels, valid, keep) in zip(range(0, len(tiles), batch_size), loader):
+    for first, (pixels, valid, keep, errors) in zip(range(0, len(tiles), batch_size), loader):
         batch = tiles[first:first + batch_size]
-        for (rel, _, _, _), k in zip(batch, keep.tolist()):
+        for (rel, _, _, _), k, error in zip(batch, keep.tolist(), errors):
             source_id(rel)
             counts[rel]["grid"] += 1
-            counts[rel]["tiles" if k else "below"] += 1
+            counts[rel]["tiles" if k else "unreadable" if error else "below"] += 1
+            if error and not counts[rel].get("error"):
+                counts[rel]["error"] = error
         if keep.any():
             with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 x = model.encode_image(pixels[keep].to(device, non_blocking=True))
@@ -320,10 +326,14 @@ def commit(folder: Path, fingerprint: str, dim: int, tiling: Tiling, root: Path,
     paths = {rel: p for rel, p in todo.pictures} | {rel: p for rel, p, _ in todo.scenes}
     for c in counts:
         for rel, n in c.items():
+            if n["unreadable"] == n["grid"] and sum(d.get(rel, {}).get("tiles", 0) for d in counts) == 0:
+                continue  # nothing of it could be read: not recorded, so that the next search tries again
             entry = sources.setdefault(rel, {"stamp": file_stamp(paths[rel]), **infos[rel],
-                                             "tiles": 0, "grid": 0, "below": 0})
-            for k in ("tiles", "grid", "below"):
+                                             "tiles": 0, "grid": 0, "below": 0, "unreadable": 0})
+            for k in ("tiles", "grid", "below", "unreadable"):
                 entry[k] += n[k]
+            if n.get("error"):
+                entry["error"] = n["error"]
     kept_parts = [prune_part(folder, part, keep, dim) for part in (old.manifest["parts"] if old else [])]
     new_parts = []
     for name in parts:

@@ -91,6 +91,13 @@ def describe(path: Path, tiling: Tiling) -> dict:
     16-bit or float scene): CRS, geotransform, size, bands, ground sampling distance in metres, the window
     (in the scene's own pixels) of one tile and the stride, and each band's stretch. A JSON-able dict,
     kept in the index beside the scene's tiles."""
+    try:
+        return describe_open(path, tiling)
+    except rasterio().errors.RasterioIOError as e:  # a header that opens, blocks that do not (truncated)
+        raise RsmclipError(f"{display(path)}: cannot read it as a raster ({str(e)[:200]})") from None
+
+
+def describe_open(path: Path, tiling: Tiling) -> dict:
     with open_raster(path) as ds:
         a, b, c, d, e, f = tuple(ds.transform)[:6]
         bands, alpha = pick_bands(ds, tiling.bands, path)
@@ -227,8 +234,10 @@ def read_tile(ds, info: dict, window: tuple[int, int, int, int], size: int) -> t
 
 class Tiles(torch.utils.data.Dataset):
     """The tiles of many scenes as preprocessed tensors, read by DataLoader workers while the model
-    encodes: items are (scene path, scene info, window); each worker opens a scene once. A tile below
-    --min-valid is read (its mask decides) but returns no pixels, so it is never encoded."""
+    encodes: items are (scene path, scene info, window); each worker opens a scene once. Each item is
+    (pixels, valid share, kept, GDAL's message if the window cannot be read): a tile below --min-valid is
+    read (its mask decides) but not kept, so it is never encoded; an unreadable one (a truncated file) is
+    reported by the main process, never raised in a worker."""
 
     def __init__(self, items: list[tuple[Path, dict, tuple]], preprocess, size: int, min_valid: float):
         self.items, self.preprocess, self.size, self.min_valid = items, preprocess, size, min_valid
@@ -239,12 +248,16 @@ class Tiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, info, window = self.items[i]
-        if path not in self.open:
-            self.open = {path: open_raster(path)}  # items run scene by scene: keep one open
-        rgb, valid = read_tile(self.open[path], info, window, self.size)
+        blank = torch.zeros(3, self.preprocess.size, self.preprocess.size)
+        try:
+            if path not in self.open:
+                self.open = {path: open_raster(path)}  # items run scene by scene: keep one open
+            rgb, valid = read_tile(self.open[path], info, window, self.size)
+        except (rasterio().errors.RasterioIOError, RsmclipError) as e:
+            return blank, 0.0, False, str(e).splitlines()[0][:200] or type(e).__name__
         if valid < self.min_valid or valid == 0:
-            return torch.zeros(3, self.preprocess.size, self.preprocess.size), valid, False
-        return self.preprocess(Image.fromarray(rgb, "RGB")), valid, True
+            return blank, valid, False, ""
+        return self.preprocess(Image.fromarray(rgb, "RGB")), valid, True, ""
 
 
 # ----------------------------------------------------------------------------- pictures of a scene

@@ -118,8 +118,8 @@ SCENES = {  # name: (CRS, geotransform): UTM north up, geographic at 60 N, a rot
 
 
 @pytest.mark.parametrize("name", SCENES)
-def test_each_hit_is_the_footprint_of_its_window_in_epsg_4326_and_in_the_scene_crs(name, weights, tmp_path,
-                                                                                  capsys):
+def test_each_hit_is_the_footprint_of_its_window_in_epsg_4326_and_in_the_scene_crs(
+        name, weights, tmp_path, capsys):
     import pyogrio
 
     crs, transform = SCENES[name]
