@@ -235,8 +235,10 @@ def report(index: Index, root: Path, old: Optional[Index], keep: dict, todo: Pla
               f"unreadable ({n['error']})", file=sys.stderr)
     n_scenes = sum(1 for s in sources.values() if s["kind"] == "scene")
     tiles = sum(s["tiles"] for s in sources.values() if s["kind"] == "scene")
-    what = f"{len(sources) - n_scenes} images" + (f" and {n_scenes} scenes ({tiles:,} tiles)" if n_scenes
-                                                  else "")
+    said = [f"{len(sources) - n_scenes} images"] if len(sources) > n_scenes or not n_scenes else []
+    if n_scenes:
+        said.append(f"{n_scenes} scene{'s' if n_scenes > 1 else ''} ({tiles:,} tiles)")
+    what = " and ".join(said)
     removed = len(old.manifest["sources"]) - len(keep) if old else 0
     print(f"index {display(index.folder)}: {what} ({len(sources) - len(keep)} added, {removed} removed or "
           f"changed, {skipped} unreadable skipped)")
