@@ -36,6 +36,7 @@ from search.scenes import Tiling
 FORMAT = "rsmclip-index 2"
 TABLE = np.dtype([("source", "<i4"), ("col_off", "<i4"), ("row_off", "<i4"), ("width", "<i4"),
                   ("height", "<i4"), ("valid", "<f4")])
+FLUSH = 4096  # tiles embedded between two commits of index.json: a killed update loses at most these
 CHUNK = 1 << 16  # rows per matrix product of the exact search: 64 MB of float16 at width 512
 EXACT_LIMIT = 1_000_000  # beyond this many tiles a search suggests --ann
 
@@ -136,6 +137,7 @@ class Plan:
     pictures: list[tuple[str, Path]] = field(default_factory=list)
     scenes: list[tuple[str, Path, dict]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    start: dict[str, int] = field(default_factory=dict)  # scenes resumed: the first grid tile to embed
 
 
 def plan(root: Path, known: dict, tiling: Tiling) -> tuple[Plan, dict]:
@@ -148,6 +150,10 @@ def plan(root: Path, known: dict, tiling: Tiling) -> tuple[Plan, dict]:
         old = known.get(rel)
         if old and old["stamp"] == file_stamp(path):
             keep[rel] = old
+            if old["kind"] == "scene" and old["grid"] < (total := len(scenes.grid(old["info"]))):
+                print(f"{display(path)}: resuming at tile {old['grid']:,} of {total:,}", file=sys.stderr)
+                todo.scenes.append((rel, path, old["info"]))  # a killed update's scene: the rest of it
+                todo.start[rel] = old["grid"]
             continue
         try:
             if not scenes.is_scene(path):
@@ -193,30 +199,37 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
         report(index, root, old, keep, todo, len(todo.skipped), tiling, {})
         return index
     run = barrier_share(uuid.uuid4().hex[:12], rank, world)
-    items = [(rel, path, info, window) for rel, path, info in todo.scenes for window in scenes.grid(info)]
-    share = items[rank * len(items) // world:(rank + 1) * len(items) // world]
-    pictures = todo.pictures[rank * len(todo.pictures) // world:(rank + 1) * len(todo.pictures) // world]
+    items = [(rel, path, info, window) for rel, path, info in todo.scenes
+             for window in scenes.grid(info)[todo.start.get(rel, 0):]]
+    chunks = [items[i:i + FLUSH] for i in range(0, len(items), FLUSH)] or [[]]
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        counts, failed = embed_part(model, preprocess, folder, f"p-{run}-r{rank}", pictures, share, tiling,
-                                    batch_size, device, workers)
-    except BaseException:
-        if made and not any(folder.iterdir()):
-            folder.rmdir()  # a first build that failed (a full disk) leaves nothing behind
-        raise
-    counts = barrier_share(counts, rank, world, gather=True)
-    failed = barrier_share(failed, rank, world, gather=True)
-    if rank != 0:
+    index, failures, unreadable = old, 0, {}
+    for n, chunk in enumerate(chunks):  # each chunk committed: a killed update resumes after the last one
+        share = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
+        pictures = [] if n else todo.pictures[rank * len(todo.pictures) // world:
+                                              (rank + 1) * len(todo.pictures) // world]
+        try:
+            counts, failed = embed_part(model, preprocess, folder, f"p-{run}-{n}-r{rank}", pictures, share,
+                                        tiling, batch_size, device, workers)
+        except BaseException:
+            if made and not any(folder.iterdir()):
+                folder.rmdir()  # a first build that failed (a full disk) leaves nothing behind
+            raise
+        counts = barrier_share(counts, rank, world, gather=True)
+        failures += len(sum(barrier_share(failed, rank, world, gather=True), []))
+        if rank == 0:
+            parts = [f"p-{run}-{n}-r{r}" for r in range(world)]
+            index = commit(folder, fingerprint, dim, tiling, root, index, keep if n == 0 else None, todo,
+                           parts, counts)
+            unreadable |= {rel: index.manifest["sources"].get(rel, c) for c in counts for rel in c
+                           if c[rel]["unreadable"]}
         barrier_share(None, rank, world)
+    if rank != 0:
         return None
-    parts = [f"p-{run}-r{r}" for r in range(world)]
-    index = commit(folder, fingerprint, dim, tiling, root, old, keep, todo, parts, counts)
-    barrier_share(None, rank, world)
     for message in todo.skipped:
         print(f"skipped: {message}", file=sys.stderr)
-    unreadable = {rel: n for c in counts for rel, n in c.items() if n["unreadable"]}
-    report(index, root, old, keep, todo, len(sum(failed, [])) + len(todo.skipped), tiling, unreadable)
+    report(index, root, old, keep, todo, failures + len(todo.skipped), tiling, unreadable)
     return index
 
 
@@ -319,24 +332,30 @@ def embed_tiles(model, preprocess, tiles: list, tiling: Tiling, batch_size: int,
 
 
 def commit(folder: Path, fingerprint: str, dim: int, tiling: Tiling, root: Path, old: Optional[Index],
-           keep: dict, todo: Plan, parts: list[str], counts: list[dict]) -> Index:
-    """Write index.json naming the kept parts (rewritten without their removed or changed sources) and the
-    new ones, then remove the files no index.json names. Returns the index read back."""
-    sources = dict(keep)
+           keep: Optional[dict], todo: Plan, parts: list[str], counts: list[dict]) -> Index:
+    """Write index.json naming the parts of `old` and the new ones (each process's of one chunk), then
+    remove the files no index.json names. The first commit of an update (`keep` given) starts from the
+    sources kept and rewrites old parts without the rows of removed or changed sources; later ones add to
+    the last. Every scene's count of grid tiles done is where a killed update resumes. Returns the index
+    read back."""
+    sources = dict(keep) if keep is not None else dict(old.manifest["sources"])
     infos = {rel: {"kind": "picture"} for rel, _ in todo.pictures}
     infos |= {rel: {"kind": "scene", "info": info} for rel, _, info in todo.scenes}
     paths = {rel: p for rel, p in todo.pictures} | {rel: p for rel, p, _ in todo.scenes}
     for c in counts:
         for rel, n in c.items():
-            if n["unreadable"] == n["grid"] and sum(d.get(rel, {}).get("tiles", 0) for d in counts) == 0:
-                continue  # nothing of it could be read: not recorded, so that the next search tries again
+            done = [d[rel] for d in counts if rel in d]
+            if (rel not in sources and all(x["unreadable"] == x["grid"] for x in done)
+                    and sum(x["grid"] for x in done) == len(scenes.grid(infos[rel]["info"]))):
+                continue  # no tile of the scene could be read: not recorded, so the next search tries again
             entry = sources.setdefault(rel, {"stamp": file_stamp(paths[rel]), **infos[rel],
                                              "tiles": 0, "grid": 0, "below": 0, "unreadable": 0})
             for k in ("tiles", "grid", "below", "unreadable"):
                 entry[k] += n[k]
             if n.get("error"):
                 entry["error"] = n["error"]
-    kept_parts = [prune_part(folder, part, keep, dim) for part in (old.manifest["parts"] if old else [])]
+    kept_parts = [prune_part(folder, part, keep, dim) if keep is not None else part
+                  for part in (old.manifest["parts"] if old else [])]
     new_parts = []
     for name in parts:
         names = json.loads((folder / f"{name}.json").read_text())

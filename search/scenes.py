@@ -9,6 +9,7 @@ and padded as nodata, never shifted inward (a shifted last tile is counted twice
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,8 +45,13 @@ class Tiling:
 
 # ----------------------------------------------------------------------------- what a scene is
 
+GDAL_CACHE_MB = "128"  # GDAL's block cache (default 5% of the memory): tiles are read row by row, and a
+# few rows of blocks are all that is read again; the user's GDAL_CACHEMAX wins
+
+
 def rasterio():
     """rasterio, imported on first use (it carries GDAL: seconds to import, and the library needs none)."""
+    os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHE_MB)
     import rasterio as module
     import rasterio.crs
     import rasterio.enums

@@ -61,6 +61,13 @@ def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, 256, (3, h, w), dtype=np.uint8)
 
 
+def test_the_library_training_and_evaluation_never_load_rasterio():
+    probe = ("import sys, rsmclip, train, eval\n"
+             "print(sorted(m for m in ('rasterio', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 # ----------------------------------------------------------------------------- the tiles are the pictures
 
 def test_the_tiles_of_a_mosaic_of_pictures_are_those_pictures(weights, tmp_path, capsys):
@@ -76,8 +83,8 @@ def test_the_tiles_of_a_mosaic_of_pictures_are_those_pictures(weights, tmp_path,
     preprocess = rsmclip.Preprocess(64)
     tiles = scenes.Tiles([(scene, info, w) for w in windows], preprocess, 64, 0.5)
     for i, path in enumerate(paths):
-        pixels, valid, keep = tiles[i]
-        assert keep and valid == 1.0 and torch.equal(pixels, preprocess(path))  # bit for bit
+        pixels, valid, keep, error = tiles[i]
+        assert keep and valid == 1.0 and not error and torch.equal(pixels, preprocess(path))  # bit for bit
     model = rsmclip.load(weights)[0]
     with torch.no_grad():
         from_tiles = model.encode_image(torch.stack([tiles[i][0] for i in range(6)]), normalize=True)
@@ -331,6 +338,36 @@ def test_a_folder_of_scenes_is_indexed_once_then_updated_scene_by_scene(weights,
     rows_a = {key(ix, r): np.asarray(np.concatenate(ix.feats)[r]) for r in range(ix.rows)}
     rows_b = {key(fresh, r): np.asarray(np.concatenate(fresh.feats)[r]) for r in range(fresh.rows)}
     assert rows_a.keys() == rows_b.keys() and all(np.array_equal(rows_a[k], rows_b[k]) for k in rows_a)
+
+
+def test_a_killed_update_resumes_after_its_last_commit(weights, tmp_path, capsys, monkeypatch):
+    """Tiles are committed every FLUSH tiles: an update stopped in its third chunk keeps the first two, and
+    the next search embeds only the rest; the index then equals one built in one go."""
+    scene = write_scene(tmp_path / "s.tif", rgb(96, 128))  # 12 tiles of 32
+    args = [scene, "roads", "--model", weights, "--tile", "32", "--workers", "0"]
+    monkeypatch.setattr(index, "FLUSH", 4)
+    real, calls = index.embed_part, []
+
+    def killed(*a, **k):
+        calls.append(len(a[5]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as SIGINT would, in the middle of the update
+        return real(*a, **k)
+
+    monkeypatch.setattr(index, "embed_part", killed)
+    with pytest.raises(SystemExit) as stopped:  # click turns the interrupt into exit 130
+        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--index", str(tmp_path / "ix")])
+    assert stopped.value.code == 130 and calls == [4, 4, 4]
+    monkeypatch.setattr(index, "embed_part", real)
+    code, out, err = search(args + ["--index", tmp_path / "ix"], capsys)
+    assert code == 0 and "s.tif: resuming at tile 8 of 12" in err and "12 of 12 tiles indexed" in out, err
+    code, out, err = search(args + ["--index", tmp_path / "fresh"], capsys)
+    fingerprint, tiling = rsmclip.weights_fingerprint(weights), Tiling(32)
+    resumed = index.read_index(tmp_path / "ix", fingerprint, 64, tiling)
+    fresh = index.read_index(tmp_path / "fresh", fingerprint, 64, tiling)
+    assert resumed.manifest["sources"][""] == fresh.manifest["sources"][""]
+    assert np.array_equal(np.concatenate(resumed.tables), np.concatenate(fresh.tables))
+    assert np.array_equal(np.concatenate(resumed.feats), np.concatenate(fresh.feats))
 
 
 def test_exact_search_in_chunks_and_faiss_agree_with_a_plain_matrix_product(tmp_path, monkeypatch):
