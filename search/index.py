@@ -222,8 +222,11 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
             parts = [f"p-{run}-{n}-r{r}" for r in range(world)]
             index = commit(folder, fingerprint, dim, tiling, root, index, keep if n == 0 else None, todo,
                            parts, counts)
-            unreadable |= {rel: index.manifest["sources"].get(rel, c) for c in counts for rel in c
-                           if c[rel]["unreadable"]}
+        for c in counts:
+            for rel, got in c.items():
+                if got["unreadable"]:
+                    seen = unreadable.setdefault(rel, [0, got["error"]])
+                    seen[0] += got["unreadable"]
         barrier_share(None, rank, world)
     if rank != 0:
         return None
@@ -236,16 +239,18 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
 def report(index: Index, root: Path, old: Optional[Index], keep: dict, todo: Plan, skipped: int,
            tiling: Tiling, unreadable: dict):
     """The index's line (images, scenes and tiles; what was added, removed, skipped) and one per new scene:
-    its tiles indexed of the grid's, and how many fell below --min-valid (an all-nodata scene says 0)."""
+    its tiles indexed of the grid's, and how many fell below --min-valid (an all-nodata scene says 0);
+    `unreadable`: per scene, its tiles that GDAL could not read and the first message."""
     sources = index.manifest["sources"]
     for rel, _, _ in todo.scenes:
         if rel in sources:
             s = sources[rel]
             print(f"{display(root / rel if rel else root)}: {s['tiles']:,} of {s['grid']:,} tiles "
                   f"indexed ({s['below']:,} below --min-valid {tiling.min_valid:g})")
-    for rel, n in unreadable.items():
-        print(f"skipped: {display(root / rel if rel else root)}: {n['unreadable']:,} of {n['grid']:,} tiles "
-              f"unreadable ({n['error']})", file=sys.stderr)
+    totals = {rel: len(scenes.grid(info)) for rel, _, info in todo.scenes}
+    for rel, (n, error) in unreadable.items():
+        print(f"skipped: {display(root / rel if rel else root)}: {n:,} of {totals[rel]:,} tiles unreadable "
+              f"({error})", file=sys.stderr)
     n_scenes = sum(1 for s in sources.values() if s["kind"] == "scene")
     tiles = sum(s["tiles"] for s in sources.values() if s["kind"] == "scene")
     said = [f"{len(sources) - n_scenes} images"] if len(sources) > n_scenes or not n_scenes else []
