@@ -424,15 +424,22 @@ def bands_option(text: Optional[str]) -> Optional[tuple[int, ...]]:
     return bands
 
 
-def where(hit: dict) -> str:
-    """A hit's place for the table: a scene tile's window and the longitude, latitude of its centre."""
+def centre(hit: dict) -> dict:
+    """A scene tile's centre as longitude and latitude (EPSG:4326), for the table and --out."""
     if hit["kind"] != "scene":
-        return ""
+        return {}
     col, row, w, h = hit["window"]
     xs, ys = geo.footprint(hit["transform"], (col + w / 2, row + h / 2, 0, 0), 1)
     lon, lat = geo.to_lonlat(hit["crs"], xs[:1], ys[:1])
-    hit["lon"], hit["lat"] = round(lon[0], 6), round(lat[0], 6)
-    return f"col {col} row {row} ({w} x {h} px), lon {lon[0]:.5f} lat {lat[0]:.5f}"
+    return {"lon": round(lon[0], 6), "lat": round(lat[0], 6)}
+
+
+def where(hit: dict) -> str:
+    """A hit's place for the table: a scene tile's window and its centre."""
+    if hit["kind"] != "scene":
+        return ""
+    col, row, w, h = hit["window"]
+    return f"col {col} row {row} ({w} x {h} px), lon {hit['lon']:.5f} lat {hit['lat']:.5f}"
 
 
 @app.command()
@@ -513,7 +520,7 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
         best = sorted((h for per in per_input for h in per[q]), key=lambda h: -h["score"])[:top_k]
         table = Table("rank", "score", "image", "where", title=query)
         for rank_, h in enumerate(best, 1):
-            h |= {"rank": rank_, "query": query, "model": display(model_path)}
+            h |= {"rank": rank_, "query": query, "model": display(model_path), **centre(h)}
             table.add_row(str(rank_), f"{h['score']:.4f}", h["path"], where(h))
         Console().print(table)
         hits[query] = best
