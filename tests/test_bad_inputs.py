@@ -200,7 +200,7 @@ def huge_scene(tmp: Path):
 def rotated(tmp: Path):
     from rasterio.transform import Affine
 
-    grid = Affine.translation(583000.0, 4507000.0) * Affine.rotation(20) * Affine.scale(0.5, -0.5)
+    grid = Affine.translation(583000.0, 4507000.0) @ Affine.rotation(20) @ Affine.scale(0.5, -0.5)
     scene(tmp, transform=grid)
 
 

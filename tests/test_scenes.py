@@ -109,7 +109,7 @@ def test_the_tiles_of_a_mosaic_of_pictures_are_those_pictures(weights, tmp_path,
 def corners(transform: Affine, window) -> list[tuple[float, float]]:
     """The window's corners through the file's own affine transform (rasterio's, not ours)."""
     col, row, w, h = window
-    return [transform * (c, r) for c, r in ((col, row), (col, row + h), (col + w, row + h), (col + w, row))]
+    return [transform @ (c, r) for c, r in ((col, row), (col, row + h), (col + w, row + h), (col + w, row))]
 
 
 def ring_area(ring) -> float:
@@ -119,8 +119,8 @@ def ring_area(ring) -> float:
 SCENES = {  # name: (CRS, geotransform): UTM north up, geographic at 60 N, a rotated and sheared grid
     "utm": ("EPSG:32618", from_origin(583000.0, 4507000.0, 0.5, 0.5)),
     "geographic": ("EPSG:4326", from_origin(10.0, 60.0, 1e-5, 1e-5)),
-    "rotated": ("EPSG:32633", Affine.translation(500000.0, 6650000.0) * Affine.rotation(30)
-                * Affine.shear(5, 0) * Affine.scale(2.0, -2.0)),
+    "rotated": ("EPSG:32633", Affine.translation(500000.0, 6650000.0) @ Affine.rotation(30)
+                @ Affine.shear(5, 0) @ Affine.scale(2.0, -2.0)),
 }
 
 
@@ -167,7 +167,7 @@ def test_each_hit_is_the_footprint_of_its_window_in_epsg_4326_and_in_the_scene_c
         # kept, about 1 cm: 0.02 pixels of 0.5 m)
         back = reproject_points("EPSG:4326", crs, *zip(*feature["geometry"]["coordinates"][0]))
         inverse = ~file_transform
-        cols, rows = zip(*(inverse * pt for pt in zip(*back)))
+        cols, rows = zip(*(inverse @ pt for pt in zip(*back)))
         col, row = window[:2]
         on_edge = [min(abs(c - col), abs(c - col - 64), abs(r - row), abs(r - row - 64))
                    for c, r in zip(cols, rows)]
