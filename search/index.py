@@ -48,6 +48,7 @@ class Index:
     manifest: dict
     feats: list[np.ndarray] = field(default_factory=list)
     tables: list[np.ndarray] = field(default_factory=list)
+    ann: object = None  # the FAISS index, once loaded (--ann)
 
     @property
     def rows(self) -> int:
@@ -458,9 +459,17 @@ def exact_top(index: Index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 def ann_top(index: Index, queries: torch.Tensor, k: int, nprobe: int = 64
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like exact_top, through FAISS: an inverted-file index (about sqrt(N) lists, inner product, vectors
-    kept as float16) built on first use and kept beside the index until its parts change; `nprobe` lists
-    are searched per query."""
+    """Like exact_top, through FAISS (load_ann's index, loaded once per Index): `nprobe` lists are searched
+    per query."""
+    ann = index.ann or load_ann(index)
+    ann.nprobe = nprobe
+    scores, rows = ann.search(np.ascontiguousarray(queries.float().numpy()), k)
+    return torch.from_numpy(scores), torch.from_numpy(rows).long()
+
+
+def load_ann(index: Index):
+    """An inverted-file FAISS index of the rows (about sqrt(N) lists, inner product, vectors kept as
+    float16): read from ann.faiss when it was built from the same parts, else built and written there."""
     try:
         import faiss
     except ImportError:
@@ -479,9 +488,8 @@ def ann_top(index: Index, queries: torch.Tensor, k: int, nprobe: int = 64
         ann = build_ann(index)
         atomic_write(path, lambda tmp: faiss.write_index(ann, str(tmp)))
         atomic_write(record, lambda tmp: tmp.write_text(json.dumps(key)))
-    ann.nprobe = nprobe
-    scores, rows = ann.search(np.ascontiguousarray(queries.float().numpy()), k)
-    return torch.from_numpy(scores), torch.from_numpy(rows).long()
+    index.ann = ann
+    return ann
 
 
 def build_ann(index: Index):
