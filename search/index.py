@@ -74,6 +74,9 @@ def index_path(root: Path, fingerprint: str, tiling: Tiling) -> Path:
 def check_index_folder(folder: Path, inputs: list[Path]):
     """--index names a folder (the index's files go in it): refused before any work when it is a file (an
     older rsmclip's one-file index too), an input, or in a folder that cannot be written."""
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "index.json").exists():
+        raise RsmclipError(f"--index {display(folder)}: a folder that holds other files, not a search index; "
+                           "give a new or empty folder")
     if folder.exists() and not folder.is_dir():
         refuse_overwrite(folder, inputs, "--index")  # an image of an input: said so, as for every output
         raise RsmclipError(f"--index {display(folder)}: is a file; the index is a folder of files now (an "
@@ -371,10 +374,9 @@ def commit(folder: Path, fingerprint: str, dim: int, tiling: Tiling, root: Path,
                 "root": display(root.resolve()), "sources": sources,
                 "parts": [p for p in kept_parts + new_parts if p["rows"]]}
     atomic_write(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(manifest), encoding="utf-8"))
-    named = {f"{p['name']}{s}" for p in manifest["parts"] for s in (".f16", ".npy")} | {"index.json"}
-    named |= {"ann.faiss", "ann.json"}
-    for f in folder.iterdir():
-        if not f.name.startswith(".") and f.name not in named:
+    named = {f"{p['name']}{s}" for p in manifest["parts"] for s in (".f16", ".npy")}
+    for f in folder.glob("p-*"):  # only parts: whatever else is in the folder is not ours to remove
+        if f.suffix in (".f16", ".npy", ".json") and f.name not in named:
             f.unlink()
     sweep_temporaries(folder)
     return read_index(folder, fingerprint, dim, tiling)
