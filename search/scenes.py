@@ -92,6 +92,10 @@ def metres_per_unit(crs, lat: float) -> tuple[float, float]:
     return factor, factor
 
 
+class SceneSkipped(RsmclipError):
+    """A scene that gives no tile at this tiling (smaller than one tile): skipped and counted."""
+
+
 def describe(path: Path, tiling: Tiling) -> dict:
     """What tiling a scene needs, read from its header (and a small decimated read for the stretch of a
     16-bit or float scene): CRS, geotransform, size, bands, ground sampling distance in metres, the window
@@ -104,6 +108,7 @@ def describe(path: Path, tiling: Tiling) -> dict:
 
 
 def describe_open(path: Path, tiling: Tiling) -> dict:
+    """describe() of a scene whose reads may raise GDAL's own errors."""
     with open_raster(path) as ds:
         a, b, c, d, e, f = tuple(ds.transform)[:6]
         bands, alpha = pick_bands(ds, tiling.bands, path)
@@ -127,13 +132,9 @@ def describe_open(path: Path, tiling: Tiling) -> dict:
                 "window": [win_w, win_h], "stride": [max(1, round(win_w * (1 - tiling.overlap))),
                                                      max(1, round(win_h * (1 - tiling.overlap)))],
                 "gsd_m": round((px * win_w + py * win_h) / (2 * tiling.tile), 6),
-                "rotated": bool(b or d), "alpha": alpha, "tiled": bool(ds.profile.get("tiled"))}
+                "alpha": alpha, "tiled": bool(ds.profile.get("tiled"))}
         info["stretch"] = scene_stretch(ds, info) if info["dtype"] != "uint8" else None
     return info
-
-
-class SceneSkipped(RsmclipError):
-    """A scene that gives no tile at this tiling (smaller than one tile): skipped and counted."""
 
 
 def pick_bands(ds, bands: Optional[tuple[int, ...]], path: Path) -> tuple[tuple[int, ...], bool]:
