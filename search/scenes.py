@@ -70,9 +70,22 @@ def open_raster(path: Path):
         raise RsmclipError(f"{display(path)}: cannot read it as a raster ({str(e)[:200]})") from None
 
 
+GEOKEYS = 34735  # the GeoTIFF tag that holds a CRS
+SIDECARS = (".aux.xml", ".tfw", ".tifw", ".wld")  # where GDAL also finds a georeference
+
+
 def is_scene(path: Path) -> bool:
-    """A raster with a CRS and a geotransform, which is tiled; any other picture is searched whole."""
+    """A raster with a CRS and a geotransform, which is tiled; any other picture is searched whole. A TIFF
+    without GeoTIFF keys or a sidecar file is a picture without starting GDAL (a folder of plain TIFFs
+    is listed at PIL's speed)."""
     if path.suffix.lower() not in SCENE_SUFFIXES:
+        return False
+    try:
+        with Image.open(path) as image:
+            plain = GEOKEYS not in getattr(image, "tag_v2", {})
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        plain = False  # PIL cannot tell (BigTIFF, a damaged header): GDAL decides
+    if plain and not any(Path(f"{path}{ext}").exists() or path.with_suffix(ext).exists() for ext in SIDECARS):
         return False
     with open_raster(path) as ds:
         return ds.crs is not None and not ds.transform.is_identity
