@@ -87,6 +87,15 @@ def umask() -> int:
     return mask
 
 
+def sweep_temporaries(folder: Path, name: str = "*"):
+    """Remove the temporary files (atomic_write's) of writers that are gone, for the file `name` (a glob:
+    every file by default) in `folder`; those of live writers stay."""
+    for stale in folder.glob(f".{glob.escape(name) if name != '*' else '*'}.*.tmp"):
+        pid = stale.name[1:].removesuffix(".tmp").split(".")[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], size: Optional[int] = None) -> Path:
     """Write a file whole or not at all: write(tmp) fills a temporary file beside `path`, which is then
     flushed to disk, given the mode any tool would give it (0666 less the umask) and renamed over `path`.
@@ -97,10 +106,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size: Optional
     path = Path(path)
     check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = stale.name[len(path.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
+    sweep_temporaries(path.parent, path.name)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)

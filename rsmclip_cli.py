@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -40,7 +41,7 @@ from cli import (
     warn_if_toy,
     write_text,
 )
-from files import atomic_save, atomic_write, display, file_sha256
+from files import atomic_save, atomic_write, display, file_sha256, listing
 from rsmclip import (
     CLIP,
     HUB_FILES,
@@ -58,8 +59,10 @@ from rsmclip import (
     weights_dir,
     weights_path,
 )
-from search.index import update_index
-from search.pages import results_page
+from search import geo
+from search.index import EXACT_LIMIT, best_hits, check_index_folder, processes, update_index
+from search.pages import results_page, search_page
+from search.scenes import Tiling
 
 # ----------------------------------------------------------------------------- download
 
@@ -388,51 +391,162 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
             for path, row, best in zip(ok, rows, top)])]))
 
 
+def split_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
+    """`search` takes files and folders, then the queries: the leading arguments that exist on disk are the
+    inputs, the first that does not starts the queries."""
+    inputs = []
+    for arg in args[:-1] if len(args) > 1 else args:  # the last argument is a query, whatever it names
+        if not Path(arg).exists():
+            break
+        inputs.append(Path(arg))
+    if not inputs:
+        raise RsmclipError(f"{display(args[0])}: no such file or folder to search (give scenes, pictures or "
+                           "folders first, then the text queries)")
+    return inputs, args[len(inputs):]
+
+
+def within(test, what: str):
+    """An option's callback: a value that fails `test` (nan fails every comparison): a usage error, exit 2."""
+    def check(value):
+        if value is not None and not test(value):
+            raise typer.BadParameter(f"{value} is not {what}")
+        return value
+    return check
+
+
+def bands_option(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    try:
+        bands = None if text is None else tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: comma-separated band numbers, such as 1,2,3") from None
+    if bands is not None and (len(bands) not in (1, 3) or min(bands) < 1):
+        raise typer.BadParameter(f"{text!r}: one band (grey) or three (red, green, blue), counted from 1")
+    return bands
+
+
+def centre(hit: dict) -> dict:
+    """A scene tile's centre as longitude and latitude (EPSG:4326), for the table and --out."""
+    if hit["kind"] != "scene":
+        return {}
+    col, row, w, h = hit["window"]
+    xs, ys = geo.footprint(hit["transform"], (col + w / 2, row + h / 2, 0, 0), 1)
+    lon, lat = geo.to_lonlat(hit["crs"], xs[:1], ys[:1])
+    return {"lon": round(lon[0], 6), "lat": round(lat[0], 6)}
+
+
+def where(hit: dict) -> str:
+    """A hit's place for the table: a scene tile's window and its centre."""
+    if hit["kind"] != "scene":
+        return ""
+    col, row, w, h = hit["window"]
+    return f"col {col} row {row} ({w} x {h} px), lon {hit['lon']:.5f} lat {hit['lat']:.5f}"
+
+
 @app.command()
-def search(folder: Path = typer.Argument(..., help="folder of images (searched recursively)"),
-           queries: list[str] = typer.Argument(..., help="text queries, in any of the ten languages"),
+def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pictures and folders of them "
+                                            "(searched recursively), then the text queries in any of the ten "
+                                            "languages"),
            model_path: Path = MODEL,
-           index: Optional[Path] = typer.Option(None, help="index file (default: one per folder and weights "
-                                                "in the user cache, $RSMCLIP_HOME or ~/.cache/rsmclip)"),
+           index: Optional[Path] = typer.Option(None, help="index folder, with one input only (default: one "
+                                                "per input, weights and tiling in the user cache, "
+                                                "$RSMCLIP_HOME or ~/.cache/rsmclip)"),
            top_k: int = typer.Option(5, min=1, help="hits shown per query"),
-           batch_size: int = typer.Option(64, min=1, help="images per forward pass while indexing"),
+           tile: Optional[int] = typer.Option(None, help="tile side in output pixels, at least 16 (default: "
+                                              "the model's input size)",
+                                              callback=within(lambda v: v >= 16, "at least 16 pixels")),
+           overlap: float = typer.Option(0.0, help="share of a tile the next one covers again, in [0, 1)",
+                                         callback=within(lambda v: 0 <= v < 1, "a share in [0, 1)")),
+           gsd: Optional[float] = typer.Option(None, help="metres per pixel to resample scenes to (default: "
+                                               "each scene's own)",
+                                               callback=within(lambda v: 0 < v < math.inf,
+                                                               "a positive number of metres per pixel")),
+           min_valid: float = typer.Option(0.5, help="tiles with a smaller share of valid pixels (nodata, "
+                                           "alpha, mask, past the edge) are not indexed",
+                                           callback=within(lambda v: 0 <= v <= 1, "a share in [0, 1]")),
+           bands: Optional[str] = typer.Option(None, help="the scene bands read as red,green,blue, or one "
+                                               "band as grey (default: by colour interpretation, else "
+                                               "the first three)", callback=bands_option),
+           nms: float = typer.Option(0.5, help="a hit overlapping a better hit of the same scene by more "
+                                     "than this IoU is dropped (1: keep all)",
+                                     callback=within(lambda v: 0 <= v <= 1, "an IoU in [0, 1]")),
+           ann: bool = typer.Option(False, help="approximate search with FAISS (for millions of tiles; "
+                                    "needs faiss-cpu)"),
+           batch_size: int = typer.Option(64, min=1, help="images or tiles per forward pass while indexing"),
+           workers: int = typer.Option(2, min=0, help="loader processes reading tiles while the model "
+                                       "encodes"),
            tokenizer: Optional[Path] = TOKENIZER,
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
            html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look at: the "
-                                                    "hits of each query as pictures (self-contained .html)"),
+                                                    "hits of each query on their scenes and as pictures "
+                                                    "(self-contained .html)"),
+           geojson: Optional[Path] = typer.Option(None, help="also write the hits on scenes as GeoJSON "
+                                                  "(EPSG:4326, RFC 7946), and beside it one file per scene "
+                                                  "CRS in that CRS (FILE.EPSG_32618.geojson)"),
            device: str = DEVICE):
-    """Text-to-image search over a folder; the index is built once and updated when images change."""
-    if not folder.is_dir():
-        raise RsmclipError(f"{folder}: not a folder")
-    refuse_overwrite(index, [model_path, tokenizer, folder], "--index")
-    refuse_overwrite(out, [model_path, index, tokenizer, folder])
-    refuse_overwrite(html_page, [model_path, index, tokenizer, out, folder], "--html")
+    """Text-to-image search over scenes and pictures; the index is built once, updated when files change."""
+    inputs, queries = split_inputs(args)
+    if not queries:
+        raise RsmclipError("no query: give the text queries after the files and folders to search")
+    if index is not None:
+        if len(inputs) > 1:
+            raise RsmclipError("--index names one index: give it with one file or folder to search")
+        check_index_folder(index, [model_path, tokenizer, *inputs])
+    written = [model_path, tokenizer, *inputs]
+    for option, path in (("--out", out), ("--html", html_page), ("--geojson", geojson)):
+        refuse_overwrite(path, written, option)
+        written.append(path)
     if index is None:
         cache_dir(check=True)  # where the index goes: a problem there is found now, not after the embedding
     model, preprocess, tok = load(model_path, tokenizer, device)
+    tiling = Tiling(tile or model.config.vision.image_size, overlap, gsd, min_valid, bands)
+    rank, world = processes()
     weights = weights_path(model_path)
-    entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)
-    if not entries:
-        raise RsmclipError(f"{folder}: no readable images to search")
-    warn_if_toy(model.config, weights, [folder / e["path"] for e in entries])
+    found = [(root, update_index(model, preprocess, weights, root, index, tiling, batch_size, device, workers,
+                                 rank, world)) for root in inputs]
+    if rank != 0:
+        return
+    found = [(root, ix) for root, ix in found if ix is not None and ix.rows]
+    if not found:
+        raise RsmclipError(f"{listing(inputs)}: no readable images or tiles to search")
+    warn_if_toy(model.config, weights, inputs)
     warn_unknown(tok, queries)
-    scores = embed_texts(model, tok, queries, device=device) @ feats.T
-    top = scores.topk(min(top_k, len(entries)), dim=1)
-    hits = [list(zip(s, i)) for s, i in zip(top.values.tolist(), top.indices.tolist())]  # per query
-    results = {}
-    for query, best in zip(queries, hits):
-        results[query] = [{"path": display(entries[i]["path"]), "score": round(s, 4)} for s, i in best]
-        table = Table("rank", "score", "image", title=query)
-        for rank, hit in enumerate(results[query], 1):
-            table.add_row(str(rank), f"{hit['score']:.4f}", hit["path"])
+    if sum(ix.rows for _, ix in found) > EXACT_LIMIT and not ann:
+        print(f"note: more than {EXACT_LIMIT:,} tiles: --ann searches them faster (approximately)",
+              file=sys.stderr)
+    emb = embed_texts(model, tok, queries, device=device)
+    per_input = [best_hits(ix, root, emb, top_k, nms, ann) for root, ix in found]
+    hits = {}
+    for q, query in enumerate(queries):
+        best = sorted((h for per in per_input for h in per[q]), key=lambda h: -h["score"])[:top_k]
+        table = Table("rank", "score", "image", "where", title=query)
+        for rank_, h in enumerate(best, 1):
+            h |= {"rank": rank_, "query": query, "model": display(model_path), **centre(h)}
+            table.add_row(str(rank_), f"{h['score']:.4f}", h["path"], where(h))
         Console().print(table)
+        hits[query] = best
+    write_search_outputs(hits, out, html_page, geojson, inputs)
+
+
+def write_search_outputs(hits: dict, out: Optional[Path], html_page: Optional[Path], geojson: Optional[Path],
+                         inputs: list[Path]):
+    """--out (JSON), --geojson (and one file per scene CRS beside it) and --html of a search's hits."""
     if out:
-        write_text(out, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        keys = ("path", "score", "window", "crs", "gsd_m", "valid_frac", "lon", "lat")
+        rows = {q: [{k: list(h[k]) if k == "window" else round(h[k], 4) if k == "score" else h[k]
+                     for k in keys if k in h} for h in best] for q, best in hits.items()}
+        write_text(out, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    on_scenes = [h for best in hits.values() for h in best if h["kind"] == "scene"]
+    if geojson:
+        write_text(geojson, geo.geojson(on_scenes))
+        for crs in sorted({h["crs"] for h in on_scenes}):
+            native = geojson.with_name(f"{geojson.stem}.{crs.replace(':', '_')}{geojson.suffix}")
+            refuse_overwrite(native, inputs, "--geojson")
+            write_text(native, geo.geojson_native(on_scenes, crs))
+        if skipped := sum(len(best) for best in hits.values()) - len(on_scenes):
+            print(f"note: {skipped} hits are pictures without georeference: they are not in "
+                  f"{display(geojson)}", file=sys.stderr)
     if html_page:
-        write_text(html_page, results_page(f"search in {display(folder)}", [
-            (query, [(folder / entries[i]["path"], [f"#{rank}  score {s:.4f}", entries[i]["path"]])
-                     for rank, (s, i) in enumerate(best, 1)])
-            for query, best in zip(queries, hits)]))
+        write_text(html_page, search_page(f"search in {listing(inputs)}", hits))
 
 
 def main():

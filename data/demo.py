@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import sentencepiece
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: cli.py sits one level up
 import cli  # noqa: E402  (its one exit-code rule: `python data/demo.py`)
+import files  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_data"  # where train.py and eval.py put the demo
 VERSION = "rsmclip-demo 3"  # bump when the output changes: an older demo folder is then rebuilt
@@ -401,12 +403,56 @@ def make_demo(out_dir: Path) -> Path:
     return manifest
 
 
-def main(out: Path = typer.Option(DEMO_DIR, help="folder to write")):
+# ----------------------------------------------------------------------------- a georeferenced scene
+
+MOSAIC_ORIGIN = ("EPSG:32629", 487000.0, 4290000.0)  # UTM zone 29N, the top-left corner near Lisbon
+
+
+def write_mosaic(pictures: list[Path], out: Path, columns: int, pixel_m: float = 1.0,
+                 origin: tuple[str, float, float] = MOSAIC_ORIGIN) -> Path:
+    """Pictures of one size laid edge to edge, row by row, `columns` to a row, as one georeferenced scene:
+    a tiled, deflate-compressed GeoTIFF with overviews, north up, `pixel_m` metres per pixel, its top-left
+    corner at `origin` (CRS, x, y). A tile of the scene's grid at the pictures' size is one picture, pixel
+    for pixel. rasterio is imported here only: the demo itself needs none."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in pictures]
+    h, w, _ = arrays[0].shape
+    rows = -(-len(arrays) // columns)
+    scene = np.zeros((3, rows * h, columns * w), np.uint8)
+    for i, a in enumerate(arrays):
+        if a.shape != (h, w, 3):
+            raise ValueError(f"{pictures[i]}: {a.shape[1]} x {a.shape[0]} pixels, the others {w} x {h}")
+        top, left = i // columns * h, i % columns * w
+        scene[:, top:top + h, left:left + w] = a.transpose(2, 0, 1)
+    crs, x, y = origin
+
+    def write(tmp: Path):
+        with rasterio.open(tmp, "w", driver="GTiff", width=scene.shape[2], height=scene.shape[1], count=3,
+                           dtype="uint8", crs=crs, transform=from_origin(x, y, pixel_m, pixel_m), tiled=True,
+                           blockxsize=256, blockysize=256, compress="deflate", photometric="RGB") as dst:
+            dst.write(scene)
+            dst.build_overviews([2, 4, 8], Resampling.average)
+    return files.atomic_write(out, write)
+
+
+def main(out: Path = typer.Option(DEMO_DIR, help="folder to write"),
+         mosaic: Optional[Path] = typer.Option(None, help="also write the 200 test images as one "
+                                               "georeferenced scene, a GeoTIFF of 20 x 10 of them (1,280 x "
+                                               "640 px, 1 m per pixel, UTM 29N), for `rsmclip search`")):
     """Generate the demo dataset (a few seconds; nothing happens if it is already there)."""
     manifest = make_demo(out)
     splits = ", ".join(f"{k} {v}" for k, v in SPLITS.items())
     print(f"demo dataset: {manifest} ({sum(SPLITS.values())} images: {splits}), "
           f"tokenizer {manifest.parent / 'spm.model'}")
+    if mosaic:
+        test = [manifest.parent / r["image"] for r in map(json.loads, manifest.read_text().splitlines())
+                if r["split"] == "test"]
+        cli.refuse_overwrite(mosaic, [manifest, *test], "--mosaic")
+        write_mosaic(test, mosaic, 20)
+        print(f"wrote {files.display(mosaic)}: the {len(test)} test images as one scene, 20 to a row")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def sixteen_bit(tmp: Path):
 
 def damaged_index(tmp: Path):
     images(tmp)
-    (tmp / "index.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    (tmp / "ix").mkdir()
+    (tmp / "ix" / "index.json").write_text('{"format": "rsmclip-index 2", "model":')  # cut short
 
 
 def odd_names(tmp: Path):
@@ -163,6 +164,76 @@ def tower(tmp: Path, fill: str = "random", **config) -> Path:
         w["lm_head.weight"][im_end], w["lm_head.weight"][1] = 0.25, 0.125
     save_file(w, str(folder / "model.safetensors"))
     return folder
+
+
+# ----------------------------------------------------------------------------- fixtures: scenes
+
+
+def scene(tmp: Path, name: str = "s.tif", data: Optional[np.ndarray] = None, crs: str = "EPSG:32618",
+          transform=None, **profile) -> Path:
+    """A GeoTIFF written with rasterio: data [bands, rows, cols] (default 3 x 96 x 128 random uint8), UTM
+    18N with 0.5 m pixels unless given."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    data = np.random.default_rng(0).integers(1, 256, (3, 96, 128), dtype=np.uint8) if data is None else data
+    with rasterio.open(tmp / name, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype=data.dtype, crs=crs, **profile,
+                       transform=transform or from_origin(583000.0, 4507000.0, 0.5, 0.5)) as dst:
+        dst.write(data)
+    return tmp / name
+
+
+def huge_scene(tmp: Path):
+    """10,001 x 10,001 pixels (above the 100-megapixel limit of a picture), one band, tiled and deflated."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    with rasterio.open(tmp / "huge.tif", "w", driver="GTiff", width=10001, height=10001, count=1,
+                       dtype="uint8", crs="EPSG:32618", transform=from_origin(0, 0, 1, 1),
+                       tiled=True, compress="deflate") as dst:
+        for top in range(0, 10001, 2048):
+            rows = min(2048, 10001 - top)
+            dst.write(np.full((1, rows, 10001), 90, np.uint8), window=Window(0, top, 10001, rows))
+
+
+def rotated(tmp: Path):
+    from rasterio.transform import Affine
+
+    grid = Affine.translation(583000.0, 4507000.0) @ Affine.rotation(20) @ Affine.scale(0.5, -0.5)
+    scene(tmp, transform=grid)
+
+
+def features(tmp: Path) -> list[dict]:
+    return json.loads((tmp / "hits.geojson").read_text())["features"]
+
+
+def footprint_is_rotated(tmp: Path):
+    """The footprint of a rotated grid is a rotated quadrilateral: its edges are not north-south."""
+    ring = features(tmp)[0]["geometry"]["coordinates"][0]
+    assert ring[0][0] != ring[16][0] and ring[0][1] != ring[16][1]
+
+
+def two_scenes(tmp: Path):
+    """s.tif in UTM 18N, g.tif in EPSG:4326 (1e-5 degree pixels at 60 N)."""
+    from rasterio.transform import from_origin
+
+    scene(tmp)
+    scene(tmp, "g.tif", crs="EPSG:4326", transform=from_origin(10, 60, 1e-5, 1e-5))
+
+
+def two_crs(tmp: Path):
+    """Hits of a UTM scene and a geographic one: each its own crs, one EPSG:4326 file, one file per CRS."""
+    assert {f["properties"]["crs"] for f in features(tmp)} == {"EPSG:32618", "EPSG:4326"}
+    assert (tmp / "hits.EPSG_32618.geojson").exists() and (tmp / "hits.EPSG_4326.geojson").exists()
+
+
+def index_of_another_tiling(tmp: Path):
+    scene(tmp)
+    with pytest.raises(SystemExit):
+        cli.run_cli(rsmclip_cli.app, ["search", str(tmp / "s.tif"), "roads", "--model",
+                                      str(tmp / "w.safetensors"), "--index", str(tmp / "ix"), "--tile", "32"])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -621,7 +692,7 @@ CASES = [
          ["embed", "--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.safetensors"], code=0,
          make=sixteen_bit, words=("skipped:", "compressed or band-separated TIFF with 16-bit")),
     Case("search: a damaged index is rebuilt", "rsmclip",
-         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/index.safetensors"], code=0,
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/ix"], code=0,
          make=damaged_index, words=("damaged search index", "rebuilding it")),
     Case("search: a file name not UTF-8, written to --out", "rsmclip",
          ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--out",
@@ -1061,6 +1132,71 @@ CASES = [
          make=lambda tmp: (tmp / "run").mkdir() or (tmp / "run" / "metrics.jsonl").write_text(
              '{"step": 2, "loss": 3.0}\n{"step": 4, "lo\n{"step": 6, "loss": 2.0}\n'),
          words=("metrics.jsonl line 2 is damaged", "delete or fix that line"), absent=("run/curves.svg",)),
+    # --- scenes (search/: GeoTIFF scenes tiled on the fly)
+    Case("scenes: a TIFF without georeference is searched as one picture", "rsmclip",
+         ["search", "{tmp}/plain.tif", "roads", "--model", "{w}", "--geojson", "{tmp}/hits.geojson"], code=0,
+         make=lambda tmp: Image.new("RGB", (80, 60), (40, 90, 160)).save(tmp / "plain.tif"),
+         words=("plain.tif has no georeference (no CRS): searched as one picture",
+                "1 hits are pictures without georeference: they are not in"),
+         check=lambda tmp: features(tmp) == []),
+    Case("scenes: an all-nodata scene indexes 0 tiles and says so", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--out", "{tmp}/hits.json"],
+         make=lambda tmp: scene(tmp, data=np.zeros((3, 96, 128), np.uint8), nodata=0),
+         stdout=("0 of 4 tiles indexed (4 below --min-valid 0.5)",),
+         words=("no readable images or tiles to search",), absent=("hits.json",)),
+    Case("scenes: a 1-band scene is read as grey", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}"], code=0,
+         make=lambda tmp: scene(tmp, data=np.full((1, 96, 128), 70, np.uint8)),
+         stdout=("4 of 4 tiles indexed",)),
+    Case("scenes: a 2-band scene without colour bands", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}"],
+         make=lambda tmp: scene(tmp, data=np.full((2, 96, 128), 70, np.uint8)),
+         words=("2 data bands and none of them red, green or blue", "--bands 1"), absent=("home/index/*/*",)),
+    Case("scenes: a rotated geotransform is handled (rotated footprints)", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--geojson", "{tmp}/hits.geojson"], code=0,
+         make=rotated, check=footprint_is_rotated),
+    Case("scenes: scenes of different CRSs in one search", "rsmclip",
+         ["search", "{tmp}/s.tif", "{tmp}/g.tif", "roads", "--model", "{w}", "--geojson",
+          "{tmp}/hits.geojson", "--top-k", "8"], code=0,
+         make=two_scenes, check=two_crs),
+    Case("scenes: a truncated TIFF", "rsmclip", ["search", "{tmp}/s.tif", "roads", "--model", "{w}"],
+         make=lambda tmp: truncate(scene(tmp), 0.3),
+         words=("s.tif: 4 of 4 tiles unreadable (", "no readable images or tiles to search")),
+    Case("scenes: a scene too large to read whole is read by windows", "rsmclip",
+         ["search", "{tmp}/huge.tif", "roads", "--model", "{w}", "--gsd", "32"], code=0, make=huge_scene,
+         stdout=("25 of 25 tiles indexed",)),
+    *(Case(f"scenes: {' '.join(flag)}", "rsmclip",
+           ["search", "{tmp}/s.tif", "roads", "--model", "{w}", *flag], code=2, make=scene,
+           words=(f"Invalid value for '{flag[0]}'", words), absent=("home/index",))
+      for flag, words in ((("--tile", "8"), "8 is not at least 16 pixels"),
+                          (("--overlap", "-0.1"), "-0.1 is not a share in [0, 1)"),
+                          (("--overlap", "1"), "1.0 is not a share in [0, 1)"),
+                          (("--gsd", "0"), "0.0 is not a positive number of metres per pixel"),
+                          (("--gsd", "nan"), "nan is not a positive number of metres per pixel"),
+                          (("--min-valid", "1.5"), "1.5 is not a share in [0, 1]"),
+                          (("--min-valid", "-0.1"), "-0.1 is not a share in [0, 1]"),
+                          (("--bands", "1,2"), "one band (grey) or three"),
+                          (("--bands", "red"), "comma-separated band numbers"))),
+    Case("scenes: --tile larger than the scene", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--tile", "200"], make=scene,
+         words=("s.tif: 128 x 96 pixels, smaller than one tile (200 x 200", "no readable images or tiles")),
+    Case("scenes: --bands naming a band that is not there", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--bands", "1,2,5"], make=scene,
+         words=("--bands 1,2,5: ", "s.tif has 3 bands"), absent=("home/index/*/*",)),
+    *(Case(f"scenes: {option} onto the scene", "rsmclip",
+           ["search", "{tmp}/s.tif", "roads", "--model", "{w}", option, "{tmp}/s.tif"], make=scene,
+           words=(option, "is the input", "s.tif"), unchanged=("s.tif",), absent=("home/index",))
+      for option in ("--geojson", "--html")),
+    Case("scenes: an index built with another tiling is rebuilt, saying why", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--index", "{tmp}/ix", "--tile", "48"], code=0,
+         make=index_of_another_tiling, words=("built with another tiling (--tile 32 -> 48), rebuilding",)),
+    Case("scenes: --index a folder of other files", "rsmclip",
+         ["search", "{tmp}/s.tif", "roads", "--model", "{w}", "--index", "{tmp}/imgs"],
+         make=lambda tmp: (scene(tmp), images(tmp)), words=("a folder that holds other files",),
+         unchanged=("imgs/0.png", "imgs/1.png", "imgs/2.png")),
+    Case("scenes: --index with two inputs", "rsmclip",
+         ["search", "{tmp}/s.tif", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/ix"],
+         make=lambda tmp: (scene(tmp), images(tmp)), words=("--index names one index",), absent=("ix",)),
 ]
 
 
@@ -1173,7 +1309,7 @@ def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, sp
     monkeypatch.chdir(tmp_path)
     w = weights(tmp_path, spm_model)
     if entry == "search":
-        app, out = rsmclip_cli.app, full_disk / "i.safetensors"
+        app, out = rsmclip_cli.app, full_disk / "ix"
         args = ["search", str(images(tmp_path)), "roads", "--model", str(w), "--index", str(out)]
     else:
         train_split(tmp_path)
@@ -1183,6 +1319,7 @@ def test_a_full_disk_is_a_message_not_a_traceback(entry, full_disk, tmp_path, sp
         cli.run_cli(app, args)
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err, err
-    assert f"error: {out}: cannot write it (No space left on device; needs " in err
+    written = f"{out}/p-" if entry == "search" else f"{out}: "  # the index is a folder: one of its files
+    assert f"error: {written}" in err and "cannot write it (No space left on device; " in err
     assert "0 bytes free there; an existing file is unchanged" in err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no partial or temporary file

@@ -115,7 +115,7 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
         (("embed", "--model", tiny_weights, "--out", tmp_path / "e.safetensors"), "nothing to embed"),
         (("embed", "--model", images, "--images", images, "--out", tmp_path / "e.safetensors"),
          "is a directory"),
-        (("search", tmp_path / "nowhere", "x", "--model", tiny_weights), "not a folder"),
+        (("search", tmp_path / "nowhere", "x", "--model", tiny_weights), "no such file or folder to search"),
     ]:
         result = run(*args)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, args
@@ -133,7 +133,7 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     model, pp, tok = rsmclip.load(tiny_weights)
     with torch.no_grad():
         q = model.encode_text(tok(["aviões no aeroporto"]), normalize=True)[0]
-        scores = {p.name: float(model.encode_image(pp(p)[None], normalize=True)[0] @ q)
+        scores = {str(p): float(model.encode_image(pp(p)[None], normalize=True)[0] @ q)
                   for p in images.iterdir() if not p.name.startswith(".")}
     assert (hits[0]["path"] == max(scores, key=scores.get)
             and abs(hits[0]["score"] - max(scores.values())) < 1e-4)
@@ -172,8 +172,7 @@ def test_the_index_lives_in_the_user_cache_and_a_read_only_folder_can_be_searche
     assert sorted(images.iterdir()) == before  # nothing written into the searched folder
     [index] = (user_cache / "index").iterdir()
     assert f"index {index}: 3 images (3 added" in result.stdout
-    with safe_open(str(index), "pt") as f:
-        assert f.metadata()["folder"] == str(images.resolve())
+    assert json.loads((index / "index.json").read_text())["root"] == str(images.resolve())
 
 
 def test_search_and_classify_pages_hold_one_embedded_image_per_hit(tiny_weights, tmp_path):
@@ -458,47 +457,73 @@ def test_download_resumes_a_killed_run_and_rejects_bad_checksums(hub, tmp_path):
             and "none of open_clip_model.safetensors, open_clip_pytorch_model.bin" in result.stderr)
 
 
-def index_file(path: Path, kind: str, fingerprint: str, dim: int = 4):
-    """A search index damaged in one way."""
-    entries = [{"path": "a.png", "size": 1, "mtime": 2}, {"path": "b.png", "size": 3, "mtime": 4}]
-    feats = torch.nn.functional.normalize(torch.randn(2, dim), dim=-1)
-    meta = {"model": fingerprint, "entries": json.dumps(entries)}
+def built_index(weights: Path, tmp_path: Path) -> Path:
+    """The index of a folder of two pictures, built by a search (--index tmp/ix)."""
+    images = tmp_path / "images"
+    write_images(images, 2)
+    with pytest.raises(SystemExit):
+        cli.run_cli(rsmclip_cli.app, ["search", str(images), "x", "--model", str(weights), "--index",
+                                      str(tmp_path / "ix")])
+    return tmp_path / "ix"
+
+
+def damage(folder: Path, kind: str):
+    """A search index damaged in one way: index.json cut, random or empty, of another format, naming a
+    missing or short part, a table of another type, of another length, naming an unknown source."""
+    manifest = json.loads((folder / "index.json").read_text())
+    part = folder / manifest["parts"][0]["name"]
+    table = np.load(f"{part}.npy")
     if kind in ("truncated", "random", "empty"):
-        files.atomic_save({"embeddings": feats}, path, meta)
-        data = {"truncated": path.read_bytes()[:-7], "random": os.urandom(300), "empty": b""}[kind]
-        path.write_bytes(data)
-        return
-    tensors = {"embeddings": feats}
-    if kind == "wrong dim":
-        tensors = {"embeddings": torch.randn(2, dim + 1)}
-    elif kind == "wrong count":
-        tensors = {"embeddings": torch.randn(3, dim)}
-    elif kind == "float16":
-        tensors = {"embeddings": feats.half()}
-    elif kind == "nan":
-        tensors = {"embeddings": feats.fill_(float("nan"))}
-    elif kind == "no tensor":
-        tensors = {"other": feats}
-    elif kind == "no entries":
-        del meta["entries"]
-    elif kind == "entries not json":
-        meta["entries"] = "[{"
-    elif kind == "entries wrong type":
-        meta["entries"] = json.dumps([{"path": 5, "size": "1", "mtime": 2}] * 2)
-    files.atomic_save(tensors, path, meta)
+        text = (folder / "index.json").read_bytes()
+        cut = {"truncated": text[:-7], "random": os.urandom(300), "empty": b""}[kind]
+        (folder / "index.json").write_bytes(cut)
+    elif kind == "another format":
+        (folder / "index.json").write_text(json.dumps(manifest | {"format": "rsmclip-index 1"}))
+    elif kind == "no sources":
+        (folder / "index.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "sources"}))
+    elif kind == "part missing":
+        Path(f"{part}.f16").unlink()
+    elif kind == "embeddings cut short":
+        Path(f"{part}.f16").write_bytes(Path(f"{part}.f16").read_bytes()[:-2])
+    elif kind == "table of floats":
+        np.save(f"{part}.npy", np.zeros(len(table)))
+    elif kind == "table a row short":
+        np.save(f"{part}.npy", table[:-1])
+    elif kind == "unknown source":
+        table["source"][0] = 7
+        np.save(f"{part}.npy", table)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "wrong dim", "wrong count", "float16",
-                                  "nan", "no tensor", "no entries", "entries not json", "entries wrong type"])
-def test_a_damaged_search_index_is_rebuilt_with_a_warning(tmp_path, capsys, kind):
-    index_file(tmp_path / "i.safetensors", kind, "fp")
-    assert index.read_index(tmp_path / "i.safetensors", "fp", 4)[0] == []
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "another format", "no sources",
+                                  "part missing", "embeddings cut short", "table of floats",
+                                  "table a row short", "unknown source"])
+def test_a_damaged_search_index_is_rebuilt_with_a_warning(tiny_weights, tmp_path, capsys, kind):
+    folder = built_index(tiny_weights, tmp_path)
+    fingerprint, tiling = rsmclip.weights_fingerprint(tiny_weights), index.Tiling(64)
+    kept = index.read_index(folder, fingerprint, 64, tiling)
+    assert kept.rows == 2 and kept.feats[0].shape == (2, 64)
+    assert index.read_index(folder, "other weights", 64, tiling) is None
+    assert index.read_index(folder, fingerprint, 64, index.Tiling(32)) is None
+    err = capsys.readouterr().err
+    assert "built with other weights" in err and "built with another tiling (--tile 64 -> 32)" in err
+    damage(folder, kind)
+    assert index.read_index(folder, fingerprint, 64, tiling) is None
     assert "damaged search index" in capsys.readouterr().err
-    index_file(tmp_path / "ok.safetensors", "fine", "fp")
-    entries, feats = index.read_index(tmp_path / "ok.safetensors", "fp", 4)  # the undamaged one is kept
-    assert len(entries) == 2 and feats.shape == (2, 4)
-    assert index.read_index(tmp_path / "ok.safetensors", "other weights", 4)[0] == []
-    assert "built with other weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.run_cli(rsmclip_cli.app, ["search", str(tmp_path / "images"), "x", "--model", str(tiny_weights),
+                                      "--index", str(folder)])
+    assert "2 images (2 added, 0 removed" in capsys.readouterr().out  # rebuilt
+    assert index.read_index(folder, fingerprint, 64, tiling).rows == 2
+
+
+def test_non_finite_embeddings_in_an_index_stop_the_search(tiny_weights, tmp_path, capsys):
+    folder = built_index(tiny_weights, tmp_path)
+    part = folder / f"{json.loads((folder / 'index.json').read_text())['parts'][0]['name']}.f16"
+    part.write_bytes(np.full(128, np.nan, np.float16).tobytes())
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(rsmclip_cli.app, ["search", str(tmp_path / "images"), "x", "--model", str(tiny_weights),
+                                      "--index", str(folder)])
+    assert exit_.value.code == 1 and "non-finite embeddings (damaged)" in capsys.readouterr().err
 
 
 def test_the_weights_fingerprint_sees_an_edit_to_any_tensor(tiny_weights, tmp_path):

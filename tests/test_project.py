@@ -39,8 +39,9 @@ def test_package_dependencies_are_the_runtime_requirements():
 def test_pip_install_gives_a_module_importable_from_anywhere_and_the_command(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "rsmclip.py", "files.py", "cli.py", "rsmclip_cli.py", "search/index.py",
-                 "search/pages.py", "README.md", "LICENSE"):  # what the build reads
+    search = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "search").glob("*.py"))]
+    for name in ("pyproject.toml", "rsmclip.py", "files.py", "cli.py", "rsmclip_cli.py", *search, "README.md",
+                 "LICENSE"):  # what the build reads
         (src / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, src / name)
     target = tmp_path / "site"
