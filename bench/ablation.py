@@ -208,18 +208,17 @@ def teacher_at_end(out: Path) -> dict:
     return {k: statistics.mean(r[k] for r in tail) for k in COLLAPSE}
 
 
-def teacher_columns(ends: list[dict], n: int) -> list[list[float]]:
-    """Collapse columns of an arm (nan without a teacher): entropy / ln K, batch entropy in nats and / ln K,
-    prototypes used, KL."""
-    if not ends:
-        return [[math.nan] * n] * 5
-    return [[e["teacher_entropy"] / math.log(K) for e in ends], [e["teacher_batch_entropy"] for e in ends],
-            [e["teacher_batch_entropy"] / math.log(K) for e in ends],
-            [e["teacher_prototypes_used"] for e in ends], [e["kl"] for e in ends]]
-
-
-TEACHER_HEADER = ["teacher entropy / ln K", "H(batch-mean target), nats", "H(batch-mean target) / ln K",
+TEACHER_HEADER = ["teacher entropy, nats", "/ ln K", "H(batch-mean target), nats", "/ ln K",
                   "prototypes used in a batch", "KL teacher-student"]
+
+
+def teacher_columns(ends: list[dict], n: int) -> list[list[float]]:
+    """The TEACHER_HEADER columns of an arm's runs (nan for the n runs of an arm without a teacher)."""
+    if not ends:
+        return [[math.nan] * n] * len(TEACHER_HEADER)
+    entropies = [[e[key] / scale for e in ends] for key in ("teacher_entropy", "teacher_batch_entropy")
+                 for scale in (1, math.log(K))]
+    return entropies + [[e["teacher_prototypes_used"] for e in ends], [e["kl"] for e in ends]]
 
 
 # ----------------------------------------------------------------------------- tables and the decision rule
@@ -332,25 +331,23 @@ def selfdist_table(work: Path, ucm: Path, seeds: list[int], steps: int) -> str:
     first = {key: selfdist_run(work, common, labels, key, flags[key], seeds[0], init) for key in SELFDIST}
     rows = [(f"{title} ({2 * steps if key == 'long' else steps} steps, seed {seeds[0]})",
              [[r["after"]["embedding"]], [r["gain embedding"]], [r["after"]["patches"]], [r["gain patches"]],
-              [r["teacher_entropy"] / math.log(K)], [r["teacher_batch_entropy"] / math.log(K)],
-              [r["teacher_prototypes_used"]], [r["kl"]], [r["seconds"]]])
+              *teacher_columns([r], 1), [r["seconds"]]])
             for (key, (title, _)), r in zip(SELFDIST.items(), first.values())]
     winner = max(first, key=lambda key: first[key]["gain"])
     runs = [first[winner]] + [selfdist_run(work, common, labels, winner, flags[winner], seed, init)
                               for seed in seeds[1:]]
     gains = [r["gain"] for r in runs]
-    header = ["k-NN after, embedding", "gain", "k-NN after, patch mean", "gain", "teacher entropy / ln K",
-              "H(batch-mean target) / ln K", "prototypes used in a batch", "KL", "seconds"]
-    inits = [[init[s]["embedding"] for s in seeds], [init[s]["patches"] for s in seeds]]
+    header = ["k-NN after, embedding", "gain", "k-NN after, patch mean", "gain", *TEACHER_HEADER, "seconds"]
+    inits = [[init[s]["embedding"] for s in seeds], [math.nan], [init[s]["patches"] for s in seeds]]
     return (markdown(f"Self-distillation alone on UCM-Captions train, tiny model from scratch, batch 32, "
                      f"fp32: DINO's weighted k-NN top-1 on val (k {KNN['k']}, T {KNN['temperature']}, 21 "
                      f"classes, chance 4.76%) on the image embedding and on the mean of the patch tokens; "
-                     f"the teacher over the last tenth of the steps (entropies as shares of ln K, K = {K})",
-                     header, [("at initialisation", [inits[0], [math.nan], inits[1]] + [[math.nan]] * 6)]
-                     + rows) + "\n"
+                     f"the teacher over the last tenth of the steps (entropies in nats and as shares of "
+                     f"ln K, K = {K})", header,
+                     [("at initialisation", inits + [[math.nan]] * (len(header) - 3))] + rows) + "\n"
             + markdown(f"The largest gain, {SELFDIST[winner][0]}, on seeds {seeds} (gain on the feature its "
-                       f"head reads); the aim, +10 points, {verdict([g - 10 for g in gains])} by the rule "
-                       "(module docstring) on gain - 10", ["gain (points)", "seconds"],
+                       "head reads); the aim of +10 points by the rule (module docstring) on gain - 10: "
+                       f"{verdict([g - 10 for g in gains])}", ["gain (points)", "seconds"],
                        [(winner, [gains, [r["seconds"] for r in runs]])]))
 
 
@@ -443,7 +440,7 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
         rows.append((title, [arms[arm][m] for m in REGIME_METRICS] + teacher_columns(ends, n)
                      + [[r["seconds"] for r in runs[arm]]]))
     rows.insert(0, (f"the bases: CLIP alone on the source classes, {base_steps} steps, seeds {bases}",
-                    [[r[m] for r in per_base] for m in REGIME_METRICS] + [[math.nan]] * 5
+                    [[r[m] for r in per_base] for m in REGIME_METRICS] + [[math.nan]] * len(TEACHER_HEADER)
                     + [[r["seconds"] for r in per_base]]))
     header = (f"Claim (1) on UCM-Captions: bases trained on classes 0-10 (source), fine-tuned {steps} "
               f"steps of 32 on classes 11-20 (target); pairs: bases {bases} x seeds {seeds} ({n}, every "

@@ -73,7 +73,7 @@ def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their
     selfdist = table_rows((tmp_path / "selfdist.md").read_text())
     assert [r[0].split(" (")[0] for r in selfdist[:2]] == ["at initialisation", "today's settings"]
     assert selfdist[2][0].startswith("+ each parameter's gradient clipped at 3.0, before the freeze")
-    assert len(selfdist) == 1 + 7 + 1 + 1 and all(len(r) == 10 for r in selfdist[:8])  # + the winner's
+    assert len(selfdist) == 1 + 7 + 1 + 1 and all(len(r) == 12 for r in selfdist[:8])  # + the winner's
     regime = (tmp_path / "regime.md").read_text()
     arms = table_rows(regime.split("Paired differences")[0])
     assert [r[0] for r in arms] == ["the bases: CLIP alone on the source classes, 2 steps, seeds [0]",
