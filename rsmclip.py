@@ -201,13 +201,22 @@ class Block(nn.Module):
         self.mlp.add_module("gelu", nn.GELU())  # exact erf GELU in both towers (no QuickGELU)
         self.mlp.add_module("fc2", nn.Linear(mlp_width, width))
         self.drop = nn.Dropout(dropout)
+        self.drop_path = 0.0  # stochastic depth of the ViT's residual branches in training (set_drop_path)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), mask)
-            return x + self.mlp(self.ln_2(x))
+            x = x + self.dropped(self.attn(self.ln_1(x), mask))
+            return x + self.dropped(self.mlp(self.ln_2(x)))
         x = self.ln_1(x + self.drop(self.attn(x, mask)))
         return self.ln_2(x + self.drop(self.mlp(x)))
+
+    def dropped(self, branch: torch.Tensor) -> torch.Tensor:
+        """DINO's drop_path: in training, each sample's branch is dropped with probability drop_path and the
+        kept ones scaled by 1 / (1 - drop_path); otherwise the branch as it is."""
+        if not self.training or not self.drop_path:
+            return branch
+        keep = 1 - self.drop_path
+        return branch * branch.new_empty(len(branch), 1, 1).bernoulli_(keep) / keep
 
 
 def _run_blocks(blocks: nn.ModuleList, x, mask, use_checkpoint: bool):
@@ -243,14 +252,26 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
         return torch.cat([self.pos_embed[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The class token after ln_post, before the projection (the self-distillation head's input)."""
+    def set_drop_path(self, rate: float):
+        """Stochastic depth for training, rising over the blocks from 0 to `rate` (DINO's drop_path_rate)."""
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / max(len(self.blocks) - 1, 1)
+
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Every token after the blocks, before ln_post: [B, 1 + patches, width]."""
         x = self.patch_embed(pixels)
         B, _, gh, gw = x.shape
         x = torch.cat([self.cls_token.expand(B, 1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         x = self.ln_pre(x + self.pos_embed_for(gh, gw))
-        x = _run_blocks(self.blocks, x, None, self.grad_checkpointing)
-        return self.ln_post(x[:, 0])  # open_clip normalises every token, then takes token 0: the same
+        return _run_blocks(self.blocks, x, None, self.grad_checkpointing)
+
+    def pool(self, tokens: torch.Tensor, patches: bool = False) -> torch.Tensor:
+        """ln_post, then the class token, or the mean of the patch tokens (free of ln_pre's constant)."""
+        # ln_post on the class token alone: open_clip normalises every token, then takes token 0, the same
+        return self.ln_post(tokens[:, 1:]).mean(1) if patches else self.ln_post(tokens[:, 0])
+
+    def forward_features(self, pixels: torch.Tensor, patches: bool = False) -> torch.Tensor:
+        return self.pool(self.forward_tokens(pixels), patches)  # before the projection: the DINO head's input
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(self.forward_features(pixels))

@@ -42,6 +42,7 @@ import cli
 import curves
 import eval as ev
 import files
+import optimization as opt
 import rsmclip
 import rundir
 from cli import COUNT, FRACTION, POSITIVE, WHOLE, Range, option
@@ -74,6 +75,8 @@ class TrainConfig:
     tokenizer: str = option("", "SentencePiece model",
                             unset="the one the --init weights name, next to them; the demo's own")
     langs: str = option(",".join(LANGS), "caption languages drawn from")
+    lang_weights: str = option("", "LANG=P,...: the probability of drawing each named language (en=0.5); the "
+                               "other --langs share the rest", unset="every --langs language alike")
     val_data: str = option("", "manifest for validation (val split every --val-every steps, test split "
                            "before and after)", unset="the first --data (none with shards)")
     steps: int = option(600, "optimizer steps", WHOLE)
@@ -82,17 +85,23 @@ class TrainConfig:
     head_lr: float = option(5e-4, "peak learning rate of the DINO head (same form)", Range())
     warmup: int = option(60, "warm-up steps", COUNT)
     weight_decay: float = option(0.2, "AdamW decay for tensors of 2+ dims", Range())
+    weight_decay_schedule: str = option("fixed", "fixed, or cosine to --weight-decay-end (DINO)",
+                                        ("fixed", "cosine"))
+    weight_decay_end: float = option(0.4, "weight decay at the last step of the cosine schedule", Range())
     beta1: float = option(0.9, "AdamW beta1 (the gradients' running mean)", FRACTION)
     beta2: float = option(0.98, "AdamW beta2 (the squared gradients' running mean)", FRACTION)
     eps: float = option(1e-6, "AdamW epsilon", Range(0, 1, open_lo=True))
-    grad_clip: float = option(1.0, "global gradient-norm clip; 0: off", Range())
+    grad_clip: float = option(1.0, "gradient-norm clip; 0: off", Range())
+    grad_clip_mode: str = option("global", "clip the norm of all (open_clip) or each parameter's (DINO)",
+                                 ("global", "parameter"))
     text_dropout: float = option(0.1, "XLM-R dropout (0.1 as in open_clip)", FRACTION)
     clip_weight: float = option(1.0, "lambda of the CLIP loss; 0: self-distillation alone (no text forward)",
                                 Range())
     distill_weight: float = option(1.0, "lambda of the self-distillation loss; 0: CLIP only, open_clip's "
                                    "recipe (one light view)", Range())
-    clip_view: str = option("global", "CLIP loss on the 2 global crops (global, SILC) or on one more, "
-                            "open_clip-like view (light)", ("global", "light"))
+    clip_view: str = option("auto", "CLIP loss on the 2 global crops (global, SILC; also with no teacher) or "
+                            "on one open_clip view (light); auto: global when distilling, else light",
+                            ("auto", "global", "light"))
     local_crops: int = option(8, "local crops per image", COUNT)
     local_size: int = option(24, "local crop pixels (96 for ViT-B/32: a 3x3 grid)", WHOLE)
     global_scale: tuple[float, float] = option((0.4, 1.0), "global crop area range")
@@ -100,24 +109,25 @@ class TrainConfig:
     prototypes: int = option(1024, "DINO head prototypes (output dimensions)", WHOLE)
     head_hidden: int = option(2048, "DINO head MLP width", WHOLE)
     head_bottleneck: int = option(256, "DINO head bottleneck before the prototypes", WHOLE)
-    head_bn: bool = option(True, "batch norm after the head's hidden layers (DINO's use_bn_in_head): a "
-                           "random-init ViT's class token after ln_pre is nearly the same for every image; "
-                           "without it the teacher goes uniform")
+    head_input: str = option("class", "DINO head's input: class token or patches' mean", ("class", "patches"))
+    head_bn: bool = option(True, "batch norm after the head's hidden layers (DINO's use_bn_in_head): without "
+                           "it a random-init ViT's teacher goes uniform (one class token for all images)")
     norm_last_layer: bool = option(True, "keep prototype norms at 1")
     student_temp: float = option(0.1, "DINO student temperature", DINO_TEMPERATURE)
     teacher_temp: float = option(0.04, "teacher temperature after warm-up (DINO's default)", DINO_TEMPERATURE)
     warmup_teacher_temp: float = option(0.04, "teacher temperature at step 0", DINO_TEMPERATURE)
     teacher_temp_steps: int = option(180, "teacher temperature warm-up steps", COUNT)
-    center_momentum: float = option(0.9, "momentum of the DINO centre (the running mean of the teacher's "
-                                    "outputs)", FRACTION)
+    center_momentum: float = option(0.9, "momentum of the DINO centre (the teacher outputs' mean)", FRACTION)
     ema_momentum: float = option(0.996, "teacher EMA momentum", FRACTION)
     ema_schedule: str = option("fixed", "fixed (SILC) or cosine (DINO: ramp to 1)", ("fixed", "cosine"))
+    drop_path: float = option(0.0, "stochastic depth of the student's ViT blocks (DINO: 0.1)", Range(0, 0.99))
     freeze_last_layer: int = option(0, "steps with frozen head prototypes", COUNT)
     flip: float = option(0.5, "horizontal flip probability", FRACTION)
     jitter_prob: float = option(0.8, "colour jitter probability", FRACTION)
     hue: float = option(0.1, "colour jitter hue range", Range(0, 0.5))
     grayscale: float = option(0.2, "greyscale probability", FRACTION)
     solarize: float = option(0.2, "solarisation probability, second global crop", FRACTION)
+    blur: bool = option(True, "DINO's Gaussian blur of the crops")
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
                             ("auto", "fp32", "bf16", "fp16"))
     fp32_logits: bool = option(True, "CLIP logits, prototypes: fp32 under autocast")
@@ -140,10 +150,12 @@ class TrainConfig:
     deterministic: bool = option(False, "torch deterministic algorithms (exact resume on CPU)")
 
     def recipe(self) -> augment.Recipe:
-        """The views' recipe (data/augment.py) these settings ask for."""
-        return augment.Recipe(self.distill_weight > 0, self.clip_view, self.global_scale, self.local_scale,
-                              self.local_crops, self.local_size, self.flip, self.jitter_prob, self.hue,
-                              self.grayscale, self.solarize)
+        """The views' recipe (data/augment.py) these settings ask for: local crops only for distillation."""
+        distill = self.distill_weight > 0
+        view = self.clip_view if self.clip_view != "auto" else "global" if distill else "light"
+        return augment.Recipe(distill or view == "global", view, self.global_scale, self.local_scale,
+                              self.local_crops if distill else 0, self.local_size, self.flip,
+                              self.jitter_prob, self.hue, self.grayscale, self.solarize, self.blur)
 
 
 RECIPES = {
@@ -163,26 +175,6 @@ RECIPES = {
         head_bn=False, teacher_temp=0.07,  # a trained CLIP: DINO's ViT head, long-run temperature
         ckpt_every=500, val_every=1000, workers=8),
 }
-
-
-# ===================================================================== schedules (pure functions)
-
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """open_clip's cosine_lr: linear warm-up from base/warmup, then cosine to 0."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    e, es = step - warmup, max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * e / es)) * base
-
-
-def teacher_temp_at(step: int, start: float, end: float, warmup: int) -> float:
-    """DINO's teacher temperature: linspace(start, end, warmup) (end reached at warmup - 1), then end."""
-    return end if step >= warmup - 1 else start + (end - start) * step / (warmup - 1)
-
-
-def ema_momentum_at(step: int, base: float, total: int, schedule: str) -> float:
-    """Fixed (SILC: the teacher keeps following the image-text objective) or DINO's cosine ramp to 1."""
-    return base if schedule == "fixed" else 1 + 0.5 * (base - 1) * (1 + math.cos(math.pi * step / total))
 
 
 # ===================================================================== model parts
@@ -258,17 +250,21 @@ class DINOLoss(nn.Module):
 
 @torch.no_grad()
 def collapse_stats(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
-                   student_temp: float) -> dict:
-    """What tells DINO's collapse modes apart, per step (before the centre moves): the teacher's output for
-    different images of the batch (mean pairwise cosine, near 1: the same output for every image; the std
-    across images of the centred logits, to compare with the teacher temperature: below it the targets are
-    uniform whatever the head learns), the student's entropy and the centre's norm."""
+                   student_temp: float, teacher_temp: float) -> dict:
+    """What tells DINO's collapse modes apart, per step, on the teacher's first global crops: the mean cosine
+    of its outputs between images (1: one for all) and the std across images of its centred logits (below the
+    temperature the targets are uniform whatever the head learns); the entropy of the batch-mean target (0:
+    one prototype for all images, ln B or ln K: different targets) and the prototypes some image's target
+    peaks at; the student's entropy and the centre's norm."""
     t = teacher[0].float()
     unit = F.normalize(t, dim=-1)
     n = len(t)
     cosine = ((unit @ unit.T).sum() - n) / max(n * (n - 1), 1)
+    q = F.softmax((t - center) / teacher_temp, dim=-1)
+    used = torch.zeros_like(q[0]).index_fill_(0, q.argmax(-1), 1).sum()  # a device tensor: no host sync
     log_p = torch.cat([F.log_softmax(s.float() / student_temp, dim=-1) for s in student])
     return {"teacher_cosine": cosine, "teacher_spread": (t - center).std(0).mean() if n > 1 else cosine * 0,
+            "teacher_batch_entropy": torch.special.entr(q.mean(0)).sum(), "teacher_prototypes_used": used,
             "student_entropy": -(log_p.exp() * log_p).sum(-1).mean(), "center_norm": center.norm()}
 
 
@@ -282,27 +278,30 @@ class Student(nn.Module):
     """What the optimizer trains (and DDP wraps): the CLIP model and the self-distillation head.
     Backbone passes are grouped by crop size (DINO's multi-crop wrapper), the head runs once."""
 
-    def __init__(self, clip: rsmclip.CLIP, head: Optional[DINOHead], views: int, fp32_logits: bool):
+    def __init__(self, clip: rsmclip.CLIP, head: Optional[DINOHead], views: int, fp32_logits: bool,
+                 patches: bool = False):
         super().__init__()
         self.clip, self.head, self.views, self.fp32_logits = clip, head, views, fp32_logits
+        self.patches = patches  # the head reads the patch tokens' mean, not the class token
 
     def forward(self, views: torch.Tensor, locals_: Optional[torch.Tensor], ids: Optional[torch.Tensor]):
         """views: view-major full-size crops (augment.view_layout); the last len(ids) rows: the CLIP views.
         ids None (--clip-weight 0): no CLIP features, no text forward; images and texts are None."""
-        tokens = self.clip.visual.forward_features(views)
+        visual = self.clip.visual
+        tokens = visual.forward_tokens(views)
         images = texts = None
         if ids is not None:
-            images = self.clip.visual.proj(tokens[len(tokens) - len(ids):])
+            images = visual.proj(visual.pool(tokens[len(tokens) - len(ids):]))
             texts = self.clip.encode_text(ids)
             if self.fp32_logits:  # normalise the features in fp32 too: the logits are their dot products
                 images, texts = images.float(), texts.float()
             images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
         head = None
         if self.head is not None:
-            tokens = tokens[:2 * len(views) // self.views]  # the two global crops
+            features = visual.pool(tokens[:2 * len(views) // self.views], self.patches)  # the 2 global crops
             if locals_ is not None:
-                tokens = torch.cat([tokens, self.clip.visual.forward_features(locals_)])
-            head = self.head(tokens)
+                features = torch.cat([features, visual.forward_features(locals_, self.patches)])
+            head = self.head(features)
         return images, texts, self.clip.logit_scale.exp(), head
 
 
@@ -310,26 +309,12 @@ class Teacher(nn.Module):
     def __init__(self, student: Student):
         super().__init__()
         self.visual, self.head = copy.deepcopy(student.clip.visual), copy.deepcopy(student.head)
+        self.visual.set_drop_path(0)  # stochastic depth is the student's (DINO's teacher has none)
+        self.patches = student.patches
         self.requires_grad_(False)
 
     def forward(self, global_crops: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual.forward_features(global_crops))
-
-
-def param_groups(module: nn.Module, weight_decay: float, lr: float, head_lr: float) -> list[dict]:
-    """open_clip's AdamW groups: no decay for gains, biases, the class token and logit_scale (every
-    tensor under 2 dims); decay for the rest, embeddings and positional tables included. The DINO head
-    (parameters under `head.`) has groups of its own with its own peak lr: it starts from random while
-    the backbone is fine-tuned, and DINO trains it at 5e-4 x batch / 256."""
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    groups = []
-    for in_head, base_lr in ((False, lr), (True, head_lr)):
-        part = [p for n, p in params if n.startswith("head.") == in_head]
-        for decay in (False, True):
-            if chosen := [p for p in part if (p.ndim >= 2) == decay]:
-                groups.append({"params": chosen, "base_lr": base_lr,
-                               "weight_decay": weight_decay if decay else 0.0})
-    return groups
+        return self.head(self.visual.forward_features(global_crops, self.patches))
 
 
 # ===================================================================== one training step
@@ -370,11 +355,11 @@ def compute_loss(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
                 if ids is not None else None)
         if run.teacher is None:
             return cfg.clip_weight * clip, {"clip": clip}
-        temp = teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
+        temp = opt.teacher_temp_at(step, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps)
         with torch.no_grad():
             teacher = run.teacher(views[:2 * len(views) // n_views]).chunk(2)
         student = head.chunk(2 + (cfg.local_crops if locals_ is not None else 0))
-        stats = collapse_stats(student, teacher, run.dino.center, cfg.student_temp)
+        stats = collapse_stats(student, teacher, run.dino.center, cfg.student_temp, temp)
         distill, entropy = run.dino(student, teacher, temp)
     loss = cfg.distill_weight * distill + (cfg.clip_weight * clip if clip is not None else 0)
     return loss, ({"clip": clip} if clip is not None else {}) | stats | {
@@ -386,19 +371,22 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     -> its logs: losses, logit scale and gradient norm as device tensors, read by the loop only on logging
     steps (reading them here would make the host wait for the device every step)."""
     cfg = run.cfg
+    decay = opt.weight_decay_at(step, cfg.weight_decay, cfg.weight_decay_end, cfg.steps,
+                                cfg.weight_decay_schedule)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, group["base_lr"], cfg.warmup, cfg.steps)
+        group["lr"] = opt.lr_at(step, group["base_lr"], cfg.warmup, cfg.steps)
+        if group["params"][0].ndim >= 2:  # the decayed groups (param_groups)
+            group["weight_decay"] = decay
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
     run.optimizer.zero_grad(set_to_none=True)
     loss, parts = compute_loss(run, batch, step)
     (run.scaler.scale(loss) if run.scaler else loss).backward()
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
-    if run.unwrapped.head is not None and step < cfg.freeze_last_layer:
-        for p in run.unwrapped.head.last_layer():  # DINO: the prototypes stay put while the head settles
-            p.grad = None
-    grad_norm = (torch.nn.utils.clip_grad_norm_(run.unwrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
-                 else torch.full((), float("nan"), device=run.device))
+    head = run.unwrapped.head
+    frozen = head.last_layer() if head is not None and step < cfg.freeze_last_layer else []  # DINO's freeze
+    grad_norm = opt.clip_gradients(list(run.unwrapped.parameters()), frozen, cfg.grad_clip,
+                                   cfg.grad_clip_mode)
     if run.scaler:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -406,15 +394,15 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
         run.optimizer.step()
     with torch.no_grad():
         run.unwrapped.clip.logit_scale.clamp_(0, math.log(100))
-    momentum = ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
+    momentum = opt.ema_momentum_at(step, cfg.ema_momentum, cfg.steps, cfg.ema_schedule)
     if run.teacher is not None:
         student = nn.ModuleDict({"visual": run.unwrapped.clip.visual, "head": run.unwrapped.head})
         ema_update(run.teacher, student, momentum)
-    lrs = {"lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
-        {"head_lr": lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.unwrapped.head is not None
+    lrs = {"lr": opt.lr_at(step, cfg.lr, cfg.warmup, cfg.steps)} | (
+        {"head_lr": opt.lr_at(step, cfg.head_lr, cfg.warmup, cfg.steps)} if run.unwrapped.head is not None
         else {})
     parts = {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
-    return {"loss": loss.detach(), **parts, **lrs,
+    return {"loss": loss.detach(), **parts, **lrs, "weight_decay": decay,
             "logit_scale": run.unwrapped.clip.logit_scale.detach().exp(), "ema_momentum": momentum,
             "grad_norm": grad_norm}
 
@@ -454,12 +442,15 @@ def build_run(cfg: TrainConfig, model: rsmclip.CLIP, tokenizer: rsmclip.Tokenize
                      cfg.norm_last_layer, cfg.fp32_logits, cfg.head_bn) if cfg.distill_weight > 0 else None)
     if head is not None and cfg.head_bn and rsmclip.world()[1] > 1 and device.type == "cuda":
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)  # as DINO: the batch statistics of all ranks
-    unwrapped = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits).to(device)
+    model.visual.set_drop_path(cfg.drop_path)
+    unwrapped = Student(model, head, augment.view_layout(cfg.recipe())[0], cfg.fp32_logits,
+                        cfg.head_input == "patches").to(device)
     unwrapped.clip.set_grad_checkpointing(cfg.grad_checkpointing)
     dino = DINOLoss(cfg.prototypes, cfg.student_temp, cfg.center_momentum).to(device) if head else None
     precision, dtype = resolve_precision(cfg.precision, device.type)
-    optimizer = torch.optim.AdamW(param_groups(unwrapped, cfg.weight_decay, cfg.lr, cfg.head_lr), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
+    groups = opt.param_groups(unwrapped, cfg.weight_decay, cfg.lr, cfg.head_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     student = unwrapped
     if rsmclip.world()[1] > 1:  # DDP's constructor broadcasts rank 0's parameters into every rank's student
@@ -610,7 +601,7 @@ def check_config(cfg: TrainConfig):
         numbers = len(getattr(cfg, name)) == 2 and all(isinstance(v, (int, float)) for v in (lo, hi))
         need(name, numbers and 0 < lo <= hi <= 1, "two area fractions 0 < min <= max <= 1")
     try:
-        parse_langs(cfg.langs)
+        loading.lang_probabilities(cfg.langs, cfg.lang_weights)  # parses --langs too
     except rsmclip.RsmclipError as e:
         bad.append(str(e))
     is_demo = cfg.data == [str(demo.DEMO_DIR / "captions.jsonl")]  # the run makes it, tokenizer included

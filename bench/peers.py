@@ -29,6 +29,7 @@ import typer
 
 import cli
 import files
+import optimization as opt
 import rsmclip
 import rundir
 import train
@@ -231,7 +232,7 @@ def train_bench(preset: str = typer.Option("tiny", help="model preset"),
 
     def openclip_step(batch, step):
         for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(step, run_cfg.lr, run_cfg.warmup, run_cfg.steps)
+            group["lr"] = opt.lr_at(step, run_cfg.lr, run_cfg.warmup, run_cfg.steps)
         optimizer.zero_grad()
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(*theirs(batch["views"].to(dev), batch["ids"].to(dev)))

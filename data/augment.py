@@ -44,7 +44,7 @@ from rsmclip import CLIP_MEAN, CLIP_STD
 @dataclass(frozen=True)
 class Recipe:
     """What training asks of its views (train.TrainConfig.recipe() fills it from the command line)."""
-    multi_crop: bool = True  # DINO's 2 global + local crops; False: one light view, open_clip's recipe
+    multi_crop: bool = True  # DINO's 2 global crops (and local_crops); False: one light view, open_clip's
     clip_view: str = "global"  # the CLIP loss on the global crops, or on one more light view ("light")
     global_scale: tuple[float, float] = (0.4, 1.0)  # crop area ranges
     local_scale: tuple[float, float] = (0.05, 0.4)
@@ -55,6 +55,7 @@ class Recipe:
     hue: float = 0.1
     grayscale: float = 0.2
     solarize: float = 0.2  # of the second global crop
+    blur: bool = True  # DINO's Gaussian blur (p 1.0 and 0.1 on the global crops, 0.5 on the local ones)
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,20 @@ def draw_sample(width: int, height: int, recipe: Recipe, size: int,
     """-> (full-size views (view_layout), local crops) of one image: DINO's 2 global crops (the first always
     blurred, the second rarely, maybe solarised), or open_clip's light views, then the local crops."""
     n_views = view_layout(recipe)[0]
-    views = []
+    views, blur = [], 1.0 if recipe.blur else 0.0  # scales the blur probabilities below
     if recipe.multi_crop:
-        views = [draw_view(width, height, recipe.global_scale, 1.0, 0.0, recipe, rng, size),
-                 draw_view(width, height, recipe.global_scale, 0.1, recipe.solarize, recipe, rng, size)]
+        views = [draw_view(width, height, recipe.global_scale, blur, 0.0, recipe, rng, size),
+                 draw_view(width, height, recipe.global_scale, blur / 10, recipe.solarize, recipe, rng, size)]
     views += [ViewParams(crop_box(width, height, (0.9, 1.0), rng)) for _ in range(n_views - len(views))]
-    local = [draw_view(width, height, recipe.local_scale, 0.5, 0.0, recipe, rng, size)
+    local = [draw_view(width, height, recipe.local_scale, 0.5 * blur, 0.0, recipe, rng, size)
              for _ in range(recipe.local_crops if recipe.multi_crop else 0)]
     return views, local
 
 
 def view_layout(recipe: Recipe) -> tuple[int, int]:
     """-> (full-size views per image, CLIP views: the last ones of them, each with a caption).
-    Self-distillation: the 2 global crops, which are also the CLIP views (SILC), or followed by one light
-    CLIP view. CLIP only: one light view, open_clip's recipe."""
+    Multi-crop: the 2 global crops, which are also the CLIP views (SILC), or followed by one light CLIP
+    view. Otherwise one light view, open_clip's recipe."""
     if not recipe.multi_crop:
         return 1, 1
     return (3, 1) if recipe.clip_view == "light" else (2, 2)

@@ -356,12 +356,12 @@ def train_tokenizer(sentences: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def build(folder: Path):
+def build(folder: Path, seed: int = SEED):
     (folder / "images").mkdir(parents=True)
     records, index = [], 0
     for split, n in SPLITS.items():
         for _ in range(n):
-            rng = np.random.default_rng([SEED, index])  # one stream per image: order-independent
+            rng = np.random.default_rng([seed, index])  # one stream per image: order-independent
             scene = random_scene(rng)
             render(scene, rng).save(folder / "images" / f"{index:04d}.png", format="PNG")
             records.append({"id": f"demo/{index:04d}", "image": f"images/{index:04d}.png", "split": split,
@@ -373,32 +373,36 @@ def build(folder: Path):
     (folder / "spm.model").write_bytes(train_tokenizer(train_text))
     with open(folder / "captions.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    (folder / "VERSION").write_text(VERSION + "\n")
+    (folder / "VERSION").write_text(version(seed) + "\n")
 
 
-def make_demo(out_dir: Path) -> Path:
-    """Generate the demo into out_dir unless it is already there; -> the manifest path.
+def version(seed: int) -> str:
+    return VERSION + ("" if seed == SEED else f", seed {seed}")
+
+
+def make_demo(out_dir: Path, seed: int = SEED) -> Path:
+    """Generate the demo into out_dir unless it is already there; -> the manifest path. Another `seed` draws
+    other scenes with the same generator (bench.ablation's variant for pretraining a base).
 
     Built in a temporary sibling folder and renamed into place, so an interrupted or concurrent run never
-    leaves a half-made demo; a demo made by an older version of this file is rebuilt."""
-    out_dir = Path(out_dir)
+    leaves a half-made demo; a demo made by an older version of this file (or another seed) is rebuilt."""
+    out_dir, made = Path(out_dir), version(seed)
     manifest, stamp = out_dir / "captions.jsonl", out_dir / "VERSION"
-    if stamp.is_file() and stamp.read_text().strip() == VERSION and manifest.is_file():
+    if stamp.is_file() and stamp.read_text().strip() == made and manifest.is_file():
         return manifest
     if out_dir.exists() and any(out_dir.iterdir()):
         if not stamp.is_file():
             raise FileExistsError(f"{out_dir} exists and is not a demo folder: choose another --out")
-        print(f"{out_dir}: made by {stamp.read_text().strip()!r}, rebuilding for {VERSION!r}",
-              file=sys.stderr)
+        print(f"{out_dir}: made by {stamp.read_text().strip()!r}, rebuilding for {made!r}", file=sys.stderr)
         shutil.rmtree(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
+    build(tmp, seed)
     try:
         os.replace(tmp, out_dir)  # fails only if another process finished first: keep theirs
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (stamp.is_file() and stamp.read_text().strip() == VERSION):
+        if not (stamp.is_file() and stamp.read_text().strip() == made):
             raise
     return manifest
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import files
 import rsmclip
 from data import augment
 from data import shards as shardlib
-from data.manifest import DataError, load_manifest, parse_langs
+from data.manifest import LANGS, DataError, load_manifest, parse_langs
 from files import listing
 
 
@@ -45,6 +46,43 @@ def check_languages(items: list[dict], langs: list[str]):
         raise DataError(f"{unusable} training images have no caption in {','.join(langs)}")
 
 
+def lang_probabilities(langs: str, weights: str) -> dict[str, float]:
+    """--langs and --lang-weights -> {language: the probability of drawing it for a caption}. Without weights
+    every language alike; LANG=P pairs give the named languages P, and the --langs languages not named share
+    what is left equally. An image without captions in some languages draws among those it has, in the same
+    proportions. One message for what cannot be a distribution."""
+    enabled, given, option = parse_langs(langs), {}, f"--lang-weights {weights!r}"
+    for part in filter(None, (p.strip() for p in weights.split(","))):
+        lang, _, value = (x.strip().lower() for x in part.partition("="))
+        try:
+            p = float(value)
+        except ValueError:
+            p = math.nan
+        if not (math.isfinite(p) and p >= 0):
+            raise DataError(f"{option}: {part!r} is not LANG=P with a probability P >= 0")
+        if lang not in LANGS:
+            raise DataError(f"{option}: unknown language {lang}; choose from {','.join(LANGS)}")
+        if lang in given:
+            raise DataError(f"{option}: {lang} is given twice")
+        if lang not in enabled:
+            raise DataError(f"{option}: {lang} is not one of --langs {','.join(enabled)}; add it there or "
+                            "drop its weight")
+        given[lang] = p
+    rest = [lang for lang in enabled if lang not in given]
+    left = 1 - sum(given.values())
+    if left < -1e-9 or not rest and abs(left) > 1e-6:
+        raise DataError(f"{option}: the probabilities add up to {sum(given.values()):g}; they must add up to "
+                        "1, or to less when other --langs languages share the rest")
+    return {lang: given.get(lang, max(left, 0) / len(rest) if rest else 0) for lang in enabled}
+
+
+def draw_language(langs: list[str], probabilities: Optional[dict[str, float]], rng: random.Random) -> str:
+    """One of an image's caption languages: uniformly, or in the given proportions."""
+    if probabilities is None:
+        return rng.choice(langs)
+    return rng.choices(langs, [probabilities[lang] for lang in langs])[0]
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Sample (index, seed) -> full-size views (augment.view_layout), local crops, a caption per CLIP view.
     Images come from their files or, with `cache`, from the decoded image cache (no decoding). With
@@ -56,6 +94,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
                  cache: Optional[ImageCache] = None, tensor: bool = False):
         self.items, self.recipe, self.image_size, self.tokenizer = items, cfg.recipe(), image_size, tokenizer
         self.langs = parse_langs(cfg.langs)
+        self.probabilities = lang_probabilities(cfg.langs, cfg.lang_weights) if cfg.lang_weights else None
         self.cache, self.tensor = cache, tensor
 
     def __len__(self):
@@ -83,7 +122,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
         views, local = augment.draw_sample(width, height, self.recipe, self.image_size, rng)
         langs = [lang for lang in self.langs if item["captions"].get(lang)]
         clip_views = augment.view_layout(self.recipe)[1]
-        captions = [rng.choice(item["captions"][rng.choice(langs)]) for _ in range(clip_views)]
+        captions = [rng.choice(item["captions"][draw_language(langs, self.probabilities, rng)])
+                    for _ in range(clip_views)]
         sample = {"ids": self.tokenizer(captions), "failures": failures}
         if self.tensor:
             return sample | {"pixels": torch.from_numpy(np.array(image)), "view_params": views,
@@ -316,6 +356,7 @@ class LoaderSettings(Protocol):
     """What the loader reads of a training config (train.TrainConfig has these, and more)."""
     data: list[str]
     langs: str
+    lang_weights: str
     batch_size: int
     workers: int
     seed: int
@@ -355,7 +396,7 @@ class TrainingData:
 def open_data(cfg: LoaderSettings, world: World) -> TrainingData:
     """Open and check the training data of a config before the model is built: every language asked for is
     there, there is at least one global batch, the image cache is this manifest's."""
-    langs = parse_langs(cfg.langs)
+    langs = [lang for lang, p in lang_probabilities(cfg.langs, cfg.lang_weights).items() if p > 0]  # drawn
     shards = open_shards(cfg.data, cfg.max_member) if shardlib.is_shards(cfg.data) else None
     if shards:
         items, cache = [], None

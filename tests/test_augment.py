@@ -287,6 +287,23 @@ def tiny_dataset(tmp_path, n=4):
     return folder / "captions.jsonl"
 
 
+def test_no_blur_blurs_no_crop_and_leaves_the_other_draws_alone():
+    """--no-blur (the views control's unaugmented global crops): no crop is blurred, while DINO's recipe
+    always blurs the first global crop; crops, flips and jitter are drawn as before."""
+    recipe = train.TrainConfig(local_crops=4).recipe()
+    plain = replace(recipe, blur=False)
+    for seed in range(200):
+        views, local = augment.draw_sample(120, 90, plain, 64, random.Random(seed))
+        assert not any(v.blur for v in views + local)
+        dino = augment.draw_sample(120, 90, recipe, 64, random.Random(seed))[0]
+        assert dino[0].blur > 0 and dino[0].box == views[0].box and dino[0].jitter == views[0].jitter
+    no_augmentation = train.TrainConfig(distill_weight=0, clip_view="global", global_scale=(0.9, 1.0), flip=0,
+                                        jitter_prob=0, grayscale=0, solarize=0, blur=False).recipe()
+    views, local = augment.draw_sample(120, 90, no_augmentation, 64, random.Random(0))
+    assert len(views) == 2 and not local
+    assert all(v == augment.ViewParams(v.box) and v.box[2] * v.box[3] >= 0.85 * 120 * 90 for v in views)
+
+
 def test_cache_holds_the_decoded_images_memory_mapped(tmp_path):
     manifest = tiny_dataset(tmp_path)
     report = prepare.build_cache(manifest, max_side=256)

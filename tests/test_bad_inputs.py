@@ -242,7 +242,7 @@ def index_of_another_tiling(tmp: Path):
 @dataclass
 class Case:
     name: str
-    entry: str  # rsmclip | eval | prepare | train | translate
+    entry: str  # rsmclip | eval | prepare | train | translate | ablation (bench.ablation)
     args: list[str]  # "{tmp}" is the case's folder, "{w}" the tiny weights made there
     make: Callable[[Path], None] = lambda tmp: None
     code: int = 1
@@ -1197,6 +1197,27 @@ CASES = [
     Case("scenes: --index with two inputs", "rsmclip",
          ["search", "{tmp}/s.tif", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/ix"],
          make=lambda tmp: (scene(tmp), images(tmp)), words=("--index names one index",), absent=("ix",)),
+    # --- bench.ablation
+    Case("bench.ablation: --seeds a", "ablation", ["demo", "--work", "{tmp}/w", "--seeds", "a"], code=2,
+         words=("Invalid value for --seeds", "'a': comma-separated whole numbers"), absent=("w",)),
+    Case("bench.ablation: --seeds 0,0 (a seed twice)", "ablation",
+         ["regime", "--work", "{tmp}/w", "--seeds", "0,0"], code=2,
+         words=("Invalid value for --seeds", "a seed given twice"), absent=("w",)),
+    Case("bench.ablation: --bases -1", "ablation", ["regime", "--work", "{tmp}/w", "--bases", "-1"], code=2,
+         words=("Invalid value for --bases", "each a whole number >= 0"), absent=("w",)),
+    Case("bench.ablation attributes: a manifest without the demo's scenes", "ablation",
+         ["attributes", "{w}", "--data", MANIFEST], make=lambda tmp: manifest(tmp, {"en": ["a"]}),
+         words=("captions.jsonl: not the demo's manifest", '"scene"')),
+    # --- train --lang-weights
+    *(Case(f"train: --langs {langs} --lang-weights {weights}", "train",
+           TRAIN + ["--langs", langs, "--lang-weights", weights], make=train_split, words=(words,),
+           absent=("run",))
+      for langs, weights, words in (("en,pt", "en=-0.5", "'en=-0.5' is not LANG=P with a probability P >= 0"),
+                                    ("en,pt", "en=0,pt=0", "the probabilities add up to 0"),
+                                    ("en,pt", "xx=0.5", "unknown language xx"),
+                                    ("en", "de=0.5", "de is not one of --langs en; add it there"),
+                                    ("en,pt", "en=0.8,pt=0.4", "add up to 1.2"),
+                                    ("en,pt", "en:0.5", "'en:0.5' is not LANG=P"))),
 ]
 
 
@@ -1207,6 +1228,9 @@ def entry_app(name: str):
         return ev.app
     if name == "prepare":
         return prepare.app
+    if name == "ablation":
+        from bench import ablation
+        return ablation.app
     if name == "translate":  # each imported only when needed: a row runs without the other
         import translate
         return translate.app

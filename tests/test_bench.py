@@ -2,12 +2,16 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import cli
+from data.manifest import load_manifest, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,26 +38,136 @@ def test_bench_gpu_runs_end_to_end_in_quick_mode_on_cpu(tmp_path):
     assert report["train_vs_open_clip"]["ratio"] > 0
 
 
-def test_ablation_tables_run_end_to_end_in_quick_mode(tmp_path):
-    """bench.ablation's self-distillation and paper-regime tables on the UCM-Captions sample, 2 steps a run:
-    every run trains, every number is measured and lands in its table (the method needs the full runs)."""
+def ablation(args: list[str], capsys) -> tuple[int, str, str]:
+    """bench.ablation in this process (its runs train in-process too) on one thread, as its command line
+    runs: -> exit code, stdout, stderr."""
+    from bench.ablation import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.run_cli(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+
+
+def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their_settings(tmp_path, capsys):
+    """The self-distillation and claim (1) tables on the UCM-Captions sample, 2 steps a run: every arm trains,
+    every number is measured and lands in its table with the rule's verdict (the method needs the full runs).
+    Run again, nothing trains; asked for other settings, a run made by others is refused before any work."""
     ucm = ROOT.parent / "shared/datasets/ucm_captions_sample"
     if not ucm.is_dir():
         pytest.skip("no ../shared/datasets/ucm_captions_sample here")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--ucm", str(ucm), "--work", str(tmp_path), "--quick"]
     for table in ("selfdist", "regime"):
-        run = subprocess.run([sys.executable, "-m", "bench.ablation", table, "--ucm", str(ucm), "--work",
-                              str(tmp_path), "--quick"], capture_output=True, text=True, env=env, cwd=ROOT,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert (tmp_path / f"{table}.md").read_text() in run.stdout
-    selfdist = (tmp_path / "selfdist.md").read_text()
-    assert all(f"| {row} | " in selfdist for row in ("at initialisation", "after 2 steps", "gain (points)"))
-    rows = [line for line in (tmp_path / "regime.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| the start: CLIP alone, 2 steps from scratch (seed 0)",
-                                                 "| CLIP loss alone (`--distill-weight 0`)",
-                                                 "| CLIP + self-distillation"]
-    assert rows[1].endswith("| – |") and not rows[2].endswith("| – |")  # a teacher only with distillation
+        code, out, err = ablation([table, *common], capsys)
+        assert code == 0, err
+        assert (tmp_path / f"{table}.md").read_text() in out
+    selfdist = table_rows((tmp_path / "selfdist.md").read_text())
+    assert [r[0].split(" (")[0] for r in selfdist[:2]] == ["at initialisation", "today's settings"]
+    assert selfdist[2][0].startswith("+ each parameter's gradient clipped at 3.0, before the freeze")
+    assert len(selfdist) == 1 + 7 + 1 + 1 and all(len(r) == 12 for r in selfdist[:8])  # + the winner's
+    regime = (tmp_path / "regime.md").read_text()
+    arms = table_rows(regime.split("Paired differences")[0])
+    assert [r[0] for r in arms] == ["the bases: CLIP alone on the source classes, 2 steps, seeds [0]",
+                                    *(title for title, _ in ablation_module().REGIME_ARMS.values())]
+    assert all(r[5] == "–" for r in arms[:4]) and all(r[5] != "–" for r in arms[4:])  # a teacher only when on
+    assert "teacher_cosine" in regime and "with teacher_cosine 0." in regime
+    contrasts = table_rows(regime.split("Paired differences")[1])
+    assert contrasts[0][0] == "the teacher, CLIP on the global crops (claim 1)" and len(contrasts) == 6
+    assert all(cell.endswith("**not shown**") for row in contrasts for cell in row[1:])  # one pair: no spread
+    checkpoint = tmp_path / "regime-b0-global-on-seed0/checkpoint.safetensors"
+    stamp = checkpoint.stat().st_mtime_ns
+    code, out, err = ablation(["regime", *common], capsys)
+    assert code == 0 and checkpoint.stat().st_mtime_ns == stamp and "starting:" not in out  # measured only
+    code, out, err = ablation(["regime", "--ucm", str(ucm), "--work", str(tmp_path), "--seeds", "0",
+                               "--bases", "0", "--steps", "3", "--base-steps", "2"], capsys)
+    assert code == 1 and "regime-b0-light-off-seed0 holds a run made by other settings (steps, " in err, err
+    assert checkpoint.stat().st_mtime_ns == stamp
+
+
+def ablation_module():
+    from bench import ablation as module
+
+    return module
+
+
+@pytest.fixture
+def small_demo(tmp_path, demo_manifest):
+    """A demo folder holding 64 train, 8 val and 20 test images of the session's demo (its stamp, tokenizer
+    and images linked): the demo tables' quick modes measure on it in seconds."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    records = load_manifest(demo_manifest)
+    keep = {"train": 64, "val": 8, "test": 20}
+    chosen = [r for split, n in keep.items() for r in [r for r in records if r["split"] == split][:n]]
+    write_jsonl(chosen, folder / "captions.jsonl")
+    for name in ("VERSION", "spm.model"):
+        shutil.copy(demo_manifest.parent / name, folder / name)
+    (folder / "images").symlink_to(demo_manifest.parent / "images")
+    return folder
+
+
+def test_demo_ablations_run_end_to_end_in_quick_mode(tmp_path, small_demo, capsys):
+    """The demo table (the teacher on and off, two CLIP views) and claim (2) (a ten-language base on the
+    demo generator's seed 1, fine-tuned four ways), 2 steps a run."""
+    for table in ("demo", "languages"):
+        code, out, err = ablation([table, "--work", str(tmp_path), "--demo", str(small_demo), "--quick"],
+                                  capsys)
+        assert code == 0, err
+        assert (tmp_path / f"{table}.md").read_text() in out
+    demo_arms = table_rows((tmp_path / "demo.md").read_text().split("Paired differences")[0])
+    assert [r[6] != "–" for r in demo_arms] == [True, False, True, False]  # teacher entropy: with a teacher
+    assert "H(batch-mean target), nats" in (tmp_path / "demo.md").read_text()
+    languages = (tmp_path / "languages.md").read_text()
+    rows = table_rows(languages.split("Test mR per language")[0])
+    assert rows[0][0].startswith("the base before fine-tuning") and len(rows) == 5
+    assert all(len(r) == 5 for r in rows)
+    assert (tmp_path / "demo-variant/VERSION").read_text().strip() == "rsmclip-demo 3, seed 1"
+    base = json.loads((tmp_path / "languages-base/config.json").read_text())["config"]
+    assert base["data"] == [str(tmp_path / "demo-variant/captions.jsonl")] and base["distill_weight"] == 0
+    half = json.loads((tmp_path / "languages-en-half-seed0/config.json").read_text())["config"]
+    assert half["lang_weights"] == "en=0.5"
+    assert half["init"] == str(tmp_path / "languages-base/model.safetensors")
+    paraphrased = load_manifest(small_demo / "captions-paraphrased.jsonl")
+    assert {len(r["captions"]["en"]) for r in paraphrased if r["split"] == "train"} == {50}
+    assert {len(r["captions"]["en"]) for r in paraphrased if r["split"] == "test"} == {5}
+
+
+def test_the_decision_rule_needs_five_of_six_positive_and_a_mean_above_two_sd():
+    from bench.ablation import verdict
+
+    assert verdict([1.0, 1.2, 0.9, 1.1, 1.0, 0.8]) == "shown"
+    assert verdict([1.0, 1.0, 1.0, 1.0, 1.0, -0.01]) == "shown"  # 5 of 6, mean 0.832 > 2 x 0.412
+    assert verdict([1.0, 1.2, 0.9, 1.1, 1.0, -0.1]) == "not shown"  # 5 of 6, mean 0.85 < 2 x 0.48
+    assert verdict([1.0, 1.2, 0.9, 1.1, -0.1, -0.1]) == "not shown"  # 4 of 6
+    assert verdict([0.1, 0.1, 0.1, 0.1, 0.1, 3.0]) == "not shown"  # 6 of 6, mean 0.58 < 2 x 1.18
+    assert verdict([-1.0, -1.2, -0.9, -1.1, -1.0, -0.8]) == "the opposite"
+    assert verdict([0.5, 0.6, 0.4]) == "shown" and verdict([0.5, 0.6, -0.1]) == "not shown"  # 3 of 3
+    assert verdict([2.0]) == "not shown"  # one pair has no spread to compare with
+
+
+def test_english_paraphrases_are_as_many_as_the_translations_and_new_sentences():
+    from bench.ablation import paraphrases
+    from data.demo import captions
+
+    scene = {"kind": "airplane", "colour": "blue", "count": 3, "position": "bottom right",
+             "ground": "farmland", "road": "vertical"}
+    made = paraphrases(scene)  # 9 voices x the 5 templates, each saying what its template says
+    assert len(made) == len(set(made)) == 45 and not set(made) & set(captions(scene, "en"))
+    assert made[0] == "Three navy planes at the lower right, on cropland."
+    assert made[21] == "3 azure aircraft are visible in the south-east corner. A street crosses vertically."
+    assert made[44] == "Satellite image: a group of three bluish jets over farm fields."
+    one = paraphrases(scene | {"count": 1})
+    assert one[21] == "1 azure aircraft is visible in the south-east corner. A street crosses vertically."
+    assert one[3] == "One navy plane is placed at the lower right."
 
 
 def test_ablation_markdown_gives_mean_sd_and_each_seed():

@@ -141,7 +141,7 @@ LAYERS = [
     ("command-line conventions", ["cli.py"]),
     ("data contract", ["data/manifest.py"]),
     ("data loading", ["data/augment.py", "data/demo.py", "data/shards.py", "data/loading.py"]),
-    ("entry points", ["rundir.py", "curves.py", "eval.py", "train.py", "translate.py"]),
+    ("entry points", ["rundir.py", "curves.py", "eval.py", "optimization.py", "train.py", "translate.py"]),
     ("commands", ["rsmclip_cli.py", "search/*.py", "data/prepare.py"]),
     ("bench", ["bench/*.py"]),
 ]

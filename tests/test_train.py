@@ -7,12 +7,14 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,11 +31,13 @@ from safetensors import safe_open
 import cli
 import curves
 import files
+import optimization as opt
 import rsmclip
 import rundir
 import train
 from bench.openclip_oracle import make_openclip_model
 from data import augment, loading
+from data.manifest import LANGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"
@@ -56,18 +60,18 @@ def test_lr_schedule_equals_openclip():
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     reference = cosine_lr(optimizer, 3e-4, 25, 200)
-    assert all(math.isclose(train.lr_at(s, 3e-4, 25, 200), reference(s), rel_tol=1e-12) for s in range(200))
+    assert all(math.isclose(opt.lr_at(s, 3e-4, 25, 200), reference(s), rel_tol=1e-12) for s in range(200))
 
 
 def test_dino_schedules_equal_their_definitions():
     # DINO main_dino.py: teacher temperature = linspace(warmup, final, warmup_epochs) then constant
     ramp = np.concatenate([np.linspace(0.04, 0.07, 30), np.full(70, 0.07)])
-    assert np.allclose([train.teacher_temp_at(s, 0.04, 0.07, 30) for s in range(100)], ramp)
+    assert np.allclose([opt.teacher_temp_at(s, 0.04, 0.07, 30) for s in range(100)], ramp)
     # DINO utils.cosine_scheduler(momentum, 1, epochs, niter): final + 0.5 (base - final)(1 + cos(pi i / n))
     i = np.arange(500)
     momentum = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * i / 500))
-    assert np.allclose([train.ema_momentum_at(s, 0.996, 500, "cosine") for s in range(500)], momentum)
-    assert train.ema_momentum_at(123, 0.999, 500, "fixed") == 0.999
+    assert np.allclose([opt.ema_momentum_at(s, 0.996, 500, "cosine") for s in range(500)], momentum)
+    assert opt.ema_momentum_at(123, 0.999, 500, "fixed") == 0.999
 
 
 def test_dino_head_equals_weight_normed_reference():
@@ -145,7 +149,7 @@ def test_weight_decay_groups_equal_openclip():
     # open_clip_train's rule
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     their_no_decay = {n for n, p in theirs.named_parameters() if exclude(n, p)}
-    groups = train.param_groups(ours, 0.2, 1e-3, 1e-2)
+    groups = opt.param_groups(ours, 0.2, 1e-3, 1e-2)
     name_of = {id(p): n for n, p in ours.named_parameters()}
     no_decay = {name_of[id(p)] for p in groups[0]["params"]}
     source = {theirs_name: ours_name for ours_name, theirs_name in rsmclip._renames(cfg)}  # open_clip -> ours
@@ -255,9 +259,9 @@ def test_head_has_its_own_lr_schedule():
     for step in range(5):
         logs = train.train_step(run, batch, step)
         for group in run.optimizer.param_groups:
-            assert group["lr"] == train.lr_at(step, group["base_lr"], 3, 10)
-        assert logs["head_lr"] == train.lr_at(step, 2e-2, 3, 10)
-        assert logs["lr"] == train.lr_at(step, 1e-3, 3, 10)
+            assert group["lr"] == opt.lr_at(step, group["base_lr"], 3, 10)
+        assert logs["head_lr"] == opt.lr_at(step, 2e-2, 3, 10)
+        assert logs["lr"] == opt.lr_at(step, 1e-3, 3, 10)
 
 
 def test_clip_weight_zero_is_self_distillation_alone(monkeypatch):
@@ -275,16 +279,203 @@ def test_clip_weight_zero_is_self_distillation_alone(monkeypatch):
 
 def test_collapse_stats_tell_one_output_for_every_image_from_a_spread():
     same = [torch.ones(4, 8)] * 2  # every image, every view: the same output
-    stats = train.collapse_stats(same, same, torch.zeros(1, 8), 0.1)
+    stats = train.collapse_stats(same, same, torch.zeros(1, 8), 0.1, 0.04)
     assert math.isclose(stats["teacher_cosine"], 1, rel_tol=1e-6) and stats["teacher_spread"] == 0
     assert math.isclose(stats["student_entropy"], math.log(8), rel_tol=1e-6) and stats["center_norm"] == 0
     eye = [torch.eye(4, 8)] * 2  # orthogonal outputs: cosine 0; each row one-hot at 1/0.1 -> low entropy
-    stats = train.collapse_stats(eye, eye, torch.full((1, 8), 2.0), 0.1)
+    stats = train.collapse_stats(eye, eye, torch.full((1, 8), 2.0), 0.1, 0.04)
     assert abs(stats["teacher_cosine"]) < 1e-6
     assert math.isclose(stats["center_norm"], 2 * math.sqrt(8), rel_tol=1e-6)
     assert math.isclose(stats["teacher_spread"], torch.eye(4, 8).std(0).mean().item(), rel_tol=1e-6)
     p = torch.softmax(torch.eye(4, 8)[0] / 0.1, -1)
     assert math.isclose(stats["student_entropy"], -(p * p.log()).sum().item(), rel_tol=1e-5)
+
+
+def test_batch_target_entropy_and_prototypes_used_tell_one_target_for_all_from_one_per_image():
+    """Hand-made teacher outputs, 6 images, K = 16 prototypes, temperature 0.04: the entropy of the batch-mean
+    target is ~0 (and 1 prototype used) when every image peaks at one prototype, ln 6 (6 used) when each peaks
+    at its own, ln K when the teacher is uniform (1 used: the argmax of equal scores is the first)."""
+    def stats(teacher: torch.Tensor, center=torch.zeros(1, 16)):
+        return train.collapse_stats([teacher], [teacher, teacher], center, 0.1, 0.04)
+
+    one = stats(torch.zeros(6, 16).index_fill_(1, torch.tensor([3]), 1.0))  # logit 1 / 0.04 at prototype 3
+    assert one["teacher_batch_entropy"] < 1e-8 and one["teacher_prototypes_used"] == 1
+    own = stats(torch.eye(6, 16))
+    assert math.isclose(own["teacher_batch_entropy"], math.log(6), rel_tol=1e-6)
+    assert own["teacher_prototypes_used"] == 6
+    uniform = stats(torch.ones(6, 16))
+    assert math.isclose(uniform["teacher_batch_entropy"], math.log(16), rel_tol=1e-6)
+    assert uniform["teacher_prototypes_used"] == 1
+    # the centre is subtracted first: every image's own peak ties with a shared one, which the centre cancels
+    spike = torch.zeros(1, 16).index_fill_(1, torch.tensor([3]), 1.0)
+    shared = spike + torch.eye(6, 16)
+    assert stats(shared)["teacher_prototypes_used"] == 4  # images 3, 4, 5 peak at 3 (ties: the first)
+    centred = stats(shared, spike)
+    assert centred["teacher_prototypes_used"] == 6
+    q = torch.softmax((shared - spike) / 0.04, -1).mean(0)
+    assert math.isclose(centred["teacher_batch_entropy"], -(q * q.log()).sum().item(), rel_tol=1e-6)
+
+
+def test_clip_view_global_without_distillation_is_two_global_crops_two_captions_no_teacher(
+        tmp_path, spm_model, monkeypatch):
+    """The views control: --clip-view global at --distill-weight 0 keeps the 2 global crops (the same crops
+    distillation draws) with a caption each, and no head, teacher or local crop; the loss is the mean of the
+    two crops' CLIP losses. Left at auto, --distill-weight 0 is open_clip's one light view."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(
+        tmp_path / "a.png")
+    items = [{"path": tmp_path / "a.png", "captions": {"en": ["one", "two", "three"]}}]
+    tokenizer = rsmclip.Tokenizer(spm_model)
+    control = train.TrainConfig(distill_weight=0, clip_view="global", langs="en", local_crops=3)
+    assert augment.view_layout(control.recipe()) == (2, 2) and control.recipe().local_crops == 0
+    assert augment.view_layout(replace(control, clip_view="auto").recipe()) == (1, 1)
+    sample = loading.MultiCropDataset(items, control, 64, tokenizer)[(0, 7)]
+    distilled = loading.MultiCropDataset(items, replace(control, distill_weight=1.0), 64, tokenizer)[(0, 7)]
+    assert sample["views"].shape == (2, 3, 64, 64) and sample["ids"].shape == (2, 77)
+    assert sample["locals"] is None
+    assert torch.equal(sample["views"], distilled["views"]) and distilled["locals"].shape[0] == 3
+    run, batch = tiny_run(distill_weight=0.0, clip_view="global")
+    assert run.teacher is None and run.dino is None and run.unwrapped.head is None
+    assert batch["views"].shape[0] == 4 and batch["ids"].shape[0] == 4  # 2 crops x 2 images, a caption each
+    model = run.unwrapped.clip
+    torch.manual_seed(0)  # train_step's seed at step 0: the same text dropout masks
+    with torch.no_grad():
+        images = F.normalize(model.encode_image(batch["views"]), dim=-1)
+        texts = F.normalize(model.encode_text(batch["ids"]), dim=-1)
+        expected = sum(rsmclip.clip_loss(i, t, model.logit_scale.exp()) for i, t in
+                       zip(images.chunk(2), texts.chunk(2))) / 2
+    monkeypatch.setattr(train.Teacher, "forward", lambda *a: pytest.fail("a teacher forward"))
+    logs = train.train_step(run, batch, 0)
+    assert set(logs) & {"distill", "teacher_entropy", "head_lr"} == set()
+    assert torch.allclose(logs["loss"], expected, atol=1e-5) and torch.equal(logs["loss"], logs["clip"])
+
+
+def test_lang_weights_draw_each_language_in_its_proportion():
+    """--lang-weights en=0.5: English half the time, the nine others sharing the rest; on a fixed seed the
+    frequencies of 36,000 draws are within 4 standard errors. An image without some languages draws among
+    those it has, in proportion. No weights: the draws are exactly the old uniform ones."""
+    probabilities = loading.lang_probabilities(",".join(LANGS), "en=0.5")
+    assert probabilities["en"] == 0.5
+    assert all(math.isclose(probabilities[lang], 0.5 / 9) for lang in LANGS[1:])
+    rng, n = random.Random(0), 36_000
+    counts = Counter(loading.draw_language(list(LANGS), probabilities, rng) for _ in range(n))
+    for lang in LANGS:
+        p = probabilities[lang]
+        assert abs(counts[lang] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (lang, counts[lang])
+    # an image with captions in English, Portuguese and German only: 0.5 : 0.0556 : 0.0556, i.e. 9/11, 1/11
+    counts = Counter(loading.draw_language(["en", "pt", "de"], probabilities, rng) for _ in range(n))
+    assert abs(counts["en"] / n - 9 / 11) < 0.01 and abs(counts["pt"] / n - 1 / 11) < 0.006
+    assert loading.lang_probabilities("en,pt", "") == {"en": 0.5, "pt": 0.5}
+    assert loading.lang_probabilities("en,pt,de", "pt=0.2,de=0.8") == {"en": 0, "pt": 0.2, "de": 0.8}
+    old, new = random.Random(3), random.Random(3)
+    assert [loading.draw_language(["en", "pt"], None, new) for _ in range(50)] == \
+        [old.choice(["en", "pt"]) for _ in range(50)]
+    for weights, words in (("en=-0.1", "not LANG=P with a probability P >= 0"), ("en", "not LANG=P"),
+                           ("en=x", "not LANG=P"), ("en=0,pt=0", "add up to 0; they must add up to 1"),
+                           ("xx=0.5", "unknown language xx"), ("de=0.5", "de is not one of --langs en,pt"),
+                           ("en=0.7,pt=0.6", "add up to 1.3"), ("en=0.5,en=0.5", "en is given twice")):
+        with pytest.raises(rsmclip.RsmclipError, match=re.escape(words)):
+            loading.lang_probabilities("en,pt", weights)
+
+
+def test_the_dataset_draws_caption_languages_by_lang_weights(tmp_path, spm_model):
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    items = [{"path": tmp_path / "a.png", "captions": {"en": ["english"], "pt": ["portugues"]}}]
+    tokenizer = rsmclip.Tokenizer(spm_model)
+    cfg = train.TrainConfig(distill_weight=0, langs="en,pt", lang_weights="pt=1")
+    dataset = loading.MultiCropDataset(items, cfg, 64, tokenizer)
+    assert all(torch.equal(dataset[(0, seed)]["ids"][0], tokenizer(["portugues"])[0]) for seed in range(20))
+    english_only = replace(cfg, data=[str(manifest_of(tmp_path, {"en": ["a"]}))], batch_size=1)
+    with pytest.raises(rsmclip.RsmclipError, match="no pt captions in the training data"):
+        loading.open_data(english_only, loading.World())  # pt is drawn: it must be there
+    assert loading.open_data(replace(english_only, lang_weights="en=1"), loading.World()).size == 1  # pt: 0
+
+
+def manifest_of(folder: Path, captions: dict) -> Path:
+    Image.new("RGB", (40, 40)).save(folder / "b.png")
+    path = folder / "m.jsonl"
+    path.write_text(json.dumps({"id": "b", "image": "b.png", "split": "train", "dataset": "d",
+                                "captions": captions}) + "\n")
+    return path
+
+
+def test_weight_decay_ramp_is_dinos_cosine_on_the_decayed_groups_only():
+    i = np.arange(10)  # DINO's cosine_scheduler(0.04, 0.4, ...): final + 0.5 (base - final)(1 + cos(pi i/n))
+    dino = 0.4 + 0.5 * (0.04 - 0.4) * (1 + np.cos(np.pi * i / 10))
+    assert np.allclose([opt.weight_decay_at(s, 0.04, 0.4, 10, "cosine") for s in range(10)], dino)
+    assert opt.weight_decay_at(7, 0.2, 0.4, 10, "fixed") == 0.2
+    run, batch = tiny_run(weight_decay=0.04, weight_decay_end=0.4, weight_decay_schedule="cosine")
+    for step in range(3):
+        logs = train.train_step(run, batch, step)
+        assert math.isclose(logs["weight_decay"], dino[step])
+        for group in run.optimizer.param_groups:  # biases, gains: none (DINO's regularised group only)
+            assert group["weight_decay"] == (dino[step] if group["params"][0].ndim >= 2 else 0.0)
+
+
+def test_per_parameter_clip_is_dinos_clip_gradients_before_the_freeze():
+    """DINO's utils.clip_gradients: each parameter's gradient times clip / (its norm + 1e-6) when that is
+    below 1, then the prototypes' gradients are dropped (cancel_gradients_last_layer); the global clip
+    comes after the freeze. Both return the norm of all gradients before clipping."""
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    grads = [torch.tensor([6.0, 8.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 30.0, 40.0])]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = opt.clip_gradients(params, [params[2]], 3.0, "parameter")
+    assert math.isclose(norm, math.sqrt(100 + 1 + 2500), rel_tol=1e-6)
+    reference = [g * min(1.0, 3.0 / (g.norm().item() + 1e-6)) for g in grads[:2]]  # DINO's rule
+    assert torch.allclose(params[0].grad, reference[0]) and torch.equal(params[1].grad, grads[1])
+    assert params[2].grad is None
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = opt.clip_gradients(params, [params[2]], 3.0, "global")  # frozen first: 2 tensors of norm 10, 1
+    assert math.isclose(norm, math.sqrt(101), rel_tol=1e-6) and params[2].grad is None
+    assert math.isclose(torch.cat([params[0].grad, params[1].grad]).norm().item(), 3.0, rel_tol=1e-5)
+    assert math.isnan(opt.clip_gradients(params, [], 0.0, "parameter"))  # 0: no clip
+    run, batch = tiny_run(grad_clip_mode="parameter", grad_clip=3.0, freeze_last_layer=5)
+    before = [p.detach().clone() for p in run.unwrapped.head.last_layer()]
+    logs = train.train_step(run, batch, 0)
+    assert math.isfinite(logs["grad_norm"])
+    assert all(torch.equal(a, p) for a, p in zip(before, run.unwrapped.head.last_layer()))
+
+
+def test_drop_path_drops_whole_branches_in_training_only_and_never_in_the_teacher():
+    torch.manual_seed(0)
+    model = rsmclip.CLIP(rsmclip.PRESETS["tiny"])
+    model.visual.set_drop_path(0.3)
+    rates = [b.drop_path for b in model.visual.blocks]
+    assert np.allclose(rates, np.linspace(0, 0.3, len(rates)))  # DINO's linspace over the depth
+    block = model.visual.blocks[-1]
+    branch = torch.ones(20_000, 2, 3)
+    dropped = block.dropped(branch)
+    kept = dropped[:, 0, 0] != 0
+    assert torch.equal(dropped, kept.view(-1, 1, 1) * branch / 0.7)  # whole samples' branches; kept: scaled
+    assert abs(1 - kept.double().mean().item() - 0.3) < 0.015
+    pixels = torch.randn(4, 3, 64, 64)
+    model.eval()
+    plain = rsmclip.CLIP(rsmclip.PRESETS["tiny"])
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model.encode_image(pixels), plain.eval().encode_image(pixels))  # eval: no drop
+    model.train()
+    assert not torch.equal(model.encode_image(pixels), plain.encode_image(pixels))
+    run, batch = tiny_run(drop_path=0.1)
+    assert run.unwrapped.clip.visual.blocks[-1].drop_path == 0.1
+    assert all(b.drop_path == 0 for b in run.teacher.visual.blocks)  # DINO's teacher has none
+    assert math.isfinite(train.train_step(run, batch, 0)["loss"])
+
+
+def test_the_head_on_patch_tokens_reads_their_mean_after_ln_post(monkeypatch):
+    run, batch = tiny_run(head_input="patches")
+    seen = []
+    monkeypatch.setattr(train.DINOHead, "forward", lambda self, x: seen.append(x) or torch.zeros(len(x), 32))
+    with torch.no_grad():
+        run.unwrapped(batch["views"], batch["locals"], None)
+        run.teacher(batch["views"])
+    visual = run.unwrapped.clip.visual
+    with torch.no_grad():
+        expected = [visual.ln_post(visual.forward_tokens(x)[:, 1:]).mean(1)
+                    for x in (batch["views"], batch["locals"])]
+    assert torch.allclose(seen[0], torch.cat(expected), atol=1e-6)
+    assert torch.allclose(seen[1], expected[0], atol=1e-6)  # the teacher reads the same
+    assert not torch.allclose(seen[0][:4], visual.forward_features(batch["views"]), atol=1e-3)  # not cls
 
 
 def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
