@@ -27,7 +27,9 @@ def read_index(index: Path, fingerprint: str, dim: int) -> tuple[list[dict], tor
         with safe_open(str(index), "pt") as f:
             meta, feats = f.metadata() or {}, f.get_tensor("embeddings") if "embeddings" in f.keys() else None
         if meta.get("model") != fingerprint:
-            print(f"{index}: built with other weights, rebuilding", file=sys.stderr)
+            weights = str(meta.get("model")).split(" ")[0]  # the fingerprint is "weights precision"
+            other = "at another precision" if weights == fingerprint.split(" ")[0] else "with other weights"
+            print(f"{index}: built {other}, rebuilding", file=sys.stderr)
             return empty
         entries = json.loads(meta["entries"])
         if not isinstance(entries, list) or not all(
@@ -60,7 +62,7 @@ def update_index(model, preprocess, weights: Path, folder: Path, index: Optional
                  device: str):
     """Bring a folder's search index up to date: embed only new or changed images, drop deleted ones.
     The index is one safetensors file (embeddings + JSON metadata), replaced atomically."""
-    fingerprint = weights_fingerprint(weights)
+    fingerprint = f"{weights_fingerprint(weights)} {model.precision}"  # bf16 rows are not fp32 rows
     index = index or index_path(folder, fingerprint)
     entries, feats = read_index(index, fingerprint, model.config.embed_dim)
     known = {e["path"]: (e, row) for row, e in enumerate(entries)}
