@@ -33,7 +33,9 @@ import cli
 from cli import (
     DEVICE,
     MODEL,
+    PRECISION,
     TOKENIZER,
+    Precision,
     check_template,
     list_images,
     refuse_overwrite,
@@ -307,7 +309,7 @@ def embed(model_path: Path = MODEL,
                                    + "; ".join(f"{k} {v}" for k, v in EMBED_FORMATS.items())),
           tokenizer: Optional[Path] = TOKENIZER,
           batch_size: int = typer.Option(64, min=1, help="images per forward pass"),
-          device: str = DEVICE):
+          device: str = DEVICE, precision: Precision = PRECISION):
     """Write L2-normalised embeddings of images and/or texts (safetensors or numpy .npz)."""
     if not images and not texts:
         raise RsmclipError("nothing to embed: give --images and/or --texts")
@@ -316,7 +318,7 @@ def embed(model_path: Path = MODEL,
         raise RsmclipError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name the file "
                            f"{' or '.join(EMBED_FORMATS)}")
     lines = text_lines(texts) if texts else []
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     tensors, names = {}, {}  # the embeddings, and what each row is
     if images:
         paths = list_images(images)
@@ -349,7 +351,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
              html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look "
                                                       "at: each image with its prediction (self-contained)"),
-             device: str = DEVICE):
+             device: str = DEVICE, precision: Precision = PRECISION):
     """Zero-shot classification: a table of class probabilities per image."""
     if lang not in PROMPTS and template is None:
         raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(PROMPTS)} or give --template")
@@ -359,7 +361,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     prompt = check_template(template or PROMPTS[lang])
     refuse_overwrite(out, [model_path, tokenizer, *images])
     refuse_overwrite(html_page, [model_path, tokenizer, out, *images], "--html")
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     paths = list_images(images)
     warn_if_toy(model.config, model_path, paths)
     warn_unknown(tok, names, "label")
@@ -400,7 +402,7 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
            out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
            html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look at: the "
                                                     "hits of each query as pictures (self-contained .html)"),
-           device: str = DEVICE):
+           device: str = DEVICE, precision: Precision = PRECISION):
     """Text-to-image search over a folder; the index is built once and updated when images change."""
     if not folder.is_dir():
         raise RsmclipError(f"{folder}: not a folder")
@@ -409,7 +411,7 @@ def search(folder: Path = typer.Argument(..., help="folder of images (searched r
     refuse_overwrite(html_page, [model_path, index, tokenizer, out, folder], "--html")
     if index is None:
         cache_dir(check=True)  # where the index goes: a problem there is found now, not after the embedding
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     weights = weights_path(model_path)
     entries, feats = update_index(model, preprocess, weights, folder, index, batch_size, device)
     if not entries:
