@@ -1,7 +1,9 @@
 """Precision (rsmclip.native_bf16, resolve_precision, set_precision, load(precision=...), --precision): auto
 by what the CPU multiplies, each precision within its tolerance of fp32 on a tiny model trained here, and
 bf16 asked for where the CPU has no bf16 units. The refusals are rows of tests/test_bad_inputs.py."""
+import json
 import signal
+import sys
 
 import pytest
 import torch
@@ -134,3 +136,42 @@ def test_each_precision_is_within_its_tolerance_of_fp32_on_a_trained_tiny_model(
     assert abs(p_mr - mr) <= 0.5, (precision, mr, p_mr)
     overlap = (top10[:, :, None] == p_top10[:, None, :]).any(2).double().mean()  # text->image top 10 kept
     assert overlap >= 0.8, (precision, overlap)
+
+
+# ----------------------------------------------------------------------------- bench/precision.py
+
+
+def test_the_side_by_side_runs_every_variant_and_measures_memory_alone(tmp_path, capsys):
+    """bench.precision speed --quick (the tiny preset): every variant timed, interleaved, its time as a
+    share of both peers'; one variant's memory measured as its own process measures it."""
+    from bench import precision
+
+    precision.speed(preset="xlmr-b32", batch_size=64, captions=256, repeats=7, threads=0, memory=False,
+                    compiled=False, sweep="", variants=",".join(precision.VARIANTS), quick=True, only=None,
+                    out=tmp_path / "s.json")
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["preset"] == "tiny" and report["repeats"] == 2
+    assert list(report["image"]) == list(precision.VARIANTS) == list(report["text"])
+    for task in ("image", "text"):
+        for row in report[task].values():
+            assert len(row["seconds"]) == 2 and row["slowest"] <= row["per_s"] <= row["fastest"]
+            assert {"time_vs_open_clip fp32", "time_vs_open_clip bf16 autocast"} <= row.keys()
+        assert report[task]["open_clip fp32"]["time_vs_open_clip fp32"] == 1
+    assert report["machine"]["affinity"] and "| rsmclip int8 | " in capsys.readouterr().out
+    memory = precision.one_variant("rsmclip bf16", TINY, 8, 16)
+    assert 0 < memory["resident_mib"] <= memory["peak_mib"]
+
+
+def test_top10_overlap_and_a_process_peak_against_plain_references():
+    from bench.precision import timed_process, top10_overlap
+
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(30, 8, generator=g), torch.randn(12, 8, generator=g)
+    assert top10_overlap(images, texts, images, texts) == 100
+    shuffled = images[torch.randperm(30, generator=g)]  # other images: the overlap a loop counts
+    expected = 100 * sum(len(set((t @ images.T).topk(10).indices.tolist())
+                             & set((t @ shuffled.T).topk(10).indices.tolist())) for t in texts) / 120
+    assert top10_overlap(images, texts, shuffled, texts) == pytest.approx(expected)
+    small = timed_process([sys.executable, "-c", "pass"])
+    large = timed_process([sys.executable, "-c", "x = b'1' * (300 * 2 ** 20)"])  # every page written
+    assert large["peak_mib"] - small["peak_mib"] >= 290 and small["seconds"] > 0
