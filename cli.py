@@ -1,5 +1,5 @@
 """The conventions every script's command line shares: one exit-code rule and readable help (run_cli), the
-options several scripts take (--model, --tokenizer, --device) defined once, the rule for outputs
+options several scripts take (--model, --tokenizer, --device, --precision) defined once, the rule for outputs
 (refuse_overwrite), the progress bar of long jobs, and the advice a command prints about what it is given
 (a toy model on real images, a prompt template). train.py, eval.py, translate.py, data/prepare.py, the
 `rsmclip` command and bench/ all run through it; the library (rsmclip.py) never imports it."""
@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
@@ -82,6 +82,8 @@ def run_cli(app: typer.Typer, args: Optional[list[str]] = None):
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when there is one)"
 TOKENIZER_HELP = "SentencePiece model (default: the one the weights name, next to them)"
 MODEL_HELP = "weights file, or rs-m-clip / laion once downloaded"
+PRECISION_HELP = (f"auto: bf16 on a CPU with bf16 units (AMX, AVX-512 BF16), else {rsmclip.AUTO_WITHOUT_BF16}"
+                  "; bf16 autocast on CUDA. fp32: the reference numbers. int8: CPU only")
 
 # The options several scripts take, defined once (their help cannot drift apart): use them as defaults,
 # `device: str = DEVICE`. The device default is resolved when a command runs, not when a script imports.
@@ -89,6 +91,15 @@ MODEL = typer.Option(..., "--model", help=MODEL_HELP)
 TOKENIZER = typer.Option(None, help=TOKENIZER_HELP)
 DEVICE = typer.Option(None, help=DEVICE_HELP, show_default=False,
                       callback=lambda device: device or default_device())
+Precision = Literal[rsmclip.PRECISIONS]  # annotate the option with it: click checks the choice (exit 2)
+
+
+def precision_option(default: str = "auto"):
+    """--precision, as `precision: Precision = PRECISION` (eval.py's default: precision_option("fp32"))."""
+    return typer.Option(default, help=PRECISION_HELP)
+
+
+PRECISION = precision_option()
 
 
 # ----------------------------------------------------------------------------- typed settings

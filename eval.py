@@ -542,16 +542,16 @@ def sample_shots(labels: list[int], pool: list[int], k: int, seed: int, names: l
 
 def cached_image_features(model, preprocess, paths: list[Path], key: Optional[str], batch_size: int,
                           device: str, workers: int) -> torch.Tensor:
-    """encode_images(), stored under the cache folder by `key` (the weights' fingerprint, the input size,
-    and every image's path and stamp, files.file_stamp), so a second probe reads instead of encoding. A
-    cache file is used only when it holds what encoding would give in form: float32, one finite row of
-    the model's width per image; anything else is encoded again, with a warning."""
+    """encode_images(), stored under the cache folder by `key` (the weights' fingerprint, the input size, the
+    model's precision, and every image's path and stamp, files.file_stamp), so a second probe reads instead of
+    encoding. A cache file is used only when it holds what encoding would give in form: float32, one finite
+    row of the model's width per image; anything else is encoded again, with a warning."""
     if key is None:
         return encode_images(model, preprocess, paths, batch_size, device, workers)
     missing = [files.display(p) for p in paths if not p.is_file()]
     if missing:
         raise EvalError(f"{len(missing)} of {len(paths)} images are missing: {', '.join(missing[:5])}")
-    digest = hashlib.sha256(json.dumps([key, preprocess.size] + [
+    digest = hashlib.sha256(json.dumps([key, preprocess.size, getattr(model, "precision", "amp")] + [
         [files.display(p.resolve()), *files.file_stamp(p)] for p in paths]).encode()).hexdigest()
     file = rsmclip.cache_dir() / "features" / f"{digest[:32]}.safetensors"
     if file.is_file():
@@ -778,7 +778,7 @@ def run_task(task: dict, data: Path, model, preprocess, tok, w: Path, batch_size
 
 
 def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], batch_size: int, device: str,
-              workers: int, ties: str = "expected") -> dict:
+              workers: int, ties: str = "expected", precision: str = "fp32") -> dict:
     """Every task of a suite file against every checkpoint -> rows for the table and the full results.
 
     Suite file: {"name", "tasks": [{"name", "task": "retrieval"|"zeroshot"|"linear-probe"|"knn", "data",
@@ -789,7 +789,7 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
     names = [w.stem if [v.stem for v in weights].count(w.stem) == 1 else str(w) for w in weights]
     rows, details, scores = [], {name: {} for name in names}, {name: {} for name in names}
     for name, w in zip(names, weights):
-        model, preprocess, tok = rsmclip.load(w, tokenizer, device)
+        model, preprocess, tok = rsmclip.load(w, tokenizer, device, precision)
         for task in suite["tasks"]:
             try:
                 details[name][task["name"]], scores[name][task["name"]] = run_task(
@@ -804,6 +804,7 @@ def run_suite(suite_path: Path, weights: list[Path], tokenizer: Optional[Path], 
                          "values": {n: scores[n][task["name"]][key] for n in names},
                          "peers": {p: v.get(key) for p, v in task.get("peers", {}).items()}})
     return {"suite": suite.get("name", Path(suite_path).stem), "models": [str(w) for w in weights],
+            "precision": model.precision,  # as resolved on this machine (every model is loaded alike)
             "protocol": {"retrieval": retrieval_protocol(ties), "zeroshot": ZEROSHOT_PROTOCOL,
                          "linear-probe": LINEAR_PROBE_PROTOCOL, "knn": KNN_PROTOCOL},
             "rows": rows, "details": details}
@@ -853,8 +854,9 @@ def demo(ctx: typer.Context):
           "--data demo_data/captions.jsonl")
 
 
-# Options shared by the commands (--model, --tokenizer and --device: those of every script)
-MODEL, TOKENIZER, DEVICE = cli.MODEL, cli.TOKENIZER, cli.DEVICE
+# Options shared by the commands (--model, --tokenizer, --device, --precision: those of every script; fp32 by
+# default here, so that the numbers compare with the field's)
+MODEL, TOKENIZER, DEVICE, PRECISION = cli.MODEL, cli.TOKENIZER, cli.DEVICE, cli.precision_option("fp32")
 BATCH = typer.Option(64, min=1, help="images per batch (captions: 4x)")
 WORKERS = typer.Option(min(4, os.cpu_count() or 1), help="image decoding processes")
 TIES = typer.Option("expected", callback=check_ties,
@@ -868,10 +870,10 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
               langs: Optional[str] = typer.Option(None, help="comma-separated languages (default: all)"),
               out: Optional[Path] = typer.Option(None, help="write the results as JSON"),
               tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
-              device: str = DEVICE, ties: str = TIES):
+              device: str = DEVICE, ties: str = TIES, precision: cli.Precision = PRECISION):
     """Image<->text retrieval R@1/5/10 and mR, one row per language plus their mean."""
     cli.refuse_overwrite(out, [model_path, *data_files(data), tokenizer])
-    model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
+    model, preprocess, tok = rsmclip.load(model_path, tokenizer, device, precision)
     cli.warn_if_toy(model.config, model_path, [data])
     results = evaluate_retrieval(model, tok, preprocess, data, split,
                                  parse_langs(langs) if langs else None, batch_size, device, workers,
@@ -880,7 +882,7 @@ def retrieval(model_path: Path = MODEL, data: Path = typer.Option(..., help="cap
     print(ties_line(results))
     print(retrieval_protocol(ties))
     write_json(results | {"_meta": {"model": str(model_path), "data": str(data), "split": split,
-                                    "protocol": retrieval_protocol(ties)}}, out)
+                                    "precision": model.precision, "protocol": retrieval_protocol(ties)}}, out)
 
 
 @app.command()
@@ -893,10 +895,10 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
              split: Optional[str] = typer.Option(None, help="labels.jsonl split (default: every image)"),
              out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
              tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
-             device: str = DEVICE):
+             device: str = DEVICE, precision: cli.Precision = PRECISION):
     """Zero-shot top-1 accuracy with per-language class names and templates."""
     cli.refuse_overwrite(out, [model_path, *data_files(data), templates, tokenizer, Path(classes)])
-    model, preprocess, tok = rsmclip.load(model_path, tokenizer, device)
+    model, preprocess, tok = rsmclip.load(model_path, tokenizer, device, precision)
     cli.warn_if_toy(model.config, model_path, [data])
     chosen = load_templates(lang, templates) if templates else None
     result = evaluate_zeroshot(model, tok, preprocess, data, classes, lang, chosen, split, batch_size, device,
@@ -907,22 +909,28 @@ def zeroshot(model_path: Path = MODEL, data: Path = typer.Option(..., help="clas
         print(f"note: {len(result['absent_classes'])} classes of {classes} have no images here and were not "
               f"scored: {', '.join(result['absent_classes'][:5])}")
     print(ZEROSHOT_PROTOCOL)
-    meta = {"model": str(model_path), "data": str(data), "protocol": ZEROSHOT_PROTOCOL}
+    meta = {"model": str(model_path), "data": str(data), "precision": model.precision,
+            "protocol": ZEROSHOT_PROTOCOL}
     write_json(result | {"_meta": meta}, out)
 
 
-def image_model(model_path: Path, data: Path, device: str) -> tuple[rsmclip.CLIP, rsmclip.Preprocess]:
+def image_model(model_path: Path, data: Path, device: str,
+                precision: str = "fp32") -> tuple[rsmclip.CLIP, rsmclip.Preprocess]:
     """A weights file's model for image features only (no tokenizer needed), and its preprocessing."""
+    precision = rsmclip.resolve_precision(precision, device)
     cfg, state = rsmclip.read_weights(model_path)
     cli.warn_if_toy(cfg, model_path, [data])
-    return rsmclip.build(cfg, state).to(device).eval(), rsmclip.Preprocess(cfg.vision.image_size)
+    model = rsmclip.set_precision(rsmclip.build(cfg, state).to(device).eval(), precision)
+    return model, rsmclip.Preprocess(cfg.vision.image_size)
 
 
-def show(result: dict, table: Table, protocol: str, model_path: Path, data: Path, out: Optional[Path]):
+def show(result: dict, table: Table, protocol: str, model_path: Path, data: Path, out: Optional[Path],
+         precision: str):
     """A classifier's table, its protocol, and the JSON with both named."""
     Console().print(table)
     print(protocol)
-    write_json(result | {"_meta": {"model": str(model_path), "data": str(data), "protocol": protocol}}, out)
+    write_json(result | {"_meta": {"model": str(model_path), "data": str(data), "precision": precision,
+                                   "protocol": protocol}}, out)
 
 
 @app.command("linear-probe")
@@ -936,7 +944,8 @@ def linear_probe(model_path: Path = MODEL,
                                                      help="share of each class held out for testing "
                                                           "when the data has no train/test splits"),
                  out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
-                 batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
+                 batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE,
+                 precision: cli.Precision = PRECISION):
     """Linear-probe and few-shot top-1 accuracy: logistic regression on frozen image features."""
     try:
         ks = tuple(int(k) for k in shots.split(",") if k.strip())
@@ -947,11 +956,11 @@ def linear_probe(model_path: Path = MODEL,
         raise EvalError(f"--shots {shots!r}: each k must be at least 1")
     cli.refuse_overwrite(out, [model_path, *data_files(data)])
     rsmclip.cache_dir(check=True)
-    model, preprocess = image_model(model_path, data, device)
+    model, preprocess = image_model(model_path, data, device, precision)
     result = evaluate_linear_probe(model, preprocess, data, ks, seeds, test_fraction,
                                    rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
     show(result, linear_probe_table(result, f"linear probe, {model_path.name} on {data}"),
-         LINEAR_PROBE_PROTOCOL, model_path, data, out)
+         LINEAR_PROBE_PROTOCOL, model_path, data, out, model.precision)
 
 
 @app.command()
@@ -964,14 +973,16 @@ def knn(model_path: Path = MODEL, data: Path = typer.Option(..., help="class fol
                                             help="share of each class held out for testing when the data has "
                                             "no train/test splits"),
         out: Optional[Path] = typer.Option(None, help="write the result as JSON"),
-        batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE):
+        batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE,
+        precision: cli.Precision = PRECISION):
     """Weighted k-NN top-1 accuracy on frozen image features (DINO's check of self-supervised features)."""
     cli.refuse_overwrite(out, [model_path, *data_files(data)])
     rsmclip.cache_dir(check=True)
-    model, preprocess = image_model(model_path, data, device)
+    model, preprocess = image_model(model_path, data, device, precision)
     result = evaluate_knn(model, preprocess, data, k, temperature, test_fraction,
                           rsmclip.weights_fingerprint(model_path), batch_size, device, workers)
-    show(result, knn_table(result, f"k-NN, {model_path.name} on {data}"), KNN_PROTOCOL, model_path, data, out)
+    show(result, knn_table(result, f"k-NN, {model_path.name} on {data}"), KNN_PROTOCOL, model_path, data, out,
+         model.precision)
 
 
 @app.command()
@@ -980,7 +991,7 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
            out_json: Path = typer.Option(Path("report.json"), help="every result, as JSON"),
            out_md: Path = typer.Option(Path("report.md"), help="the table, as Markdown"),
            tokenizer: Optional[Path] = TOKENIZER, batch_size: int = BATCH, workers: int = WORKERS,
-           device: str = DEVICE, ties: str = TIES):
+           device: str = DEVICE, ties: str = TIES, precision: cli.Precision = PRECISION):
     """Run a benchmark suite against checkpoints: one JSON and one Markdown table, peers side by side."""
     tasks = check_suite(read_json(suite), suite)["tasks"]
     reads = [suite, tokenizer, *model_paths,
@@ -990,7 +1001,7 @@ def report(suite: Path = typer.Argument(..., help="benchmark suite JSON"),
     if any(t["task"] in ("linear-probe", "knn") for t in tasks):
         rsmclip.cache_dir(check=True)
     try:
-        result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties)
+        result = run_suite(suite, model_paths, tokenizer, batch_size, device, workers, ties, precision)
     except SuiteError as e:
         if not any(e.finished.values()):
             raise

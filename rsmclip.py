@@ -8,10 +8,10 @@ and exports open_clip checkpoints, and reads its own safetensors files that carr
     image = model.encode_image(preprocess("scene.tif")[None], normalize=True)
     text = model.encode_text(tokenizer(["many planes parked at an airport"]), normalize=True)
 
-The public API (`__all__`): `load` returns (a `CLIP` in eval mode, a `Preprocess`, a `Tokenizer`);
-`CLIP.encode_image` / `CLIP.encode_text` embed one batch; `embed_images` / `embed_texts` embed many
-(batched, L2-normalised); `save` writes a model as safetensors (ours or open_clip's names); `convert`
-turns an open_clip checkpoint into ours or back; `PRESETS` and `CLIPConfig` describe architectures.
+The public API (`__all__`): `load` returns (a `CLIP` in eval mode at the asked precision, a `Preprocess`, a
+`Tokenizer`); `CLIP.encode_image` / `CLIP.encode_text` embed one batch; `embed_images` / `embed_texts` embed
+many (batched, L2-normalised); `save` writes safetensors (ours or open_clip's names); `convert` turns an
+open_clip checkpoint into ours or back; `PRESETS` and `CLIPConfig` describe architectures.
 
 Importing it only defines: no Typer app, no CUDA query, no global setting changed, nothing drawn or
 printed but warnings. The `rsmclip` command (info, download, convert, embed, classify, search) is
@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from torch.utils.checkpoint import checkpoint
 
 from files import RsmclipError, atomic_save, display, file_sha256
@@ -320,6 +322,7 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.precision = "amp"  # how it encodes: set_precision(); amp is fp32 weights, bf16 autocast on CUDA
         if not self.logit_scale.is_meta:
             self.reset_parameters()
 
@@ -342,11 +345,13 @@ class CLIP(nn.Module):
         self.visual.grad_checkpointing = self.text.grad_checkpointing = enabled
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = self.visual(pixels)
-        return F.normalize(x, dim=-1) if normalize else x
+        return self.finish(self.visual(pixels.to(self.visual.cls_token.dtype)), normalize)  # bf16 in, if held
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = self.text(ids)
+        return self.finish(self.text(ids), normalize)
+
+    def finish(self, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        x = x.float() if self.precision == "bf16" else x  # bf16 weights: embeddings normalised in fp32
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor):
@@ -782,11 +787,13 @@ def tokenizer_sha(weights: Path) -> Optional[str]:
         return None
 
 
-def load(weights: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"):
+def load(weights: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
+         precision: str = "fp32"):
     """-> (model in eval mode, preprocess, tokenizer). `weights` is a file or a known name (`rs-m-clip`,
     `laion`: the files `download` puts in the user cache). The tokenizer file defaults to the one the
     config names, next to the weights; when the weights record their tokenizer's SHA-256, another file
-    there is refused, and one given on purpose is used with a warning."""
+    there is refused, and one given on purpose is used with a warning. precision: resolve_precision's."""
+    precision = resolve_precision(precision, device)  # a bad choice fails before the weights are read
     weights = weights_path(weights)
     cfg, sd = read_weights(weights)
     path = Path(tokenizer or weights.parent / cfg.tokenizer)
@@ -798,7 +805,9 @@ def load(weights: str | Path, tokenizer: str | Path | None = None, device: str |
             raise RsmclipError(f"{what}; put the right one there, or pass --tokenizer {display(path)} to use "
                                "it anyway")
         print(f"warning: {what}; used because --tokenizer names it", file=sys.stderr)
-    return build(cfg, sd).to(device).eval(), Preprocess(cfg.vision.image_size), tok
+    model = build(cfg, sd).to(device).eval()
+    sd.clear()  # the model holds the tensors now: set_precision frees each fp32 one as it converts it
+    return set_precision(model, precision), Preprocess(cfg.vision.image_size), tok
 
 
 XLMR_VOCAB = 250002
@@ -874,7 +883,57 @@ def weights_fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}:{file_sha256(path)[:32]}"
 
 
+# ----------------------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+AUTO_WITHOUT_BF16 = "int8"  # auto on a CPU without bf16 units, measured: docs/internals.md, "Fast on a CPU"
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether Linux says the CPU multiplies bf16 in hardware (x86 amx_bf16 or avx512_bf16, Arm bf16)."""
+    found = cpuinfo.is_file() and re.search(r"^(?:flags|Features)\s*:(.*)$", cpuinfo.read_text(), re.M)
+    return bool(found and {"amx_bf16", "avx512_bf16", "bf16"} & set(found[1].split()))
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """fp32 (load's default: the reference), bf16, int8 (CPU only), or amp (fp32 weights, bf16 autocast on
+    CUDA as before precisions: auto there). auto on a CPU: bf16 with bf16 units, else AUTO_WITHOUT_BF16."""
+    if precision not in PRECISIONS:
+        raise RsmclipError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    kind = torch.device(device).type
+    if kind != "cpu" and precision == "int8":
+        raise RsmclipError(f"precision int8 runs on a CPU only (PyTorch's dynamic quantization has no {kind} "
+                           f"kernels); on {kind} use auto, bf16 or fp32")
+    if precision == "auto":
+        return "amp" if kind != "cpu" else "bf16" if native_bf16() else AUTO_WITHOUT_BF16
+    if precision == "bf16" and kind == "cpu" and not native_bf16():
+        print("note: this CPU does not multiply bf16 natively (no AMX or AVX-512 BF16): bf16 is emulated and "
+              "slower than fp32 here; --precision auto picks the fast one", file=sys.stderr)
+    return precision
+
+
+def set_precision(model: CLIP, precision: str) -> CLIP:
+    """The model made once to encode at a resolved precision: bf16 casts every weight (torch's bf16 LayerNorm,
+    softmax and GELU compute in fp32 inside); int8 makes every nn.Linear of both towers a dynamically
+    quantized one (int8 weights per output channel, activations quantized per call from their range)."""
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    elif precision == "int8":
+        with warnings.catch_warnings():  # silence torch.ao's notice of its move to torchao (torch is pinned)
+            warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated|.*quantized tensor")
+            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8, inplace=True)
+    model.precision = precision  # tests/test_precision.py runs both routes against fp32
+    return model
+
+
 # ----------------------------------------------------------------------------- batch embedding
+
+def encoding(model: CLIP, device: str | torch.device):
+    """The context a batch is encoded in: bf16 autocast on CUDA for a model held in fp32 (amp, as before
+    precisions); none for one made bf16 or int8, which computes at its own precision."""
+    amp = torch.device(device).type == "cuda" and getattr(model, "precision", "amp") == "amp"
+    return torch.autocast("cuda", torch.bfloat16, enabled=amp)
+
 
 def check_finite(feats: torch.Tensor, what: str) -> torch.Tensor:
     """Embeddings with a NaN or inf would rank and score as numbers (nan scores, exit 0): an error."""
@@ -913,7 +972,7 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
                  progress: Optional[Callable[[int], None]] = None
                  ) -> tuple[torch.Tensor, list[Path], list[str]]:
     """(embeddings [N, D] L2-normalised float32 on `device`, the N readable paths, the error messages),
-    decoded by `workers` processes, bf16 autocast on CUDA. An unreadable image is skipped and reported
+    decoded by `workers` processes, at the model's precision. An unreadable image is skipped and reported
     on stderr (a folder being searched), or, with skip_unreadable=False, stops the whole call with one
     message (an evaluation, whose numbers a silently smaller set would change). progress(n) is called
     after each batch of n images (the commands draw a bar with it)."""
@@ -927,7 +986,7 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
         failed += [m for m in messages if m]
         ok += [paths[first + i] for i in good]
         if good:
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            with encoding(model, device):
                 x = model.encode_image(pixels[good].to(device, non_blocking=True))
             feats.append(F.normalize(x.float(), dim=-1))
         if progress:
@@ -943,11 +1002,10 @@ def embed_images(model: CLIP, preprocess: Preprocess, paths: list[Path], batch_s
 @torch.inference_mode()
 def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size: int = 256,
                 device: str = "cpu") -> torch.Tensor:
-    """[M, D] L2-normalised float32 embeddings on the CPU; bf16 autocast on CUDA.
-
-    Each distinct token sequence is encoded once, in a batch of sequences of its own length only (no
-    padding, so no mask), and copied to every text that has it: a text's embedding depends on the text
-    alone, not on the batch size or on its neighbours, and identical texts get bit-identical vectors."""
+    """[M, D] L2-normalised float32 embeddings on the CPU, at the model's precision. Each distinct token
+    sequence is encoded once, in a batch of sequences of its own length only (no padding, so no mask), and
+    copied to every text that has it: identical texts get bit-identical vectors, and at fp32 a text's
+    embedding depends on the text alone, not on the batch size or its neighbours (bf16, int8: nearly)."""
     ids = tokenizer(texts) if texts else torch.zeros(0, tokenizer.context_length, dtype=torch.long)
     unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
     lengths = (unique != PAD).sum(1)
@@ -956,7 +1014,7 @@ def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: list[str], batch_size:
         rows = (lengths == length).nonzero().flatten()
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            with encoding(model, device):
                 x = model.encode_text(unique[batch, :length].to(device))
             out[batch] = F.normalize(x.float(), dim=-1).cpu()
     return check_finite(out, "text")[inverse]

@@ -34,7 +34,9 @@ import cli
 from cli import (
     DEVICE,
     MODEL,
+    PRECISION,
     TOKENIZER,
+    Precision,
     check_template,
     list_images,
     refuse_overwrite,
@@ -310,7 +312,7 @@ def embed(model_path: Path = MODEL,
                                    + "; ".join(f"{k} {v}" for k, v in EMBED_FORMATS.items())),
           tokenizer: Optional[Path] = TOKENIZER,
           batch_size: int = typer.Option(64, min=1, help="images per forward pass"),
-          device: str = DEVICE):
+          device: str = DEVICE, precision: Precision = PRECISION):
     """Write L2-normalised embeddings of images and/or texts (safetensors or numpy .npz)."""
     if not images and not texts:
         raise RsmclipError("nothing to embed: give --images and/or --texts")
@@ -319,7 +321,7 @@ def embed(model_path: Path = MODEL,
         raise RsmclipError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name the file "
                            f"{' or '.join(EMBED_FORMATS)}")
     lines = text_lines(texts) if texts else []
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     tensors, names = {}, {}  # the embeddings, and what each row is
     if images:
         paths = list_images(images)
@@ -352,7 +354,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
              out: Optional[Path] = typer.Option(None, help="also write the results as JSON"),
              html_page: Optional[Path] = typer.Option(None, "--html", help="also write a page to look "
                                                       "at: each image with its prediction (self-contained)"),
-             device: str = DEVICE):
+             device: str = DEVICE, precision: Precision = PRECISION):
     """Zero-shot classification: a table of class probabilities per image."""
     if lang not in PROMPTS and template is None:
         raise RsmclipError(f"unknown language {lang!r}; choose from {', '.join(PROMPTS)} or give --template")
@@ -362,7 +364,7 @@ def classify(images: list[Path] = typer.Argument(..., help="image files or folde
     prompt = check_template(template or PROMPTS[lang])
     refuse_overwrite(out, [model_path, tokenizer, *images])
     refuse_overwrite(html_page, [model_path, tokenizer, out, *images], "--html")
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     paths = list_images(images)
     warn_if_toy(model.config, model_path, paths)
     warn_unknown(tok, names, "label")
@@ -482,7 +484,7 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
            geojson: Optional[Path] = typer.Option(None, help="also write the hits on scenes as GeoJSON "
                                                   "(EPSG:4326, RFC 7946), and beside it one file per scene "
                                                   "CRS in that CRS (FILE.EPSG_32618.geojson)"),
-           device: str = DEVICE):
+           device: str = DEVICE, precision: Precision = PRECISION):
     """Text-to-image search over scenes and pictures; the index is built once, updated when files change."""
     inputs, queries = split_inputs(args)
     if not queries:
@@ -497,7 +499,7 @@ def search(args: list[str] = typer.Argument(..., help="scenes (GeoTIFF, COG), pi
         written.append(path)
     if index is None:
         cache_dir(check=True)  # where the index goes: a problem there is found now, not after the embedding
-    model, preprocess, tok = load(model_path, tokenizer, device)
+    model, preprocess, tok = load(model_path, tokenizer, device, precision)
     tiling = Tiling(tile or model.config.vision.image_size, overlap, gsd, min_valid, bands)
     rank, world = processes()
     weights = weights_path(model_path)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from cli import image_progress, list_images, refuse_overwrite
 from files import RsmclipError, atomic_write, display, file_stamp, sweep_temporaries
-from rsmclip import cache_dir, embed_images, weights_fingerprint
+from rsmclip import cache_dir, embed_images, encoding, weights_fingerprint
 from search import geo, scenes
 from search.scenes import Tiling
 
@@ -102,7 +102,9 @@ def read_index(folder: Path, fingerprint: str, dim: int, tiling: Tiling) -> Opti
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"not an {FORMAT} index")
         if manifest.get("model") != fingerprint:
-            print(f"{display(folder)}: built with other weights, rebuilding", file=sys.stderr)
+            weights = str(manifest.get("model")).split(" ")[0]  # the fingerprint is "weights precision"
+            other = "at another precision" if weights == fingerprint.split(" ")[0] else "with other weights"
+            print(f"{display(folder)}: built {other}, rebuilding", file=sys.stderr)
             return None
         if manifest.get("tiling") != tiling.as_json():
             old = manifest.get("tiling") or {}
@@ -187,7 +189,7 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
     """Bring an input's index up to date and return it read back (None on ranks other than 0 under
     torchrun). Only new or changed sources are embedded; each process embeds its share of their tiles and
     writes its part; rank 0 then commits index.json, naming every part."""
-    fingerprint = weights_fingerprint(weights)
+    fingerprint = f"{weights_fingerprint(weights)} {model.precision}"  # bf16 rows are not fp32 rows
     folder = folder or index_path(root, fingerprint, tiling)
     dim = model.config.embed_dim
     old = read_index(folder, fingerprint, dim, tiling) if rank == 0 or world == 1 else None
@@ -327,7 +329,7 @@ def embed_tiles(model, preprocess, tiles: list, tiling: Tiling, batch_size: int,
             if error and not counts[rel].get("error"):
                 counts[rel]["error"] = error
         if keep.any():
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            with encoding(model, device):
                 x = model.encode_image(pixels[keep].to(device, non_blocking=True))
             x = F.normalize(x.float(), dim=-1)
             if not torch.isfinite(x).all():

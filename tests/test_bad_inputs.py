@@ -353,6 +353,15 @@ def index_then_replace(tmp: Path):
     replace_keeping_size_and_mtime(tmp / "imgs" / "1.png")
 
 
+def index_in_fp32(tmp: Path):
+    """A search index of imgs/ built at --precision fp32 (the row then searches at bf16)."""
+    images(tmp)
+    with pytest.raises(SystemExit):
+        cli.run_cli(rsmclip_cli.app, ["search", str(tmp / "imgs"), "roads", "--model",
+                                      str(tmp / "w.safetensors"), "--index", str(tmp / "i.safetensors"),
+                                      "--precision", "fp32"])
+
+
 def two_writers(tmp: Path):
     """A metrics.jsonl written by two runs at once: steps 2, 4, 2, 6, 4 (both runs' lines interleaved)."""
     (tmp / "run").mkdir()
@@ -756,6 +765,27 @@ CASES = [
          ["search", "{tmp}/imgs", "roads", "--model", "{tmp}/m/w.safetensors", "--index",
           "{tmp}/i.safetensors", "--tokenizer", "{tmp}/m/spm.model"], code=0, make=foreign_tokenizer,
          words=("warning: tokenizer", "used because --tokenizer names it")),
+    # --- precision
+    *(Case(f"{entry} {command}: --precision fp8", entry, [command, *args, "--precision", "fp8"], code=2,
+           words=("Invalid value for '--precision'", "'auto', 'fp32', 'bf16', 'int8'"))
+      for entry, command, args in (
+          ("rsmclip", "search", ["{tmp}/imgs", "roads", "--model", "{w}"]),
+          ("rsmclip", "classify", ["{tmp}/imgs", "--labels", "a,b", "--model", "{w}"]),
+          ("rsmclip", "embed", ["--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.npz"]),
+          ("eval", "retrieval", ["--model", "{w}", "--data", MANIFEST]),
+          ("eval", "knn", ["--model", "{w}", "--data", "{tmp}/tree"]))),
+    *(Case(f"{entry} {command}: --precision int8 on CUDA, refused before anything is read", entry,
+           [command, *args, "--device", "cuda", "--precision", "int8"], make=make,
+           words=("precision int8 runs on a CPU only", "on cuda use auto, bf16 or fp32"), absent=("e.npz",))
+      for entry, command, args, make in (
+          ("rsmclip", "embed", ["--model", "{w}", "--images", "{tmp}/imgs", "--out", "{tmp}/e.npz"], images),
+          ("eval", "retrieval", ["--model", "{w}", "--data", MANIFEST],
+           lambda tmp: manifest(tmp, {"en": ["a road"]})),
+          ("eval", "linear-probe", ["--model", "{w}", "--data", "{tmp}/tree"], two_classes))),
+    Case("search: an index built at another precision is rebuilt, saying why", "rsmclip",
+         ["search", "{tmp}/imgs", "roads", "--model", "{w}", "--index", "{tmp}/i.safetensors", "--precision",
+          "bf16"], code=0, make=index_in_fp32, words=("built at another precision, rebuilding",),
+         stdout=("3 images (3 added, 0 removed",)),
     # --- eval.py
     *(Case(f"{command}: --out an image of the evaluated data", "eval",
            [command, "--model", "{w}", "--data", data, "--out", target, "--workers", "0", *extra],

@@ -89,7 +89,7 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
     (tmp_path / "texts.txt").write_text("many planes at an airport\nmuitos aviões\n\n机场里的飞机\n",
                                         encoding="utf-8")
     result = run("embed", "--model", tiny_weights, "--images", images, "--texts", tmp_path / "texts.txt",
-                 "--out", tmp_path / "emb.safetensors")
+                 "--out", tmp_path / "emb.safetensors", "--precision", "fp32")  # as load()'s default
     assert result.returncode == 0, result.stderr
     assert "skipped:" in result.stderr and "corrupt.jpg" in result.stderr
     with safe_open(str(tmp_path / "emb.safetensors"), "pt") as f:
@@ -124,8 +124,9 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
 def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
     images = tmp_path / "images"
     write_images(images, 5)
+    FP32 = ("--precision", "fp32")  # load()'s default, compared below; every search here at one precision
     result = run("search", images, "aviões no aeroporto", "--model", tiny_weights, "--top-k", "3",
-                 "--out", tmp_path / "hits.json")
+                 "--out", tmp_path / "hits.json", *FP32)
     assert result.returncode == 0, result.stderr
     assert "5 images (5 added, 0 removed" in result.stdout
     hits = json.loads((tmp_path / "hits.json").read_text())["aviões no aeroporto"]
@@ -140,21 +141,22 @@ def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
 
     write_images(images, 1, start=5)
     (images / "img00.png").unlink()
-    result = run("search", images, "forest", "campo verde", "--model", tiny_weights)
+    result = run("search", images, "forest", "campo verde", "--model", tiny_weights, *FP32)
     assert result.returncode == 0, result.stderr
     assert "5 images (1 added, 1 removed or changed, 0 unreadable skipped)" in result.stdout
     assert "campo verde" in result.stdout
-    result = run("search", images, "forest", "--model", tiny_weights)
+    result = run("search", images, "forest", "--model", tiny_weights, *FP32)
     assert "5 images (0 added, 0 removed" in result.stdout
     # other weights get an index of their own, and the first one is kept
     other = tiny_weights.with_name("other.safetensors")
     rsmclip.save(fill_with_noise(rsmclip.CLIP(rsmclip.PRESETS["tiny"]), seed=2), other)
-    assert "5 images (5 added" in run("search", images, "forest", "--model", other).stdout
-    assert "5 images (0 added" in run("search", images, "forest", "--model", tiny_weights).stdout
+    assert "5 images (5 added" in run("search", images, "forest", "--model", other, *FP32).stdout
+    assert "5 images (0 added" in run("search", images, "forest", "--model", tiny_weights, *FP32).stdout
     # one --index file given for two weights is rebuilt, never trusted
     shared = tmp_path / "shared-index.safetensors"
-    assert "5 added" in run("search", images, "forest", "--model", tiny_weights, "--index", shared).stdout
-    result = run("search", images, "forest", "--model", other, "--index", shared)
+    result = run("search", images, "forest", "--model", tiny_weights, "--index", shared, *FP32)
+    assert "5 added" in result.stdout
+    result = run("search", images, "forest", "--model", other, "--index", shared, *FP32)
     assert "built with other weights, rebuilding" in result.stderr and "5 added" in result.stdout
 
 

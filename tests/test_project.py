@@ -87,7 +87,7 @@ def test_every_language_table_has_the_ten_languages():
 # Every script a user runs, by the module that holds its command line (an `app`, or a `main` wrapped as
 # the script wraps it).
 SCRIPTS = ["rsmclip_cli", "train", "eval", "translate", "data.prepare", "data.demo", "bench.ablation",
-           "bench.peers", "bench.eval_speed", "bench.generate_speed"]
+           "bench.peers", "bench.precision", "bench.eval_speed", "bench.generate_speed"]
 
 
 def script_app(name: str):
