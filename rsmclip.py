@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import io
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from torch.utils.checkpoint import checkpoint
 
-from files import RsmclipError, atomic_save, display, file_sha256
+from files import ImageError, RsmclipError, atomic_save, display, file_sha256, open_image, to_rgb
 
 __all__ = ["load", "CLIP", "Preprocess", "Tokenizer", "embed_images", "embed_texts", "save", "convert",
            "PRESETS", "CLIPConfig", "RsmclipError"]
@@ -52,10 +51,6 @@ __all__ = ["load", "CLIP", "Preprocess", "Tokenizer", "embed_images", "embed_tex
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-
-
-class ImageError(RsmclipError):
-    pass
 
 
 class WeightsError(RsmclipError):
@@ -463,94 +458,6 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------- images
-
-# Decoding is bounded before it starts: a 99-byte PNG can declare 1 x 10,000 pixels (2.6 GB once the
-# short side is resized to 224) and a scene of 12,000 x 12,000 needs 1.2 GB. Larger scenes are cut into
-# tiles first, as for any CLIP. PIL's own bomb check is set to the same limit.
-MAX_PIXELS = 100_000_000
-MAX_ASPECT = 20
-STRETCH_PERCENTILES = (1, 99)
-
-
-def open_image(path: str | Path, data: Optional[bytes] = None) -> Image.Image:
-    """Read an image file (or its bytes, `data`, named `path` in messages: a sample of a tar shard) as 8-bit
-    RGB, or raise ImageError naming the file and the problem."""
-    path = Path(path)
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's bomb check, at our limit: set where images are opened
-    if data is None and path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image")
-    try:
-        image = Image.open(path if data is None else io.BytesIO(data))
-        w, h = image.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{path}: {w} x {h} pixels, above the limit of {MAX_PIXELS // 10 ** 6} "
-                             "megapixels; cut the scene into tiles")
-        if max(w, h) > MAX_ASPECT * min(w, h):
-            raise ImageError(f"{path}: {w} x {h} pixels, an aspect ratio above {MAX_ASPECT}:1; not a scene "
-                             "this model can see (cut it into tiles)")
-        bands = sixteen_bit_bands(image, str(path))
-        if bands is not None:
-            return Image.fromarray(stretch(bands), "RGB")
-        image.load()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from None
-    return to_rgb(image, name=str(path))
-
-
-def sixteen_bit_bands(image: Image.Image, name: str) -> Optional[np.ndarray]:
-    """[H, W, bands] uint16 of a TIFF with 3 or 4 bands of 16 bits (common for 12- and 16-bit sensors),
-    else None. PIL opens those as 8-bit RGB holding only the top byte of each sample (12-bit data ends
-    at 15/255): here the same raw strips are decoded as 16-bit samples instead. PIL cannot do that for
-    compressed strips, so those are refused rather than read nearly black."""
-    rawmodes = [t.args[0] for t in image.tile if t.args and isinstance(t.args[0], str)]
-    if (image.format != "TIFF" or image.mode not in ("RGB", "RGBA", "RGBX", "CMYK") or not rawmodes
-            or not all(";16" in r for r in rawmodes)):
-        return None
-    layout = rawmodes[0].split(";")[0]
-    if any(t.codec_name != "raw" for t in image.tile) or len(layout) < 3 or len(set(rawmodes)) > 1:
-        raise ImageError(f"{name}: a compressed or band-separated TIFF with 16-bit {image.mode} samples, "
-                         "which PIL can only read as their top 8 bits; save it uncompressed (e.g. "
-                         "gdal_translate -co COMPRESS=NONE -co INTERLEAVE=PIXEL) or as 8-bit")
-    n, (w, h), mode = len(layout), image.size, "I;16B" if rawmodes[0].endswith("B") else "I;16"
-    image._size, image._mode = (w * n, h), mode  # the same bytes, one 16-bit sample per "pixel"
-    image.tile = [t._replace(extents=(0, t.extents[1], w * n, t.extents[3]), args=(mode, *t.args[1:]))
-                  for t in image.tile]
-    image.load()
-    return np.asarray(image).reshape(h, w, n)
-
-
-def stretch(a: np.ndarray) -> np.ndarray:
-    """[H, W] or [H, W, bands] of any numbers -> [H, W, 3] uint8: each band linearly from its 1st to its
-    99th percentile of finite values (robust to a few hot or dead pixels); NaN and inf become 0. One band
-    is repeated as grey; of 4 or more bands the first three are taken as red, green, blue."""
-    a = np.asarray(a, dtype=np.float64)
-    a = a[..., None] if a.ndim == 2 else a[..., :3]
-    out = np.zeros(a.shape, dtype=np.uint8)
-    for b in range(a.shape[-1]):
-        band, finite = a[..., b], np.isfinite(a[..., b])
-        if not finite.any():
-            continue
-        lo, hi = np.percentile(band[finite], STRETCH_PERCENTILES)
-        if hi > lo:
-            scaled = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255)
-            out[..., b] = np.where(finite, np.round(np.nan_to_num(scaled)), 0)
-    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
-
-
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any single-image PIL mode to 8-bit RGB. 16-bit, 32-bit and float images (common in
-    remote sensing) are stretched per band (stretch()): PIL's own conversion would clip them to white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(stretch(np.asarray(image)), "RGB")
-    if image.mode == "RGB":
-        return image
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ImageError(f"{name}: cannot convert image mode {image.mode} to RGB ({e})") from None
-
 
 class Preprocess:
     """open_clip's eval transform: resize the shorter side (bicubic, antialiased), centre crop, CLIP

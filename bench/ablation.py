@@ -42,10 +42,10 @@ import eval as ev
 import rsmclip
 import rundir
 import train
+from bench.peers import prepare_command
 from data import demo, loading
 from data.demo import make_demo, train_tokenizer
-from data.manifest import LANGS, load_manifest, write_jsonl
-from data.prepare import build_captions, ucm_class
+from data.manifest import LANGS, load_manifest, ucm_class, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 UCM = ROOT / "datasets/ucm_captions_trainval"  # UCM-Captions' Karpathy file and images/
@@ -90,7 +90,7 @@ def train_once(out: Path, args: list[str]) -> float:
     args = [*args, "--out", str(out)]
     asked = json.loads(json.dumps(asdict(asked_config(args))))
     if (out / "config.json").exists():
-        saved = rundir.read_config_json(out / "config.json")
+        saved = rundir.read_config_json(out / "config.json", train.TrainConfig)
         if differ := [k for k in asked if k != "out" and saved.get(k) != asked[k]]:
             raise AblationError(f"{out} holds a run made by other settings ({', '.join(differ)}): this table "
                                 "asks for others; delete that folder or choose another --work")
@@ -142,7 +142,8 @@ def prepare(work: Path, ucm: Path) -> tuple[Path, Path, Path]:
                                 "dataset.json or dataset_ucm.json) and images/")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "images").symlink_to((ucm / "images").resolve())
-        build_captions(annotations, folder / "images", manifest, dataset="ucm")
+        prepare_command("captions", annotations, "--images", folder / "images", "--out", manifest, "--dataset",
+                        "ucm")
     records = load_manifest(manifest)
     if not tokenizer.exists():
         train_captions = [c for r in records if r["split"] == "train" for c in r["captions"]["en"]]

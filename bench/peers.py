@@ -15,6 +15,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +35,10 @@ import rsmclip
 import rundir
 import train
 from bench.openclip_oracle import paired_models
-from data import augment, loading, prepare
+from data import augment, loading
 from data import shards as shardlib
 from data.demo import make_demo
 from data.loading import ImageCache
-from data.prepare import build_cache
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -328,9 +328,19 @@ def ucm_manifest(folder: Path) -> Path:
     if not SHARED_UCM.is_dir():
         raise rsmclip.RsmclipError(f"{SHARED_UCM}: not found; pass --manifest")
     (folder / "images").symlink_to(SHARED_UCM / "images")
-    prepare.build_captions(SHARED_UCM / "dataset_ucm_trainval.json", folder / "images",
-                           folder / "captions.jsonl", "ucm")
+    prepare_command("captions", SHARED_UCM / "dataset_ucm_trainval.json", "--images", folder / "images",
+                    "--out", folder / "captions.jsonl", "--dataset", "ucm")
     return folder / "captions.jsonl"
+
+
+def prepare_command(*args) -> str:
+    """`python data/prepare.py ARGS` run as a user runs it (it is a command: no module imports it); -> what
+    it printed. Its one-line error, when it fails, is the message."""
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "data/prepare.py"),
+                          *map(str, args)], capture_output=True, text=True)
+    if run.returncode:
+        raise rsmclip.RsmclipError(f"data/prepare.py {' '.join(map(str, args))}: {run.stderr.strip()[-2000:]}")
+    return run.stdout
 
 
 @app.command()
@@ -360,7 +370,7 @@ def data(manifest: Optional[Path] = typer.Option(None, help="captions.jsonl (def
         items = loading.read_manifests([str(manifest)], "train")
         start = time.perf_counter()
         cache_file = Path(tmp) / "cache.safetensors"
-        build_cache(manifest, cache_file)
+        prepare_command("cache", manifest, "--out", cache_file)
         built = time.perf_counter() - start
         cache = ImageCache(cache_file, manifest)
         torch.set_num_threads(1)
@@ -586,7 +596,7 @@ def gpu(device: str = typer.Option("cuda", help="the device to check (cpu only f
         else:
             manifest, cfg, mc = ucm_manifest(Path(tmp)), replace(paper, langs="en"), model_cfg
             tokenizer = SHARED_UCM.parents[1] / "assets/xlmr/sentencepiece.bpe.model"
-        build_cache(manifest, Path(tmp) / "cache.safetensors")
+        prepare_command("cache", manifest, "--out", Path(tmp) / "cache.safetensors")
         workers = 0 if quick else min(8, os.cpu_count())
         cfg = replace(cfg, data=[str(manifest)], image_cache=str(Path(tmp) / "cache.safetensors"),
                       augment="tensor", workers=workers)

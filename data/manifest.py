@@ -190,6 +190,19 @@ def write_jsonl(records: list[dict], path: Path):
     files.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+# UC Merced's 21 classes in alphabetical order: UCM-Captions' image N (N.tif, N.jpg) is of class
+# (N - 1) // 100
+UCM_CLASSES = ("agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
+               "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
+               "mediumresidential", "mobilehomepark", "overpass", "parkinglot", "river", "runway",
+               "sparseresidential", "storagetanks", "tenniscourt")
+
+
+def ucm_class(image: str) -> str:
+    """The scene class of a UCM-Captions image, by its number (the dataset's own numbering)."""
+    return UCM_CLASSES[(int(Path(image).stem) - 1) // 100]
+
+
 # ----------------------------------------------------------------------------- classification trees
 
 def scan_image_folder(root: Path) -> tuple[list[tuple[str, str]], list[str]]:

@@ -48,19 +48,6 @@ from files import listing  # noqa: E402  (the one way messages list offenders)
 # Published sizes: (images, test images); None where the dataset publishes no standard split.
 EXPECTED = {"rsicd": (10921, 1093), "rsitmd": (4743, 452), "ucm": (2100, 210), "sydney": (613, 58),
             "nwpu": (31500, None)}
-# UC Merced's 21 classes in alphabetical order: UCM-Captions' image N (N.tif, N.jpg) is of class
-# (N - 1) // 100
-UCM_CLASSES = ("agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
-               "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
-               "mediumresidential", "mobilehomepark", "overpass", "parkinglot", "river", "runway",
-               "sparseresidential", "storagetanks", "tenniscourt")
-
-
-def ucm_class(image: str) -> str:
-    """The scene class of a UCM-Captions image, by its number (the dataset's own numbering)."""
-    return UCM_CLASSES[(int(Path(image).stem) - 1) // 100]
-
-
 # ----------------------------------------------------------------------------- reading and writing
 
 

@@ -23,7 +23,7 @@ from files import RsmclipError, display
 
 SCENE_SUFFIXES = {".tif", ".tiff"}  # the rasters a folder search asks GDAL about (GeoTIFF, COG)
 PREVIEW = 1024  # the long side, in pixels, of a scene's preview and of the read its stretch is taken from
-STRETCH_PERCENTILES = (1, 99)  # as rsmclip.stretch, but once per scene (tiles of one scene must compare)
+STRETCH_PERCENTILES = (1, 99)  # as files.stretch, but once per scene (tiles of one scene must compare)
 WGS84 = (6378137.0, 0.00669437999014)  # semi-major axis (m) and first eccentricity squared
 
 

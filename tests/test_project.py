@@ -145,6 +145,7 @@ LAYERS = [
     ("commands", ["rsmclip_cli.py", "search/*.py", "data/prepare.py"]),
     ("bench", ["bench/*.py"]),
 ]
+COMMANDS_ONLY = {"data/prepare.py"}  # run, never imported: bench runs it as a user does
 
 
 def project_imports(root: Path) -> dict[str, list[tuple[str, int, bool]]]:
@@ -174,7 +175,7 @@ def project_imports(root: Path) -> dict[str, list[tuple[str, int, bool]]]:
 
 def layer_problems(root: Path) -> list[str]:
     """What breaks the import order in the tree at `root`: an upward import, an import inside a function, a
-    circle, a module in no layer."""
+    circle, a module in no layer, an import of a command that only runs."""
     rank = {p.relative_to(root).as_posix(): i for i, (_, patterns) in enumerate(LAYERS)
             for pattern in patterns for p in root.glob(pattern)}
     placed = set(rank)
@@ -189,6 +190,8 @@ def layer_problems(root: Path) -> list[str]:
                                 f"({LAYERS[rank[target]][0]} > {LAYERS[rank[path]][0]})")
             if not top:
                 problems.append(f"{path}:{line} imports {target} inside a function")
+            if target in COMMANDS_ONLY:
+                problems.append(f"{path}:{line} imports {target}, a command that no module imports")
     state = {}
 
     def visit(path, trail):
@@ -212,7 +215,8 @@ def test_modules_import_only_downward_never_inside_a_function_never_in_a_circle(
 
 def test_the_import_order_check_finds_what_it_guards_against(tmp_path):
     """The check on a copy of the tree with each fault planted: an upward import (the data contract
-    importing train.py), a project import inside a function, a circle within one layer, an unplaced file."""
+    importing train.py), a project import inside a function, a circle within one layer, bench importing the
+    data/prepare.py command, an unplaced file."""
     def tree_with(path: str, line: str) -> Path:
         root = tmp_path / str(len(list(tmp_path.iterdir())))
         for layer in LAYERS:
@@ -232,5 +236,8 @@ def test_the_import_order_check_finds_what_it_guards_against(tmp_path):
         tree_with("train.py", "\n\ndef late():\n    import eval\n")))
     assert any(p.startswith("a circle: ") and "eval.py" in p and "curves.py" in p for p in layer_problems(
         tree_with("eval.py", "\nimport curves\n")))
+    assert layer_problems(tree_with("bench/scale.py", "\nfrom data.prepare import build_cache\n")) == [
+        f"bench/scale.py:{len((ROOT / 'bench/scale.py').read_text().splitlines()) + 2} imports data/prepare.py, "
+        "a command that no module imports"]
     assert layer_problems(tree_with("utils.py", "import rsmclip\n")) == [
         "utils.py: in no layer of tests/test_project.py's LAYERS"]
