@@ -200,6 +200,9 @@ def speed(preset: str = typer.Option("xlmr-b32", help="model preset (tiny for a 
     pixels, ids = inputs(cfg, batch_size, captions)
     if compiled:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its CUDA_HOME notice
+        import torch._inductor.config as inductor  # torch's own compiler, needed here only
+
+        inductor.freezing = True  # inference: the weights become constants, prepacked for oneDNN
         bf16 = rsmclip.set_precision(copy.deepcopy(ours), "bf16")
         tower = torch.compile(bf16.visual, dynamic=False)
         start = time.perf_counter()
@@ -413,8 +416,8 @@ def endtoend(ucm: Path = typer.Option(UCM, help="UCM-Captions train/val: its Kar
     report = {"machine": machine(), "preset": preset, "images": images, "runs": {}}
     print(machine_line(report["machine"]), flush=True)
     for precision in ("fp32", "auto"):
-        index = work / f"index-{precision}.safetensors"
-        index.unlink(missing_ok=True)
+        index = work / f"index-{precision}"  # a folder (search/index.py), built from nothing each time
+        shutil.rmtree(index, ignore_errors=True)
         search = [sys.executable, "rsmclip_cli.py", "search", str(folder), "a river next to farmland",
                   "--model", str(weights), "--index", str(index), "--precision", precision]
         retrieval = [sys.executable, "eval.py", "retrieval", "--model", str(weights), "--data", str(manifest),

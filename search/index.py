@@ -64,6 +64,12 @@ class Index:
         raise IndexError(row)
 
 
+def index_fingerprint(weights: Path, precision: str) -> str:
+    """What an index's rows depend on besides the tiling: the weights' bytes and the precision they encode at
+    (bf16 or int8 rows are not fp32 rows)."""
+    return f"{weights_fingerprint(weights)} {precision}"
+
+
 def index_path(root: Path, fingerprint: str, tiling: Tiling) -> Path:
     """The default index of an input: in the user cache, never beside the input (which may be read-only
     or shared); one per (input, weights, tiling), so switching models or tilings does not rebuild."""
@@ -189,7 +195,7 @@ def update_index(model, preprocess, weights: Path, root: Path, folder: Optional[
     """Bring an input's index up to date and return it read back (None on ranks other than 0 under
     torchrun). Only new or changed sources are embedded; each process embeds its share of their tiles and
     writes its part; rank 0 then commits index.json, naming every part."""
-    fingerprint = f"{weights_fingerprint(weights)} {model.precision}"  # bf16 rows are not fp32 rows
+    fingerprint = index_fingerprint(weights, model.precision)
     folder = folder or index_path(root, fingerprint, tiling)
     dim = model.config.embed_dim
     old = read_index(folder, fingerprint, dim, tiling) if rank == 0 or world == 1 else None

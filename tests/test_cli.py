@@ -465,7 +465,7 @@ def built_index(weights: Path, tmp_path: Path) -> Path:
     write_images(images, 2)
     with pytest.raises(SystemExit):
         cli.run_cli(rsmclip_cli.app, ["search", str(images), "x", "--model", str(weights), "--index",
-                                      str(tmp_path / "ix")])
+                                      str(tmp_path / "ix"), "--precision", "fp32"])
     return tmp_path / "ix"
 
 
@@ -501,7 +501,7 @@ def damage(folder: Path, kind: str):
                                   "table a row short", "unknown source"])
 def test_a_damaged_search_index_is_rebuilt_with_a_warning(tiny_weights, tmp_path, capsys, kind):
     folder = built_index(tiny_weights, tmp_path)
-    fingerprint, tiling = rsmclip.weights_fingerprint(tiny_weights), index.Tiling(64)
+    fingerprint, tiling = index.index_fingerprint(tiny_weights, "fp32"), index.Tiling(64)
     kept = index.read_index(folder, fingerprint, 64, tiling)
     assert kept.rows == 2 and kept.feats[0].shape == (2, 64)
     assert index.read_index(folder, "other weights", 64, tiling) is None
@@ -513,7 +513,7 @@ def test_a_damaged_search_index_is_rebuilt_with_a_warning(tiny_weights, tmp_path
     assert "damaged search index" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.run_cli(rsmclip_cli.app, ["search", str(tmp_path / "images"), "x", "--model", str(tiny_weights),
-                                      "--index", str(folder)])
+                                      "--index", str(folder), "--precision", "fp32"])
     assert "2 images (2 added, 0 removed" in capsys.readouterr().out  # rebuilt
     assert index.read_index(folder, fingerprint, 64, tiling).rows == 2
 
@@ -524,7 +524,7 @@ def test_non_finite_embeddings_in_an_index_stop_the_search(tiny_weights, tmp_pat
     part.write_bytes(np.full(128, np.nan, np.float16).tobytes())
     with pytest.raises(SystemExit) as exit_:
         cli.run_cli(rsmclip_cli.app, ["search", str(tmp_path / "images"), "x", "--model", str(tiny_weights),
-                                      "--index", str(folder)])
+                                      "--index", str(folder), "--precision", "fp32"])
     assert exit_.value.code == 1 and "non-finite embeddings (damaged)" in capsys.readouterr().err
 
 

@@ -52,7 +52,7 @@ def write_scene(path: Path, data: np.ndarray, crs="EPSG:32618", transform=None, 
 
 def search(args: list, capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as done:
-        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args)])
+        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--precision", "fp32"])  # as embed_images
     out = capsys.readouterr()
     return done.value.code, out.out, out.err
 
@@ -95,7 +95,7 @@ def test_the_tiles_of_a_mosaic_of_pictures_are_those_pictures(weights, tmp_path,
         code, out, err = search([root, "roads", "--model", weights, "--index", tmp_path / ix], capsys)
         assert code == 0, err
     tiling = Tiling(64)
-    fingerprint = rsmclip.weights_fingerprint(weights)
+    fingerprint = index.index_fingerprint(weights, "fp32")
     folder = index.read_index(tmp_path / "folder", fingerprint, 64, tiling)
     tiled = index.read_index(tmp_path / "scene", fingerprint, 64, tiling)
     assert tiled.manifest["sources"][""]["tiles"] == 6 and folder.rows == 6
@@ -323,7 +323,7 @@ def test_a_folder_of_scenes_is_indexed_once_then_updated_scene_by_scene(weights,
     code, out, err = search(args, capsys)
     assert code == 0, err
     assert "1 images and 3 scenes (9 tiles) (2 added, 2 removed or changed" in out
-    ix = index.read_index(tmp_path / "ix", rsmclip.weights_fingerprint(weights), 64, Tiling(32))
+    ix = index.read_index(tmp_path / "ix", index.index_fingerprint(weights, "fp32"), 64, Tiling(32))
     assert ix.rows == 10 and sorted(ix.manifest["sources"]) == ["photo.png", "s1.tif", "s2.tif", "s3.tif"]
     assert len(list((tmp_path / "ix").iterdir())) == 1 + 2 * len(ix.manifest["parts"])  # no stale file
     hits = json.loads((tmp_path / "hits.json").read_text())["roads"]
@@ -333,7 +333,7 @@ def test_a_folder_of_scenes_is_indexed_once_then_updated_scene_by_scene(weights,
     # the same index built from scratch has the same rows
     shutil.rmtree(tmp_path / "ix")
     search(args, capsys)
-    fresh = index.read_index(tmp_path / "ix", rsmclip.weights_fingerprint(weights), 64, Tiling(32))
+    fresh = index.read_index(tmp_path / "ix", index.index_fingerprint(weights, "fp32"), 64, Tiling(32))
     key = lambda ix, r: (ix.locate(r)[0], tuple(ix.locate(r)[2])[1:3])  # noqa: E731
     rows_a = {key(ix, r): np.asarray(np.concatenate(ix.feats)[r]) for r in range(ix.rows)}
     rows_b = {key(fresh, r): np.asarray(np.concatenate(fresh.feats)[r]) for r in range(fresh.rows)}
@@ -356,13 +356,14 @@ def test_a_killed_update_resumes_after_its_last_commit(weights, tmp_path, capsys
 
     monkeypatch.setattr(index, "embed_part", killed)
     with pytest.raises(SystemExit) as stopped:  # click turns the interrupt into exit 130
-        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--index", str(tmp_path / "ix")])
+        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--index", str(tmp_path / "ix"), "--precision",
+                                      "fp32"])
     assert stopped.value.code == 130 and calls == [4, 4, 4]
     monkeypatch.setattr(index, "embed_part", real)
     code, out, err = search(args + ["--index", tmp_path / "ix"], capsys)
     assert code == 0 and "s.tif: resuming at tile 8 of 12" in err and "12 of 12 tiles indexed" in out, err
     code, out, err = search(args + ["--index", tmp_path / "fresh"], capsys)
-    fingerprint, tiling = rsmclip.weights_fingerprint(weights), Tiling(32)
+    fingerprint, tiling = index.index_fingerprint(weights, "fp32"), Tiling(32)
     resumed = index.read_index(tmp_path / "ix", fingerprint, 64, tiling)
     fresh = index.read_index(tmp_path / "fresh", fingerprint, 64, tiling)
     assert resumed.manifest["sources"][""] == fresh.manifest["sources"][""]
@@ -411,11 +412,12 @@ def test_two_processes_under_torchrun_give_the_index_of_one(weights, tmp_path, c
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free), str(ROOT / "rsmclip_cli.py"), "search", str(scene),
                              "roads", "--model", str(weights), "--index", str(tmp_path / "two"), "--workers",
-                             "0", "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                             "0", "--device", "cpu", "--precision", "fp32"], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("index ") == 1  # rank 0 speaks
-    fingerprint, tiling = rsmclip.weights_fingerprint(weights), Tiling(64)
+    fingerprint, tiling = index.index_fingerprint(weights, "fp32"), Tiling(64)
     one = index.read_index(tmp_path / "one", fingerprint, 64, tiling)
     two = index.read_index(tmp_path / "two", fingerprint, 64, tiling)
     assert len(two.manifest["parts"]) == 2 and [p["rows"] for p in two.manifest["parts"]] == [3, 3]
