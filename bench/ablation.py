@@ -750,7 +750,7 @@ def selfdist(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quic
 @app.command()
 def regime(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quick: bool = QUICK,
            bases: str = typer.Option("0,1", help="seeds of the bases, distinct"),
-           steps: int = typer.Option(600, min=1, help="fine-tuning steps per run"),
+           steps: int = typer.Option(300, min=1, help="fine-tuning steps per run"),
            base_steps: int = typer.Option(1000, min=1, help="steps of each CLIP-only base")):
     """Claim (1): the teacher and the views, fine-tuning bases trained on other classes."""
     work, chosen = settings(work, seeds, quick)
@@ -793,7 +793,7 @@ def all_tables(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, qu
     """Every table above with its default steps, in the order the lead asked for (the demo first)."""
     demo_steps = train.RECIPES["demo"].steps
     demo_command(work, None, seeds, quick, demo_steps)
-    regime(ucm, work, seeds, quick, "0,1", 600, 1000)
+    regime(ucm, work, seeds, quick, "0,1", 300, 1000)
     languages(work, None, seeds, quick, demo_steps, 3000)
     selfdist(ucm, work, seeds, quick, 3000)
     recipe(ucm, work, seeds, quick, 300)
