@@ -142,8 +142,8 @@ def prepare(work: Path, ucm: Path) -> tuple[Path, Path, Path]:
                                 "dataset.json or dataset_ucm.json) and images/")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "images").symlink_to((ucm / "images").resolve())
-        prepare_command("captions", annotations, "--images", folder / "images", "--out", manifest, "--dataset",
-                        "ucm")
+        prepare_command("captions", annotations, "--images", folder / "images", "--out", manifest,
+                        "--dataset", "ucm")
     records = load_manifest(manifest)
     if not tokenizer.exists():
         train_captions = [c for r in records if r["split"] == "train" for c in r["captions"]["en"]]

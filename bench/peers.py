@@ -339,7 +339,8 @@ def prepare_command(*args) -> str:
     run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "data/prepare.py"),
                           *map(str, args)], capture_output=True, text=True)
     if run.returncode:
-        raise rsmclip.RsmclipError(f"data/prepare.py {' '.join(map(str, args))}: {run.stderr.strip()[-2000:]}")
+        command = " ".join(map(str, args))
+        raise rsmclip.RsmclipError(f"data/prepare.py {command}: {run.stderr.strip()[-2000:]}")
     return run.stdout
 
 

@@ -356,8 +356,8 @@ def test_a_killed_update_resumes_after_its_last_commit(weights, tmp_path, capsys
 
     monkeypatch.setattr(index, "embed_part", killed)
     with pytest.raises(SystemExit) as stopped:  # click turns the interrupt into exit 130
-        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--index", str(tmp_path / "ix"), "--precision",
-                                      "fp32"])
+        cli.run_cli(rsmclip_cli.app, ["search", *map(str, args), "--index", str(tmp_path / "ix"),
+                                      "--precision", "fp32"])
     assert stopped.value.code == 130 and calls == [4, 4, 4]
     monkeypatch.setattr(index, "embed_part", real)
     code, out, err = search(args + ["--index", tmp_path / "ix"], capsys)
