@@ -1,6 +1,7 @@
 """`python rsmclip_cli.py ...` end to end on the tiny preset, and `download` against a local hub on
 127.0.0.1."""
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -59,7 +60,9 @@ def test_info():
     assert "total 366,121,473" in result.stdout and '"vocab_size": 250002' in result.stdout
 
 
-def test_convert_round_trip(tiny_weights, tmp_path):
+def test_convert_round_trip(tiny_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
     assert run("convert", tiny_weights, tmp_path / "oc.safetensors", "--to-openclip").returncode == 0
     with safe_open(str(tmp_path / "oc.safetensors"), "pt") as f:
         assert "visual.conv1.weight" in f.keys() and f.metadata()["format"] == "open_clip"
@@ -82,7 +85,9 @@ def test_convert_records_the_tokenizer_and_keeps_the_record(tiny_weights, tmp_pa
     assert rsmclip.tokenizer_sha(tmp_path / "oc.safetensors") == files.file_sha256(spm)
 
 
-def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
+def test_embed_classify_and_bad_input(tiny_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
     images = tmp_path / "images"
     write_images(images, 4)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
@@ -121,7 +126,17 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path):
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, args
 
 
-def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path):
+def run_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The command in this process (what `run` does in a child, without a Python start per call)."""
+    with pytest.raises(SystemExit) as done:
+        cli.run_cli(rsmclip_cli.app, [*map(str, args)])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, done.value.code, out.out, out.err)
+
+
+def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run = functools.partial(run_here, capsys)
     images = tmp_path / "images"
     write_images(images, 5)
     FP32 = ("--precision", "fp32")  # load()'s default, compared below; every search here at one precision
@@ -244,7 +259,10 @@ def test_search_and_classify_pages_hold_one_embedded_image_per_hit(tiny_weights,
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 5000
 
 
-def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest):
+def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
     images = tmp_path / "images"
     write_images(images, 2)
     result = run("search", images, "港口里的船 ᚠᚢᚦᚨ", "many planes", "--model", tiny_weights)
@@ -288,7 +306,9 @@ def test_known_weight_names_resolve_in_the_user_cache(tiny_weights, user_cache, 
     assert result.returncode == 0, result.stderr
 
 
-def test_embed_writes_the_format_its_suffix_names(tiny_weights, tmp_path):
+def test_embed_writes_the_format_its_suffix_names(tiny_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
     images = tmp_path / "images"
     write_images(images, 3)
     (tmp_path / "t.txt").write_text("forest\nrio\n", encoding="utf-8")
