@@ -260,7 +260,7 @@ def test_search_and_classify_pages_hold_one_embedded_image_per_hit(tiny_weights,
 
 
 def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest, capsys,
-                                                          monkeypatch):
+                                                           monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     run = functools.partial(run_here, capsys)  # in this process: no Python start per call
     images = tmp_path / "images"
