@@ -3,7 +3,7 @@ a manifest and as tar shards, at two sizes; train.py's loader (its dataset, samp
 multi-crop views of the demo recipe, no model) streams the same steps from each; the peak resident memory
 (VmHWM) and private memory of the main process and of each loader process are printed and written as JSON.
 
-    python -m bench.scale run --sizes 20000,200000 --work /tmp/scale   # ~20 min on one core, 4 GB of disk
+    python -m bench.scale run --sizes 20000,200000 --work /tmp/scale   # time and disk: README, "Memory"
     python -m bench.scale fingerprint --size 200000 --work /tmp/scale  # the cost of a resume's shard check
 
 The data are generated once into WORK and reused by later calls. Each measurement runs in a process of its
