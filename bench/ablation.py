@@ -315,10 +315,11 @@ def selfdist_run(work: Path, common: list[str], labels: Path, key: str, args: li
     return result | teacher_at_end(out)
 
 
-def selfdist_table(work: Path, ucm: Path, seeds: list[int], steps: int) -> str:
+def selfdist_table(work: Path, ucm: Path, seeds: list[int], steps: int, only: list[str] | None = None) -> str:
     """Self-distillation alone (`--clip-weight 0`) from scratch: DINO's k-NN on val at init and after, on the
     image embedding and on the patch tokens' mean, one of DINO's parts added per row; then the row with the
-    largest gain (on the feature its head reads) on every seed."""
+    largest gain (on the feature its head reads) on every seed. `only`: those rows on the first seed, no
+    winner (a share of the runs, for another core; the call without it gathers them)."""
     manifest, tokenizer, labels = prepare(work, ucm)
     common = [*COMMON, "--precision", "fp32", "--clip-weight", "0", "--data", str(manifest), "--tokenizer",
               str(tokenizer), "--steps", str(steps), "--warmup", str(max(1, steps // 10)), "--log-every",
@@ -329,23 +330,27 @@ def selfdist_table(work: Path, ucm: Path, seeds: list[int], steps: int) -> str:
         init[seed] = {"embedding": knn_top1(model, labels), "patches": knn_top1(model, labels, patches=True)}
     flags = {key: args if args is not None else ["--steps", str(2 * steps)] for key, (_, args) in
              SELFDIST.items()}
-    first = {key: selfdist_run(work, common, labels, key, flags[key], seeds[0], init) for key in SELFDIST}
-    rows = [(f"{title} ({2 * steps if key == 'long' else steps} steps, seed {seeds[0]})",
+    first = {key: selfdist_run(work, common, labels, key, flags[key], seeds[0], init)
+             for key in only or SELFDIST}
+    rows = [(f"{SELFDIST[key][0]} ({2 * steps if key == 'long' else steps} steps, seed {seeds[0]})",
              [[r["after"]["embedding"]], [r["gain embedding"]], [r["after"]["patches"]], [r["gain patches"]],
               *teacher_columns([r], 1), [r["seconds"]]])
-            for (key, (title, _)), r in zip(SELFDIST.items(), first.values())]
+            for key, r in first.items()]
+    header = ["k-NN after, embedding", "gain", "k-NN after, patch mean", "gain", *TEACHER_HEADER, "seconds"]
+    inits = [[init[s]["embedding"] for s in seeds], [math.nan], [init[s]["patches"] for s in seeds]]
+    table = markdown(f"Self-distillation alone on UCM-Captions train, tiny model from scratch, batch 32, "
+                     f"fp32: DINO's weighted k-NN top-1 on val (k {KNN['k']}, T {KNN['temperature']}, 21 "
+                     "classes, chance 4.76%) on the image embedding and on the mean of the patch tokens; the "
+                     "teacher over the last tenth of the steps (entropies in nats and as shares of ln K, "
+                     f"K = {K})",
+                     header, [("at initialisation", inits + [[math.nan]] * (len(header) - 3))] + rows)
+    if only:
+        return table
     winner = max(first, key=lambda key: first[key]["gain"])
     runs = [first[winner]] + [selfdist_run(work, common, labels, winner, flags[winner], seed, init)
                               for seed in seeds[1:]]
     gains = [r["gain"] for r in runs]
-    header = ["k-NN after, embedding", "gain", "k-NN after, patch mean", "gain", *TEACHER_HEADER, "seconds"]
-    inits = [[init[s]["embedding"] for s in seeds], [math.nan], [init[s]["patches"] for s in seeds]]
-    return (markdown(f"Self-distillation alone on UCM-Captions train, tiny model from scratch, batch 32, "
-                     f"fp32: DINO's weighted k-NN top-1 on val (k {KNN['k']}, T {KNN['temperature']}, 21 "
-                     f"classes, chance 4.76%) on the image embedding and on the mean of the patch tokens; "
-                     f"the teacher over the last tenth of the steps (entropies in nats and as shares of "
-                     f"ln K, K = {K})", header,
-                     [("at initialisation", inits + [[math.nan]] * (len(header) - 3))] + rows) + "\n"
+    return (table + "\n"
             + markdown(f"The largest gain, {SELFDIST[winner][0]}, on seeds {seeds} (gain on the feature its "
                        "head reads); the aim of +10 points by the rule (module docstring) on gain - 10: "
                        f"{verdict([g - 10 for g in gains])}", ["gain (points)", "seconds"],
@@ -400,12 +405,33 @@ def regime_measure(weights: Path, parts: dict) -> dict:
             "source val mR": val_recall(weights, source)["mR"]}
 
 
+def needs_batch_norm(start: dict) -> bool:
+    """The step-0 rule: the teacher's centred logits spread across images less than the temperature they are
+    divided by, so its targets are near uniform whatever the head learns (the head needs batch norm)."""
+    return start["teacher_spread"] < start["teacher_temp"]
+
+
+def head_said(head: str, starts: list[dict], bases: list[int]) -> str:
+    """What the self-distillation arms' head was, and why, for the table's header."""
+    with_bn = [(s, b) for s, b in zip(starts, bases) if "teacher_spread with batch norm" in s]
+    said = {"auto": "By that rule (`--head auto`) ", "bn": "As asked (`--head bn`) ",
+            "plain": "As asked (`--head plain`) every head is without batch norm."}[head]
+    if not with_bn:
+        return said if head == "plain" else said + "every head is without batch norm."
+    cosines = ", ".join(f"{s['teacher_cosine with batch norm']:.3f}" for s, _ in with_bn)
+    spreads = ", ".join(f"{s['teacher_spread with batch norm']:.4f}" for s, _ in with_bn)
+    return (f"{said}the heads of bases {', '.join(str(b) for _, b in with_bn)} take batch norm; at step 0 "
+            f"with it: teacher_cosine {cosines}, teacher_spread {spreads}.")
+
+
 def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], steps: int,
-                 base_steps: int) -> str:
+                 base_steps: int, head: str = "auto") -> str:
     """Claim (1) as the paper states it: bases are CLIP-only runs (light view) on the source classes; each is
     fine-tuned on the target classes in every arm (REGIME_ARMS), on every seed, with the settings of a
     trained model (the rs-m-clip preset's: no batch norm in the head, teacher temperature 0.04 -> 0.07 over
-    30% of the steps, prototypes frozen for the first 6%, backbone lr 1e-4 below the head's 5e-4)."""
+    30% of the steps, prototypes frozen for the first 6%, backbone lr 1e-4 below the head's 5e-4). The head
+    takes batch norm when `head` is "bn", or "auto" and the step-0 rule (needs_batch_norm) says so for the
+    base."""
     manifest, tokenizer, _ = prepare(work, ucm)
     parts = split_classes(work, manifest)
     data = ["--tokenizer", str(tokenizer), "--precision", "fp32"]
@@ -424,11 +450,18 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
                     str(max(2, 3 * steps // 10)), "--freeze-last-layer", str(3 * steps // 50), "--log-every",
                     str(min(20, steps))]
         starts.append(first_step([*finetune, "--seed", str(seeds[0])]))
+        bn = head == "bn" or (head == "auto" and needs_batch_norm(starts[-1]))
+        # "--head-bn" after the preset's "--no-head-bn": the last flag wins. The "-off" arms build no head.
+        head_args = ["--head-bn"] if bn else []
+        if bn:
+            starts[-1] |= {f"{k} with batch norm": v for k, v in
+                           first_step([*finetune, *head_args, "--seed", str(seeds[0])]).items()}
         per_base.append(regime_measure(base / "model.safetensors", parts) | {"seconds": seconds})
         for arm, (_, args) in REGIME_ARMS.items():
             for seed in seeds:
                 out = work / f"regime-b{b}-{arm}-seed{seed}"
-                seconds = train_once(out, [*finetune, *args, "--seed", str(seed)])
+                seconds = train_once(out, [*finetune, *args, *(head_args if arm.endswith("-on") else []),
+                                           "--seed", str(seed)])
                 result = regime_measure(out / "model.safetensors", parts) | {"seconds": seconds}
                 result |= teacher_at_end(out) if arm.endswith("-on") else {}
                 for m, values in arms[arm].items():
@@ -452,7 +485,7 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
               + ", ".join(f"{s['teacher_cosine']:.3f} (base {b})" for s, b in zip(starts, bases))
               + " and teacher_spread " + ", ".join(f"{s['teacher_spread']:.4f}" for s in starts)
               + " against the temperature 0.04 (a cosine near 1 with a spread below the temperature: the "
-              "head would need batch norm)")
+              "head needs batch norm). " + head_said(head, starts, bases))
     return (markdown(header, [*REGIME_METRICS, *TEACHER_HEADER, "seconds"], rows) + "\n"
             + contrasts("Paired differences B - A (the decision rule of the module docstring); claim (1) is "
                         "the first row's target val mR", arms, REGIME_CONTRASTS, REGIME_METRICS))
@@ -741,22 +774,33 @@ def recipe(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quick:
 
 @app.command()
 def selfdist(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quick: bool = QUICK,
-             steps: int = typer.Option(3000, min=1, help="optimizer steps per run")):
+             steps: int = typer.Option(3000, min=1, help="optimizer steps per run"),
+             only: str = typer.Option("", help="comma-separated rows (" + ", ".join(SELFDIST) + ") to run on "
+                                      "the first seed, without the winner: share the runs between cores, "
+                                      "then call without it to gather")):
     """Self-distillation alone: DINO's parts one at a time (k-NN gains), the largest on every seed."""
+    rows = [key.strip() for key in only.split(",") if key.strip()]
+    if unknown := [key for key in rows if key not in SELFDIST]:
+        raise typer.BadParameter(f"{', '.join(unknown)}: rows are {', '.join(SELFDIST)}", param_hint="--only")
     work, chosen = settings(work, seeds, quick)
-    publish(work, "selfdist", selfdist_table(work, ucm, chosen, 2 if quick else steps))
+    publish(work, "selfdist-" + "-".join(rows) if rows else "selfdist",
+            selfdist_table(work, ucm, chosen, 2 if quick else steps, rows or None))
 
 
 @app.command()
 def regime(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, quick: bool = QUICK,
            bases: str = typer.Option("0,1", help="seeds of the bases, distinct"),
            steps: int = typer.Option(300, min=1, help="fine-tuning steps per run"),
-           base_steps: int = typer.Option(1000, min=1, help="steps of each CLIP-only base")):
+           base_steps: int = typer.Option(1000, min=1, help="steps of each CLIP-only base"),
+           head: str = typer.Option("auto", help="the self-distillation arms' head: auto (batch norm where "
+                                    "the step-0 rule asks for it), bn or plain (none)")):
     """Claim (1): the teacher and the views, fine-tuning bases trained on other classes."""
+    if head not in ("auto", "bn", "plain"):
+        raise typer.BadParameter(f"{head!r}: one of auto, bn, plain", param_hint="--head")
     work, chosen = settings(work, seeds, quick)
     base_seeds = seed_list(bases, "--bases")
     publish(work, "regime", regime_table(work, ucm, base_seeds[:1] if quick else base_seeds, chosen,
-                                         2 if quick else steps, 2 if quick else base_steps))
+                                         2 if quick else steps, 2 if quick else base_steps, head))
 
 
 @app.command()
@@ -793,9 +837,9 @@ def all_tables(ucm: Path = UCM_OPTION, work: Path = WORK, seeds: str = SEEDS, qu
     """Every table above with its default steps, in the order the lead asked for (the demo first)."""
     demo_steps = train.RECIPES["demo"].steps
     demo_command(work, None, seeds, quick, demo_steps)
-    regime(ucm, work, seeds, quick, "0,1", 300, 1000)
+    regime(ucm, work, seeds, quick, "0,1", 300, 1000, "auto")
     languages(work, None, seeds, quick, demo_steps, 3000)
-    selfdist(ucm, work, seeds, quick, 3000)
+    selfdist(ucm, work, seeds, quick, 3000, "")
     recipe(ucm, work, seeds, quick, 300)
 
 
