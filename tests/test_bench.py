@@ -66,11 +66,22 @@ def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their
     if not ucm.is_dir():
         pytest.skip("no ../shared/datasets/ucm_captions_sample here")
     common = ["--ucm", str(ucm), "--work", str(tmp_path), "--quick"]
+    code, out, err = ablation(["selfdist", *common, "--only", "ema,today"], capsys)  # a share of the rows
+    assert code == 0, err
+    shared = table_rows((tmp_path / "selfdist-ema-today.md").read_text())
+    assert [r[0].split(" (")[0] for r in shared] == ["at initialisation", "+ EMA momentum 0.996 -> 1, cosine",
+                                                     "today's settings"]  # and no winner table
+    made = {key: (tmp_path / f"selfdist-{key}-seed0/model.safetensors").stat().st_mtime_ns
+            for key in ("ema", "today")}
     for table in ("selfdist", "regime"):
         code, out, err = ablation([table, *common], capsys)
         assert code == 0, err
         assert (tmp_path / f"{table}.md").read_text() in out
+    assert made == {key: (tmp_path / f"selfdist-{key}-seed0/model.safetensors").stat().st_mtime_ns
+                    for key in made}  # gathered, not trained again
     selfdist = table_rows((tmp_path / "selfdist.md").read_text())
+    gathered = [r[1:] for r in selfdist if r[0].startswith(("today's", "+ EMA"))]
+    assert gathered == [r[1:] for r in shared[1:]][::-1]
     assert [r[0].split(" (")[0] for r in selfdist[:2]] == ["at initialisation", "today's settings"]
     assert selfdist[2][0].startswith("+ each parameter's gradient clipped at 3.0, before the freeze")
     assert len(selfdist) == 1 + 7 + 1 + 1 and all(len(r) == 12 for r in selfdist[:8])  # + the winner's
@@ -80,6 +91,12 @@ def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their
                                     *(title for title, _ in ablation_module().REGIME_ARMS.values())]
     assert all(r[5] == "–" for r in arms[:4]) and all(r[5] != "–" for r in arms[4:])  # a teacher only when on
     assert "teacher_cosine" in regime and "with teacher_cosine 0." in regime
+    # after 2 steps the base's features are all alike: by the step-0 rule the teacher's head takes batch norm
+    assert "By that rule (`--head auto`) the heads of bases 0 take batch norm; at step 0 with it" in regime
+    heads = {arm: json.loads((tmp_path / f"regime-b0-{arm}-seed0/config.json").read_text())["config"]
+             for arm in ("light-off", "light-on", "global-on")}
+    heads = {arm: config["head_bn"] for arm, config in heads.items()}
+    assert heads == {"light-off": False, "light-on": True, "global-on": True}  # an -off arm builds no head
     contrasts = table_rows(regime.split("Paired differences")[1])
     assert contrasts[0][0] == "the teacher, CLIP on the global crops (claim 1)" and len(contrasts) == 6
     assert all(cell.endswith("**not shown**") for row in contrasts for cell in row[1:])  # one pair: no spread
@@ -91,6 +108,13 @@ def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their
                                "--bases", "0", "--steps", "3", "--base-steps", "2"], capsys)
     assert code == 1 and "regime-b0-light-off-seed0 holds a run made by other settings (steps, " in err, err
     assert checkpoint.stat().st_mtime_ns == stamp
+
+
+def test_the_step_0_rule_asks_for_batch_norm_when_the_teachers_spread_is_below_its_temperature():
+    from bench.ablation import needs_batch_norm
+
+    assert needs_batch_norm({"teacher_spread": 0.0286, "teacher_temp": 0.04})  # base 0's, without it
+    assert not needs_batch_norm({"teacher_spread": 0.0753, "teacher_temp": 0.04})
 
 
 def ablation_module():
