@@ -84,7 +84,11 @@ def test_ucm_ablations_run_end_to_end_in_quick_mode_and_reuse_only_runs_of_their
     assert gathered == [r[1:] for r in shared[1:]][::-1]
     assert [r[0].split(" (")[0] for r in selfdist[:2]] == ["at initialisation", "today's settings"]
     assert selfdist[2][0].startswith("+ each parameter's gradient clipped at 3.0, before the freeze")
-    assert len(selfdist) == 1 + 7 + 1 + 1 and all(len(r) == 12 for r in selfdist[:8])  # + the winner's
+    assert all(len(r) == 12 for r in selfdist[:8]) and selfdist[8][:2] == ["run", "gain (points)"]
+    read = {r[0].split(" (")[0]: float(r[4 if "patch tokens" in r[0] else 2].split(" ")[0])
+            for r in selfdist[1:8]}  # the gain on the feature the row's head reads
+    tied = [title for title, gain in read.items() if gain == max(read.values())]
+    assert [r[0].split(": ", 1)[1].split(" (")[0] for r in selfdist[9:]] == tied  # every row tied at the top
     regime = (tmp_path / "regime.md").read_text()
     arms = table_rows(regime.split("Paired differences")[0])
     assert [r[0] for r in arms] == ["the bases: CLIP alone on the source classes, 2 steps, seeds [0]",
