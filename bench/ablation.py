@@ -415,17 +415,17 @@ def needs_batch_norm(start: dict) -> bool:
     return start["teacher_spread"] < start["teacher_temp"]
 
 
-def head_said(head: str, starts: list[dict], bases: list[int]) -> str:
-    """What the self-distillation arms' head was, and why, for the table's header."""
-    with_bn = [(s, b) for s, b in zip(starts, bases) if "teacher_spread with batch norm" in s]
+def head_said(head: str, with_bn: dict[int, dict]) -> str:
+    """What the self-distillation arms' head was, and why, for the table's header. with_bn: {base: its step-0
+    metrics with batch norm} for the bases whose head takes it."""
     said = {"auto": "By that rule (`--head auto`) ", "bn": "As asked (`--head bn`) ",
             "plain": "As asked (`--head plain`) every head is without batch norm."}[head]
     if not with_bn:
         return said if head == "plain" else said + "every head is without batch norm."
-    cosines = ", ".join(f"{s['teacher_cosine with batch norm']:.3f}" for s, _ in with_bn)
-    spreads = ", ".join(f"{s['teacher_spread with batch norm']:.4f}" for s, _ in with_bn)
-    return (f"{said}the heads of bases {', '.join(str(b) for _, b in with_bn)} take batch norm; at step 0 "
-            f"with it: teacher_cosine {cosines}, teacher_spread {spreads}.")
+    cosines = ", ".join(f"{s['teacher_cosine']:.3f}" for s in with_bn.values())
+    spreads = ", ".join(f"{s['teacher_spread']:.4f}" for s in with_bn.values())
+    return (f"{said}the heads of bases {', '.join(map(str, with_bn))} take batch norm; at step 0 with it: "
+            f"teacher_cosine {cosines}, teacher_spread {spreads}.")
 
 
 def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], steps: int,
@@ -439,7 +439,7 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
     manifest, tokenizer, _ = prepare(work, ucm)
     parts = split_classes(work, manifest)
     data = ["--tokenizer", str(tokenizer), "--precision", "fp32"]
-    rows, starts, per_base = [], [], []
+    rows, starts, per_base, with_bn = [], [], [], {}
     arms, runs = {a: {m: [] for m in REGIME_METRICS} for a in REGIME_ARMS}, {a: [] for a in REGIME_ARMS}
     for b in bases:
         base = work / f"regime-base-seed{b}"
@@ -458,8 +458,7 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
         # "--head-bn" after the preset's "--no-head-bn": the last flag wins. The "-off" arms build no head.
         head_args = ["--head-bn"] if bn else []
         if bn:
-            starts[-1] |= {f"{k} with batch norm": v for k, v in
-                           first_step([*finetune, *head_args, "--seed", str(seeds[0])]).items()}
+            with_bn[b] = first_step([*finetune, *head_args, "--seed", str(seeds[0])])
         per_base.append(regime_measure(base / "model.safetensors", parts) | {"seconds": seconds})
         for arm, (_, args) in REGIME_ARMS.items():
             for seed in seeds:
@@ -489,7 +488,7 @@ def regime_table(work: Path, ucm: Path, bases: list[int], seeds: list[int], step
               + ", ".join(f"{s['teacher_cosine']:.3f} (base {b})" for s, b in zip(starts, bases))
               + " and teacher_spread " + ", ".join(f"{s['teacher_spread']:.4f}" for s in starts)
               + " against the temperature 0.04 (a cosine near 1 with a spread below the temperature: the "
-              "head needs batch norm). " + head_said(head, starts, bases))
+              "head needs batch norm). " + head_said(head, with_bn))
     return (markdown(header, [*REGIME_METRICS, *TEACHER_HEADER, "seconds"], rows) + "\n"
             + contrasts("Paired differences B - A (the decision rule of the module docstring); claim (1) is "
                         "the first row's target val mR", arms, REGIME_CONTRASTS, REGIME_METRICS))

@@ -1,7 +1,6 @@
 """`python rsmclip_cli.py ...` end to end on the tiny preset, and `download` against a local hub on
 127.0.0.1."""
 import base64
-import functools
 import hashlib
 import io
 import json
@@ -38,6 +37,20 @@ def run(*args, env=None):
 
 
 @pytest.fixture
+def run_here(capsys, monkeypatch):
+    """`run` in this process: the same command and terminal width, without a Python start per call."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+    def run_in_process(*args) -> subprocess.CompletedProcess:
+        with pytest.raises(SystemExit) as done:
+            cli.run_cli(rsmclip_cli.app, [*map(str, args)])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, done.value.code, out.out, out.err)
+
+    return run_in_process
+
+
+@pytest.fixture
 def tiny_weights(tmp_path, spm_model):
     """A noise-filled tiny model saved in our format with its tokenizer beside it."""
     folder = tmp_path / "weights"
@@ -60,9 +73,8 @@ def test_info():
     assert "total 366,121,473" in result.stdout and '"vocab_size": 250002' in result.stdout
 
 
-def test_convert_round_trip(tiny_weights, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
-    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
+def test_convert_round_trip(tiny_weights, tmp_path, run_here):
+    run = run_here
     assert run("convert", tiny_weights, tmp_path / "oc.safetensors", "--to-openclip").returncode == 0
     with safe_open(str(tmp_path / "oc.safetensors"), "pt") as f:
         assert "visual.conv1.weight" in f.keys() and f.metadata()["format"] == "open_clip"
@@ -85,9 +97,8 @@ def test_convert_records_the_tokenizer_and_keeps_the_record(tiny_weights, tmp_pa
     assert rsmclip.tokenizer_sha(tmp_path / "oc.safetensors") == files.file_sha256(spm)
 
 
-def test_embed_classify_and_bad_input(tiny_weights, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
-    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
+def test_embed_classify_and_bad_input(tiny_weights, tmp_path, run_here):
+    run = run_here
     images = tmp_path / "images"
     write_images(images, 4)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
@@ -126,17 +137,8 @@ def test_embed_classify_and_bad_input(tiny_weights, tmp_path, capsys, monkeypatc
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, args
 
 
-def run_here(capsys, *args) -> subprocess.CompletedProcess:
-    """The command in this process (what `run` does in a child, without a Python start per call)."""
-    with pytest.raises(SystemExit) as done:
-        cli.run_cli(rsmclip_cli.app, [*map(str, args)])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, done.value.code, out.out, out.err)
-
-
-def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
-    run = functools.partial(run_here, capsys)
+def test_search_index_is_updated_not_rebuilt(tiny_weights, tmp_path, run_here):
+    run = run_here
     images = tmp_path / "images"
     write_images(images, 5)
     FP32 = ("--precision", "fp32")  # load()'s default, compared below; every search here at one precision
@@ -259,10 +261,8 @@ def test_search_and_classify_pages_hold_one_embedded_image_per_hit(tiny_weights,
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 5000
 
 
-def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest, capsys,
-                                                           monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
-    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
+def test_warnings_for_unreadable_queries_and_the_toy_model(tiny_weights, tmp_path, demo_manifest, run_here):
+    run = run_here
     images = tmp_path / "images"
     write_images(images, 2)
     result = run("search", images, "港口里的船 ᚠᚢᚦᚨ", "many planes", "--model", tiny_weights)
@@ -306,9 +306,8 @@ def test_known_weight_names_resolve_in_the_user_cache(tiny_weights, user_cache, 
     assert result.returncode == 0, result.stderr
 
 
-def test_embed_writes_the_format_its_suffix_names(tiny_weights, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
-    run = functools.partial(run_here, capsys)  # in this process: no Python start per call
+def test_embed_writes_the_format_its_suffix_names(tiny_weights, tmp_path, run_here):
+    run = run_here
     images = tmp_path / "images"
     write_images(images, 3)
     (tmp_path / "t.txt").write_text("forest\nrio\n", encoding="utf-8")
